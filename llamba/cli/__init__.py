@@ -1,0 +1,42 @@
+"""The `llamba` command: a click group whose subcommands live one per file in this package."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import LlambaError
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LlambaError as e:
+            click.echo(f"llamba: error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\nllamba: interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llamba")
+def main() -> None:
+    """llamba: run GGUF language models on the CPU, from Python."""
+
+
+def _register() -> None:
+    from . import info, store_commands
+
+    for module in (info, store_commands):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

