@@ -1,0 +1,37 @@
+"""Architecture registry: GGUF `general.architecture` -> module with `hparams(gguf) -> HParams`."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from ..errors import UnsupportedError
+from ..formats.gguf import GGUFFile, open_gguf
+from . import gemma3, llama, qwen2, qwen3
+from .transformer import HParams, Transformer
+
+ARCHITECTURES: dict[str, ModuleType] = {
+    "llama": llama,
+    "mistral": llama,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+    "gemma3": gemma3,
+}
+
+
+def architecture_module(arch: str | None, path: str = "") -> ModuleType:
+    module = ARCHITECTURES.get(arch or "")
+    if module is None:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedError(f"{path}: architecture {arch!r} is not supported (supported: {supported})")
+    return module
+
+
+def load_transformer(source: str | os.PathLike | GGUFFile) -> Transformer:
+    """Open a GGUF file (or take an open one) and build its transformer, weights repacked for the kernels."""
+    g = source if isinstance(source, GGUFFile) else open_gguf(source)
+    module = architecture_module(g.architecture, g.path)
+    return Transformer(g, module.hparams(g))
+
+
+__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module"]

@@ -1,0 +1,10 @@
+"""Qwen3: the qwen2 recipe without QKV biases, with RMSNorm on each head of Q and K before RoPE."""
+
+from ..formats.gguf import GGUFFile
+from .transformer import HParams, read_common
+
+
+def hparams(g: GGUFFile) -> HParams:
+    hp = read_common(g, neox=True)
+    hp.qk_norm = True
+    return hp

@@ -1,0 +1,49 @@
+"""Attention of new queries over the KV cache: grouped heads, causal and sliding-window masks, soft-capping."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .jit import kernel
+
+
+@kernel(parallel=True)
+def attention(out, q, k_cache, v_cache, start_pos, scale, window, softcap):
+    """out [n_tokens, n_head, head_dim] from q [n_tokens, n_head, head_dim] and caches [n_head_kv, n_ctx, head_dim].
+
+    Query t sits at position start_pos + t and sees keys 0 .. start_pos + t; with window > 0 only the last
+    `window` of them (llama.cpp's standard sliding window: key p is hidden when q_pos - p >= window).
+    softcap > 0 applies cap * tanh(score / cap) before the softmax.
+    """
+    n_tokens, n_head, head_dim = q.shape
+    group = n_head // k_cache.shape[0]
+    for job in numba.prange(n_tokens * n_head):
+        t, h = job // n_head, job % n_head
+        kv = h // group
+        pos = start_pos + t
+        first = max(0, pos - window + 1) if window > 0 else 0
+        n_keys = pos + 1 - first
+        scores = np.empty(n_keys, np.float32)
+        best = -np.inf
+        for j in range(n_keys):
+            key = k_cache[kv, first + j]
+            s = np.float32(0.0)
+            for d in range(head_dim):
+                s += q[t, h, d] * key[d]
+            s *= scale
+            if softcap > 0:
+                s = softcap * np.tanh(s / softcap)
+            scores[j] = s
+            best = max(best, s)
+        total = np.float32(0.0)
+        for j in range(n_keys):
+            scores[j] = np.exp(scores[j] - best)
+            total += scores[j]
+        acc = np.zeros(head_dim, np.float32)
+        for j in range(n_keys):
+            p = scores[j] / total
+            value = v_cache[kv, first + j]
+            for d in range(head_dim):
+                acc[d] += p * value[d]
+        out[t, h, :] = acc

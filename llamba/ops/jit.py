@@ -1,0 +1,52 @@
+"""The one place that sets Numba policy: caching, fast-math flags, threads.
+
+Fast-math is on for reassociation and contraction (what lets loops vectorize) but without `nnan`/`ninf`:
+attention masks are -inf and must survive arithmetic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+
+def kernel(fn=None, *, parallel: bool = False):
+    """njit with the project's policy: cached on disk, fast-math as above, no Python objects."""
+
+    def wrap(f):
+        return numba.njit(cache=True, fastmath=set(FASTMATH), parallel=parallel, nogil=True)(f)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def set_threads(n: int | None) -> int:
+    """Use n threads for kernels and BLAS (default: every core); returns the count in force."""
+    n = n or os.cpu_count() or 1
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+    except ImportError:  # BLAS keeps its own default
+        pass
+    return n
+
+
+def readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: weights from the mmap are read-only, and Numba compiles a separate variant for
+    writable arrays, so everything that feeds a weight kernel goes through here to keep one variant."""
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+# float16 bits -> float32, as a table: Numba has no float16 type, and a table lookup per block is cheap.
+F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+F16_TABLE.flags.writeable = False
