@@ -10,6 +10,7 @@ from gguf import quants as gguf_quants
 from llamba.formats import quants
 from llamba.formats.ggml_types import QK_K, ggml_type
 from llamba.formats.gguf import open_gguf
+from tests.blocks import random_blocks
 
 ORACLE_DEQUANTIZABLE = [n for n in quants.DEQUANTIZABLE if n != "Q8_K"]  # gguf has no Q8_K dequantizer
 EXACT_QUANTIZERS = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
@@ -22,34 +23,17 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.astype(np.float32).view(np.uint32))
 
 
-def _random_blocks(name: str, rng, n_blocks: int) -> np.ndarray:
-    """Random block bytes, with every float16 field a finite, sensibly sized number."""
-    t = ggml_type(name)
-    if name in ("F32", "F16"):
-        return rng.standard_normal((n_blocks, 64)).astype("<f4" if name == "F32" else "<f2").view(np.uint8)
-    if name == "BF16":
-        return (rng.standard_normal((n_blocks, 64)).astype(np.float32).view(np.uint32) >> 16).astype("<u2").view(np.uint8)
-    raw = rng.integers(0, 256, (n_blocks, t.block_bytes), dtype=np.uint8)
-    f16_fields = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
-                  "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
-    for at in f16_fields.get(name, []):
-        raw[:, at : at + 2] = rng.uniform(-2, 2, (n_blocks, 1)).astype("<f2").view(np.uint8)
-    if name == "Q8_K":
-        raw[:, :4] = rng.uniform(-1, 1, (n_blocks, 1)).astype("<f4").view(np.uint8)
-    return raw
-
-
 @pytest.mark.parametrize("name", ORACLE_DEQUANTIZABLE)
-def test_dequantize_matches_gguf_on_random_blocks(name):
+def test_dequantize_matches_gguf_onrandom_blocks(name):
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
-    raw = _random_blocks(name, rng, 64).reshape(8, -1)
+    raw = random_blocks(name, rng, 64).reshape(8, -1)
     expected = gguf_quants.dequantize(raw, GGMLQuantizationType(ggml_type(name).id))
     assert _bits_equal(quants.dequantize(raw, name), expected)
 
 
 def test_dequantize_q8_k_against_its_definition():
     rng = np.random.default_rng(8)
-    raw = _random_blocks("Q8_K", rng, 16)
+    raw = random_blocks("Q8_K", rng, 16)
     d = raw[:, :4].copy().view("<f4")
     q = raw[:, 4 : 4 + QK_K].view(np.int8).astype(np.float32)
     assert _bits_equal(quants.dequantize(raw, "Q8_K"), d * q)

@@ -1,0 +1,80 @@
+"""Each architecture as a tiny random GGUF model: llamba's forward against the NumPy reference, and
+prefill of N tokens against N single steps through the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llamba.errors import UnsupportedError
+from llamba.formats.gguf import open_gguf
+from llamba.models import load_transformer
+from llamba.runtime.kv_cache import KVCache
+from tests.reference import ReferenceModel
+from tests.tiny_models import write_tiny_model
+
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
+TOKENS = [5, 17, 299, 0, 42, 42, 7, 123, 250, 3, 88]  # longer than gemma3's tiny window of 4
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny(request, tmp_path_factory):
+    n_layer = 6 if request.param == "gemma3" else 2  # gemma3: five sliding-window layers, then a global one
+    path = write_tiny_model(tmp_path_factory.mktemp(request.param) / "tiny.gguf", request.param, n_layer=n_layer)
+    return load_transformer(path), ReferenceModel(open_gguf(path))
+
+
+def _relative_error(ours: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(ours - expected).max() / np.abs(expected).max())
+
+
+def test_forward_matches_reference(tiny):
+    model, reference = tiny
+    logits = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64), all_logits=True)
+    assert logits.shape == (len(TOKENS), 300)
+    assert _relative_error(logits, reference.forward(TOKENS)) < 1e-4
+
+
+def test_prefill_equals_single_steps(tiny):
+    model, _ = tiny
+    batch = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64), all_logits=True)
+    cache = KVCache.for_model(model.hp, 64)
+    steps = np.stack([model.forward([t], i, cache) for i, t in enumerate(TOKENS)])
+    assert _relative_error(steps, batch) < 1e-5
+
+
+def test_prefill_in_pieces_continues_the_cache(tiny):
+    model, _ = tiny
+    whole = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64))
+    cache = KVCache.for_model(model.hp, 64)
+    model.forward(TOKENS[:4], 0, cache)
+    model.forward(TOKENS[4:7], 4, cache)
+    assert _relative_error(model.forward(TOKENS[7:], 7, cache), whole) < 1e-5
+
+
+def test_context_overflow_is_a_clear_error(tiny):
+    model, _ = tiny
+    with pytest.raises(Exception, match="context is full"):
+        model.forward(TOKENS, 0, KVCache.for_model(model.hp, 8))
+
+
+@pytest.mark.parametrize("types", [
+    {"embd": "F16", "q": "F32", "k": "F16", "v": "BF16", "o": "Q8_0", "gate": "Q2_K", "up": "Q3_K", "down": "Q5_1"},
+    {"embd": "Q4_0", "q": "Q4_0", "k": "Q4_0", "v": "Q4_0", "o": "Q4_1", "gate": "Q6_K", "up": "Q6_K", "down": "Q8_0"},
+])
+def test_every_weight_type_through_a_model(tmp_path, types):
+    path = write_tiny_model(tmp_path / "mixed.gguf", "llama", types=types)
+    model, reference = load_transformer(path), ReferenceModel(open_gguf(path))
+    logits = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64), all_logits=True)
+    assert _relative_error(logits, reference.forward(TOKENS)) < 1e-4
+
+
+def test_unknown_architecture_names_the_supported_ones(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), arch="mamba")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(UnsupportedError, match="architecture 'mamba' is not supported.*gemma3.*llama"):
+        load_transformer(tmp_path / "x.gguf")

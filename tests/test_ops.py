@@ -1,0 +1,140 @@
+"""Every kernel against a NumPy reference, on random inputs, for each weight type."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from llamba.formats.ggml_types import ggml_type
+from llamba.formats.quants import dequantize
+from llamba.ops import activations
+from llamba.ops.attention import attention
+from llamba.ops.matmul import gather_rows, matmul, matvec
+from llamba.ops.norm import rmsnorm
+from llamba.ops.repack import SUPPORTED, concat_rows, lanes_to_float, to_lanes
+from llamba.ops.rope import RopeConfig, rope_inplace, rope_tables
+from tests import reference
+from tests.blocks import random_blocks
+
+RNG = np.random.default_rng(2024)
+
+
+def _random_matrix(type_name: str, n_rows: int, n_cols: int):
+    """Raw GGUF-layout weights [n_rows, row_bytes] of a type, and their float values."""
+    t = ggml_type(type_name)
+    per_row = n_cols // t.block_elements if t.block_elements > 1 else n_cols // 64
+    raw = random_blocks(type_name, RNG, n_rows * per_row).reshape(n_rows, -1)
+    return raw, dequantize(raw, t)
+
+
+@pytest.mark.parametrize("type_name", SUPPORTED)
+def test_repack_is_exact(type_name):
+    raw, expected = _random_matrix(type_name, 100, 512)  # 100 rows: a partial last chunk
+    lanes = to_lanes(raw, ggml_type(type_name), 512)
+    assert np.array_equal(lanes_to_float(lanes), expected)
+
+
+@pytest.mark.parametrize("type_name", SUPPORTED)
+def test_matvec_matmul_and_rows(type_name):
+    raw, w = _random_matrix(type_name, 200, 512)
+    lanes = to_lanes(raw, ggml_type(type_name), 512)
+    x = RNG.standard_normal((7, 512)).astype(np.float32)
+    expected = x.astype(np.float64) @ w.T.astype(np.float64)  # [7, 200]
+    tol = 1e-5 * np.abs(w).max() * np.abs(x).max() * 512
+    out = np.empty(200, np.float32)
+    assert np.abs(matvec(out, lanes, x[0]) - expected[0]).max() < tol
+    assert np.abs(matmul(x, lanes) - expected).max() < tol  # the tile + BLAS path
+    assert np.abs(matmul(x[:2], lanes) - expected[:2]).max() < tol  # the per-token path
+    rows = np.array([0, 199, 63, 64])
+    assert np.array_equal(gather_rows(lanes, rows), w[rows])
+
+
+def test_concat_rows_only_when_layouts_agree():
+    a = to_lanes(_random_matrix("Q4_K", 128, 256)[0], ggml_type("Q4_K"), 256)
+    b = to_lanes(_random_matrix("Q4_0", 64, 256)[0], ggml_type("Q4_0"), 256)
+    fused = concat_rows([a, b])
+    assert fused.n_rows == 192
+    assert np.array_equal(lanes_to_float(fused), np.vstack([lanes_to_float(a), lanes_to_float(b)]))
+    q8 = to_lanes(_random_matrix("Q8_0", 64, 256)[0], ggml_type("Q8_0"), 256)
+    odd = to_lanes(_random_matrix("Q4_0", 100, 256)[0], ggml_type("Q4_0"), 256)
+    assert concat_rows([a, q8]) is None and concat_rows([a, odd]) is None
+
+
+def test_rmsnorm():
+    x = RNG.standard_normal((5, 96)).astype(np.float32)
+    w = RNG.standard_normal(96).astype(np.float32)
+    out = np.empty_like(x)
+    rmsnorm(out, x, w, 1e-6)
+    np.testing.assert_allclose(out, reference.rmsnorm(x.astype(np.float64), w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("n_rot", [64, 32])
+def test_rope_both_layouts(neox, n_rot):
+    x = RNG.standard_normal((6, 3, 64)).astype(np.float32)
+    pos = np.arange(10, 16)
+    cos, sin = rope_tables(pos, RopeConfig(n_rot=n_rot, base=10000.0, neox=neox))
+    ours = x.copy()
+    rope_inplace(ours, cos, sin, neox)
+    expected = reference.rope(x.astype(np.float64), pos.astype(np.float64), n_rot, 10000.0, neox)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_linear_scaling_divides_positions():
+    plain = rope_tables(np.arange(0, 40, 4), RopeConfig(n_rot=16))
+    scaled = rope_tables(np.arange(0, 160, 16), RopeConfig(n_rot=16, scaling="linear", factor=4.0))
+    np.testing.assert_allclose(scaled[0], plain[0], atol=1e-6)
+
+
+def test_rope_yarn_keeps_high_frequencies_and_scales_magnitude():
+    cfg = RopeConfig(n_rot=64, base=10000.0, scaling="yarn", factor=4.0, n_ctx_orig=4096)
+    cos, sin = rope_tables(np.array([100]), cfg)
+    mscale = 1 + 0.1 * math.log(4.0)
+    np.testing.assert_allclose(cos[0, 0] ** 2 + sin[0, 0] ** 2, mscale**2, rtol=1e-5)
+    assert np.isclose(math.atan2(sin[0, 0], cos[0, 0]), math.remainder(100.0, 2 * math.pi), atol=1e-4)
+
+
+def _attention_reference(q, k, v, start, scale, window, softcap):
+    """q [n, heads, hd]; caches [kv_heads, n_ctx, hd]; positions start..start+n-1 see keys <= their own."""
+    n, n_head, _ = q.shape
+    group = n_head // k.shape[0]
+    out = np.zeros_like(q, dtype=np.float64)
+    for t in range(n):
+        pos = start + t
+        keys = np.arange(pos + 1)
+        if window:
+            keys = keys[pos - keys < window]
+        for h in range(n_head):
+            s = k[h // group, keys] @ q[t, h] * scale
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v[h // group, keys]
+    return out
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0)])
+def test_attention(window, softcap):
+    n, n_head, n_kv, hd, start = 4, 6, 2, 32, 9
+    q = RNG.standard_normal((n, n_head, hd)).astype(np.float32)
+    k = RNG.standard_normal((n_kv, 32, hd)).astype(np.float32)
+    v = RNG.standard_normal((n_kv, 32, hd)).astype(np.float32)
+    out = np.empty_like(q)
+    attention(out, q, k, v, start, np.float32(0.3), window, np.float32(softcap))
+    expected = _attention_reference(q.astype(np.float64), k, v, start, 0.3, window, softcap)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gated_activations():
+    gate = RNG.standard_normal((3, 40)).astype(np.float32) * 3
+    up = RNG.standard_normal((3, 40)).astype(np.float32)
+    out = np.empty_like(gate)
+    activations.swiglu(out, gate, up)
+    np.testing.assert_allclose(out, reference.silu(gate.astype(np.float64)) * up, rtol=1e-5, atol=1e-6)
+    activations.geglu_tanh(out, gate, up)
+    np.testing.assert_allclose(out, reference.gelu_tanh(gate.astype(np.float64)) * up, rtol=1e-5, atol=1e-6)
+    x = gate.copy()
+    activations.softcap(x, np.float32(2.0))
+    np.testing.assert_allclose(x, 2.0 * np.tanh(gate / 2.0), rtol=1e-5, atol=1e-6)
