@@ -32,9 +32,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import info, store_commands
+    from . import info, store_commands, tokenize_cmd
 
-    for module in (info, store_commands):
+    for module in (info, store_commands, tokenize_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

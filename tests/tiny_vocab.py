@@ -1,0 +1,52 @@
+"""Tiny vocabularies written to GGUF, whose expected token ids are worked out by hand in the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+
+from llamba.runtime.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, _byte_to_char
+
+BPE_EXTRA = ["Ġw", "or", "Ġwor", "ld", "Ġworld", "12", "<|im_start|>", "<tool>"]
+BPE_MERGES = ["Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2"]
+
+
+def write_bpe_vocab(path: Path, pre: str) -> Path:
+    """Ids 0-255: the byte characters in byte order; then BPE_EXTRA (256..); <|im_start|> is a control
+    token and <tool> a user-defined one."""
+    tokens = _byte_to_char() + BPE_EXTRA
+    types = [NORMAL] * 262 + [CONTROL, USER_DEFINED]
+    return _write(path, "gpt2", pre, tokens, types, None, BPE_MERGES, add_bos=False)
+
+
+SPM_NORMAL = [("▁", -1.0), ("h", -1.0), ("e", -1.0), ("l", -1.0), ("o", -1.0), ("w", -1.0), ("r", -1.0),
+              ("d", -1.0), ("ll", -2.0), ("he", -3.0), ("▁he", -4.0), ("▁hell", -5.0), ("▁hello", -6.0)]
+
+
+def write_spm_vocab(path: Path) -> Path:
+    """<unk>=0, <s>=1, </s>=2, <0x00>..<0xFF> = 3..258, then SPM_NORMAL from 259 (▁=259 ... ▁hello=271)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + [t for t, _ in SPM_NORMAL]
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * len(SPM_NORMAL)
+    scores = [0.0] * 259 + [s for _, s in SPM_NORMAL]
+    return _write(path, "llama", "default", tokens, types, scores, None, add_bos=True, space_prefix=True)
+
+
+def _write(path, model, pre, tokens, types, scores, merges, add_bos, space_prefix=False) -> Path:
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges is not None:
+        w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(add_bos)
+    w.add_add_space_prefix(space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
