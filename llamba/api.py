@@ -1,0 +1,187 @@
+"""The Python API: `Llama(model)` with the calls llama-cpp-python users know, plus a plain `generate`.
+
+    from llamba import Llama
+    llm = Llama("smollm2-135m")
+    print(llm.generate("The capital of France is", max_tokens=16, temperature=0))
+    for chunk in llm.create_chat_completion([{"role": "user", "content": "Hi!"}], stream=True): ...
+
+The KV cache is kept between calls: a prompt that starts with the tokens already evaluated only runs the
+rest (what makes a chat's second turn cheap).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import LlambaError
+from .models import load_transformer
+from .ops.jit import set_threads
+from .runtime.chat_template import load_chat_template
+from .runtime.generate import GenerationStats, Step, generate_steps
+from .runtime.kv_cache import KVCache
+from .runtime.sampling import Sampler, SamplingParams
+from .runtime.tokenizer import Tokenizer
+from .store import resolve_model
+
+DEFAULT_CTX = 4096
+
+_SAMPLING_KEYS = {f for f in SamplingParams.__dataclass_fields__}
+
+
+class Llama:
+    """A loaded model with its tokenizer, chat template and KV cache."""
+
+    def __init__(self, model: str | os.PathLike | None = None, n_ctx: int | None = None,
+                 n_threads: int | None = None, chat_template: str | None = None,
+                 on_status: Callable[[str], None] | None = None):
+        self.n_threads = set_threads(n_threads)
+        say = on_status or (lambda message: None)
+        self.model_path = Path(resolve_model(model, say=say))
+        started = time.perf_counter()
+        self.model = load_transformer(self.model_path)
+        self.tokenizer = Tokenizer(self.model.gguf.metadata, str(self.model_path))
+        self.template = load_chat_template(self.model.gguf.metadata, self.tokenizer.tokens, self.tokenizer.token_to_id,
+                                           self.tokenizer.bos_id, self.tokenizer.eos_id, chat_template)
+        hp = self.model.hp
+        self.n_ctx = int(n_ctx or min(hp.n_ctx_train, DEFAULT_CTX))
+        if self.n_ctx < 8:
+            raise LlambaError(f"context size {self.n_ctx} is too small")
+        self.cache = KVCache.for_model(hp, self.n_ctx)
+        self._tokens: list[int] = []  # what the cache holds, position by position
+        self.load_seconds = time.perf_counter() - started
+        self.last_stats = GenerationStats()
+
+    # ------------------------------------------------------------------------------------- tokens
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, ids: list[int], special: bool = False) -> str:
+        return self.tokenizer.decode(ids, special=special)
+
+    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render messages with the chat template and tokenize, special tokens recognised."""
+        text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        bos = self.template.bos_token
+        add_bos = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
+        return self.tokenizer.encode(text, add_special=add_bos, parse_special=True)
+
+    # ------------------------------------------------------------------------------------- evaluation
+
+    def reset(self) -> None:
+        self._tokens = []
+        self.cache.trim(0)
+
+    def logits(self, ids: list[int], all_positions: bool = False) -> np.ndarray:
+        """Logits for ids evaluated from position 0 on a fresh cache (the cache is reset)."""
+        self.reset()
+        out = self.model.forward(ids, 0, self.cache, all_logits=all_positions)
+        self._tokens = list(ids)
+        return out
+
+    def _reusable_prefix(self, ids: list[int]) -> int:
+        n = 0
+        for a, b in zip(self._tokens, ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def stream_tokens(self, prompt_ids: list[int], max_tokens: int = 256, stop: list[str] | None = None,
+                      sampler: Sampler | None = None, **sampling: Any) -> Iterator[Step]:
+        """The core loop with prefix reuse: yields Steps; `last_stats` holds the timings after."""
+        if not prompt_ids:
+            raise LlambaError("the prompt is empty")
+        if max_tokens < 0:
+            raise LlambaError(f"max_tokens must be >= 0 (got {max_tokens})")
+        max_tokens = min(max_tokens, self.n_ctx - len(prompt_ids))
+        sampler = sampler or Sampler(**_sampling_args(sampling))
+        start = self._reusable_prefix(prompt_ids)
+        stats = self.last_stats = GenerationStats()
+        generated: list[int] = []
+        try:
+            for step in generate_steps(self.model, self.tokenizer, self.cache, prompt_ids, sampler,
+                                       max(max_tokens, 1), start_pos=start, stop=stop, stats=stats):
+                if step.token >= 0:
+                    generated.append(step.token)
+                yield step
+        except (KeyboardInterrupt, GeneratorExit):
+            stats.finish_reason = "interrupted"
+            raise
+        finally:
+            # the cache holds every position evaluated: the prompt and all sampled tokens but the last
+            self._tokens = (list(prompt_ids) + generated)[: self.cache.n_past]
+
+    # ------------------------------------------------------------------------------------- text API
+
+    def generate(self, prompt: str, max_tokens: int = 256, stop: list[str] | None = None, **sampling: Any) -> str:
+        """The continuation of prompt as one string."""
+        steps = self.stream_tokens(self.tokenize(prompt), max_tokens=max_tokens, stop=stop, **sampling)
+        return "".join(step.text for step in steps)
+
+    def create_completion(self, prompt: str | list[int], max_tokens: int = 16, stop: str | list[str] | None = None,
+                          stream: bool = False, **sampling: Any):
+        """An OpenAI-shaped text completion (or an iterator of chunks with stream=True)."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        stops = [stop] if isinstance(stop, str) else stop
+        steps = self.stream_tokens(ids, max_tokens=max_tokens, stop=stops, **sampling)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": str(self.model_path)}
+        if stream:
+            return self._completion_chunks(steps, meta)
+        text = "".join(step.text for step in steps)
+        return {**meta, "object": "text_completion",
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": self._finish()}],
+                "usage": self._usage()}
+
+    def _completion_chunks(self, steps, meta) -> Iterator[dict]:
+        for step in steps:
+            if step.text:
+                yield {**meta, "object": "text_completion",
+                       "choices": [{"text": step.text, "index": 0, "logprobs": None, "finish_reason": None}]}
+        yield {**meta, "object": "text_completion",
+               "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": self._finish()}]}
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None,
+                               stop: str | list[str] | None = None, stream: bool = False, **sampling: Any):
+        """An OpenAI-shaped chat completion (or an iterator of chunks with stream=True)."""
+        ids = self.chat_prompt_ids(messages)
+        stops = [stop] if isinstance(stop, str) else stop
+        steps = self.stream_tokens(ids, max_tokens=self.n_ctx if max_tokens is None else max_tokens, stop=stops, **sampling)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": str(self.model_path)}
+        if stream:
+            return self._chat_chunks(steps, meta)
+        text = "".join(step.text for step in steps)
+        return {**meta, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": self._finish()}],
+                "usage": self._usage()}
+
+    def _chat_chunks(self, steps, meta) -> Iterator[dict]:
+        chunk = {**meta, "object": "chat.completion.chunk"}
+        yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+        for step in steps:
+            if step.text:
+                yield {**chunk, "choices": [{"index": 0, "delta": {"content": step.text}, "finish_reason": None}]}
+        yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": self._finish()}]}
+
+    def _finish(self) -> str:
+        reason = self.last_stats.finish_reason
+        return "length" if reason in ("length", "context") else reason or "stop"
+
+    def _usage(self) -> dict:
+        s = self.last_stats
+        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
+                "total_tokens": s.prompt_tokens + s.generated_tokens}
+
+
+def _sampling_args(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - _SAMPLING_KEYS
+    if unknown:
+        raise LlambaError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    return {k: v for k, v in options.items() if v is not None}

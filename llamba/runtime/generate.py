@@ -1,0 +1,134 @@
+"""The generation loop: a generator of tokens and text pieces, with stop conditions and timing.
+
+`generate_steps` evaluates the prompt (from `start_pos`, so a cache that already holds a prefix is reused),
+then samples one token at a time. Text goes through the streaming detokenizer and a stop-string filter
+that holds back any tail which could still become a stop string, so stop strings are never printed even
+when they span tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..errors import LlambaError
+from .sampling import Sampler
+
+
+@dataclass
+class Step:
+    """One generated token and the text it completes (possibly '' while a character or stop is pending).
+    A final Step with token -1 carries text held back until the end (a partial character or stop string)."""
+
+    token: int
+    text: str
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    evaluated_prompt_tokens: int = 0  # prompt tokens actually run (the rest came from the cache)
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    finish_reason: str = ""  # stop | length | context | interrupted
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.prompt_seconds
+
+    @property
+    def prompt_tok_per_s(self) -> float:
+        return self.evaluated_prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def gen_tok_per_s(self) -> float:
+        # the first token comes with the prompt; the rate counts the ones after it
+        n = self.generated_tokens - 1
+        return n / self.generate_seconds if n > 0 and self.generate_seconds else 0.0
+
+
+@dataclass
+class StopFilter:
+    """Holds back text that might be the start of a stop string; reports a stop when one appears."""
+
+    stops: list[str] = field(default_factory=list)
+    _held: str = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was found)."""
+        buf = self._held + text
+        first = min((i for i in (buf.find(s) for s in self.stops if s) if i >= 0), default=-1)
+        if first >= 0:
+            self._held = ""
+            return buf[:first], True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        rest, self._held = self._held, ""
+        return rest
+
+
+def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Sampler, max_tokens: int,
+                   start_pos: int = 0, stop: list[str] | None = None, stats: GenerationStats | None = None,
+                   history: list[int] | None = None) -> Iterator[Step]:
+    """Yield Steps until an end-of-generation token, a stop string, max_tokens, or a full context.
+
+    prompt_ids[:start_pos] must already be in the cache. `stats` (if given) is filled in as it goes.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    if len(prompt_ids) > cache.n_ctx:
+        raise LlambaError(f"prompt of {len(prompt_ids)} tokens is longer than the context ({cache.n_ctx})")
+    if start_pos >= len(prompt_ids):
+        start_pos = len(prompt_ids) - 1  # re-run the last token: its logits are needed
+    stats.prompt_tokens = len(prompt_ids)
+    stats.evaluated_prompt_tokens = len(prompt_ids) - start_pos
+    t0 = time.perf_counter()
+    cache.trim(start_pos)
+    logits = model.forward(prompt_ids[start_pos:], start_pos, cache)
+    pos = len(prompt_ids)
+    history = list(history if history is not None else prompt_ids)
+    detok = tokenizer.streamer()
+    stopper = StopFilter(list(stop or []))
+    first = True
+    stats.finish_reason = "length"
+    while stats.generated_tokens < max_tokens:
+        token = sampler.sample(logits, history)
+        if first:
+            stats.prompt_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            first = False
+        stats.generated_tokens += 1
+        history.append(token)
+        if token in tokenizer.eog_ids:
+            stats.finish_reason = "stop"
+            tail = stopper.feed(detok.flush())[0] + stopper.flush()
+            yield Step(token, tail)
+            break
+        text, stopped = stopper.feed(detok.push(token))
+        if stopped:
+            stats.finish_reason = "stop"
+            yield Step(token, text)
+            break
+        yield Step(token, text)
+        if pos >= cache.n_ctx:
+            stats.finish_reason = "context"
+            break
+        if stats.generated_tokens >= max_tokens:
+            break
+        logits = model.forward([token], pos, cache)
+        pos += 1
+        stats.generate_seconds = time.perf_counter() - t0
+    if stats.finish_reason in ("length", "context"):
+        tail = stopper.feed(detok.flush())[0] + stopper.flush()
+        if tail:
+            yield Step(-1, tail)
+    stats.generate_seconds = time.perf_counter() - t0
