@@ -57,6 +57,12 @@ class Llama:
         self.load_seconds = time.perf_counter() - started
         self.last_stats = GenerationStats()
 
+    def warm_up(self) -> None:
+        """Run the kernels once on a scratch cache, so compilation (first run only) happens now."""
+        scratch = KVCache.for_model(self.model.hp, 8)
+        self.model.forward([0, 0, 0], 0, scratch)  # the prefill path
+        self.model.forward([0], 3, scratch)  # the decode path
+
     # ------------------------------------------------------------------------------------- tokens
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:

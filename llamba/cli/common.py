@@ -24,3 +24,65 @@ def read_text_option(text: str | None, path: str | None) -> str:
     if sys.stdin is None or sys.stdin.isatty():
         raise LlambaError("no text: give -p TEXT, -f FILE, or pipe text to standard input")
     return sys.stdin.read()
+
+
+def sampling_options(fn):
+    """The sampling flags `generate` and `chat` share (llama.cpp's names and defaults)."""
+    import click
+
+    options = [
+        click.option("--temp", "temperature", type=float, default=0.8, show_default=True, help="Temperature; 0 is greedy."),
+        click.option("--top-k", type=int, default=40, show_default=True, help="Keep the k likeliest tokens (0: off)."),
+        click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus mass to keep (1: off)."),
+        click.option("--min-p", type=float, default=0.05, show_default=True, help="Drop tokens below min_p x the best."),
+        click.option("--typical-p", type=float, default=1.0, show_default=True, help="Locally typical mass (1: off)."),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Penalty for repeats (1: off)."),
+        click.option("--repeat-last-n", type=int, default=64, show_default=True, help="Window of the penalties (-1: all)."),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="Seed for a repeatable draw."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
+                 "frequency_penalty", "presence_penalty", "seed")
+
+
+def pop_sampling(kwargs: dict) -> dict:
+    return {k: kwargs.pop(k) for k in SAMPLING_KEYS}
+
+
+def model_options(fn):
+    """MODEL argument (optional: the default model) with --ctx-size, --threads and --chat-template."""
+    import click
+
+    fn = click.option("--chat-template", default=None,
+                      help="A template file or a built-in style (chatml, llama2, llama3, mistral, gemma).")(fn)
+    fn = click.option("-t", "--threads", type=int, default=None, help="Threads (default: every core).")(fn)
+    fn = click.option("-c", "--ctx-size", type=int, default=None, help="Context length (default: the model's, at most 4096).")(fn)
+    return click.argument("model", required=False)(fn)
+
+
+def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False):
+    """Load a model for a command, telling the user about downloads and first-run kernel compilation."""
+    import time
+
+    import click
+
+    from ..ops.jit import kernels_compiled
+
+    say = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    fresh = not kernels_compiled()
+    if fresh:
+        say("compiling kernels, first run only (about a minute)...")
+    started = time.perf_counter()
+    from ..api import Llama
+
+    llm = Llama(model, n_ctx=ctx_size, n_threads=threads, chat_template=chat_template, on_status=say)
+    if fresh:
+        llm.warm_up()
+        say(f"kernels compiled in {time.perf_counter() - started:.1f} s")
+    return llm

@@ -135,10 +135,12 @@ class Transformer:
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def forward(self, tokens, start_pos: int, cache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, start_pos: int, cache, all_logits: bool = False, logits_from: int = 0) -> np.ndarray:
         """Run `tokens` at positions start_pos.. through the model, appending their K/V to `cache`.
 
-        Returns float32 logits [n_tokens, n_vocab] if all_logits, else [n_vocab] for the last token.
+        Returns float32 logits [n_tokens - logits_from, n_vocab] if all_logits (rows for tokens
+        logits_from.. only: the output projection is the costliest matmul of a long prefill), else [n_vocab]
+        for the last token.
         """
         hp = self.hp
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -162,8 +164,7 @@ class Transformer:
             self._attention_block(x, layer, i, start_pos, cache, cos, sin, local)
             self._ffn_block(x, layer)
         cache.n_past = start_pos + n
-        if not all_logits:
-            x = x[-1:]
+        x = x[logits_from:] if all_logits else x[-1:]
         h = np.empty_like(x)
         rmsnorm(h, x, self.output_norm, hp.norm_eps)
         logits = matmul(h, self.output)

@@ -50,3 +50,11 @@ def readonly(a: np.ndarray) -> np.ndarray:
 # float16 bits -> float32, as a table: Numba has no float16 type, and a table lookup per block is cheap.
 F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 F16_TABLE.flags.writeable = False
+
+
+def kernels_compiled() -> bool:
+    """Whether Numba's on-disk cache already holds compiled kernels (so start-up will not compile)."""
+    from pathlib import Path
+
+    cache_dir = Path(__file__).parent / "__pycache__"
+    return cache_dir.is_dir() and any(cache_dir.glob("matmul.matvec_u4-*.nbi"))

@@ -1,0 +1,47 @@
+"""`llamba generate`: one-shot text generation."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import model_options, open_llama, pop_sampling, read_text_option, sampling_options
+
+
+@click.command()
+@model_options
+@click.option("-p", "--prompt", help="The prompt (default: standard input).")
+@click.option("-f", "--file", "path", type=click.Path(dir_okay=False), help="Read the prompt from a file.")
+@click.option("-n", "--n-predict", "max_tokens", type=int, default=128, show_default=True, help="Tokens to generate at most.")
+@click.option("--stop", multiple=True, help="Stop when this text appears (not printed); may be repeated.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and speeds.")
+@sampling_options
+def generate(model, ctx_size, threads, chat_template, prompt, path, max_tokens, stop, chat, as_json, **kwargs) -> None:
+    """Continue a prompt and print the text as it is generated."""
+    sampling = pop_sampling(kwargs)
+    text = read_text_option(prompt, path)
+    llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json)
+    ids = llm.chat_prompt_ids([{"role": "user", "content": text}]) if chat else llm.tokenize(text)
+    generated, pieces = [], []
+    for step in llm.stream_tokens(ids, max_tokens=max_tokens, stop=list(stop), **sampling):
+        if step.token >= 0:
+            generated.append(step.token)
+        pieces.append(step.text)
+        if not as_json and step.text:
+            click.echo(step.text, nl=False)
+    s = llm.last_stats
+    if as_json:
+        click.echo(json.dumps({
+            "prompt_ids": ids, "ids": generated, "text": "".join(pieces), "finish_reason": s.finish_reason,
+            "prompt_tok_per_s": round(s.prompt_tok_per_s, 2), "gen_tok_per_s": round(s.gen_tok_per_s, 2),
+            "time_to_first_token_s": round(s.time_to_first_token, 4),
+        }, ensure_ascii=False))
+    else:
+        click.echo()
+        click.echo(f"[{s.generated_tokens} tokens, prompt {s.prompt_tok_per_s:.1f} tok/s, "
+                   f"generation {s.gen_tok_per_s:.1f} tok/s, {s.finish_reason}]", err=True)
+
+
+COMMANDS = [generate]
