@@ -115,9 +115,10 @@ def _attention_reference(q, k, v, start, scale, window, softcap):
     return out
 
 
+@pytest.mark.parametrize("n", [4, 12])  # the decode kernel and the BLAS prefill path
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0)])
-def test_attention(window, softcap):
-    n, n_head, n_kv, hd, start = 4, 6, 2, 32, 9
+def test_attention(n, window, softcap):
+    n_head, n_kv, hd, start = 6, 2, 32, 9
     q = RNG.standard_normal((n, n_head, hd)).astype(np.float32)
     k = RNG.standard_normal((n_kv, 32, hd)).astype(np.float32)
     v = RNG.standard_normal((n_kv, 32, hd)).astype(np.float32)
@@ -136,5 +137,5 @@ def test_gated_activations():
     activations.geglu_tanh(out, gate, up)
     np.testing.assert_allclose(out, reference.gelu_tanh(gate.astype(np.float64)) * up, rtol=1e-5, atol=1e-6)
     x = gate.copy()
-    activations.softcap(x, np.float32(2.0))
+    activations.softcap(x, 2.0)
     np.testing.assert_allclose(x, 2.0 * np.tanh(gate / 2.0), rtol=1e-5, atol=1e-6)

