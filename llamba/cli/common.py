@@ -82,7 +82,7 @@ def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False):
     from ..api import Llama
 
     llm = Llama(model, n_ctx=ctx_size, n_threads=threads, chat_template=chat_template, on_status=say)
+    llm.warm_up()  # compiles on the first run; later it loads the cached kernels now, not at the first answer
     if fresh:
-        llm.warm_up()
         say(f"kernels compiled in {time.perf_counter() - started:.1f} s")
     return llm
