@@ -68,7 +68,11 @@ class ChatSession:
     def send(self, text: str) -> Iterator[Step]:
         """Add a user message and stream the answer; the answer (even a partial one) joins the history."""
         self.messages.append({"role": "user", "content": text})
-        yield from self._answer()
+        try:
+            yield from self._answer()
+        finally:
+            if self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()  # stopped before any answer: as if the message had not been sent
 
     def regenerate(self) -> Iterator[Step]:
         """Drop the last answer and answer the last user message again."""
@@ -86,7 +90,8 @@ class ChatSession:
                 pieces.append(step.text)
                 yield step
         finally:
-            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            if pieces or self.llm.last_stats.finish_reason != "interrupted":
+                self.messages.append({"role": "assistant", "content": "".join(pieces)})
             if self.llm.last_stats.finish_reason == "context":
                 self.notify("the context is full: the answer was cut off (/reset, or start with a larger -c)")
 

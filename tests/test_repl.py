@@ -35,7 +35,8 @@ def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(repl):
     child.sendline("/set max_tokens 400")
     child.expect_exact(PROMPT)
     child.sendline("Write a very long story about a dragon.")
-    child.expect(r"\w+ \w+")  # the answer has started streaming
+    child.expect_exact("dragon.")  # the echo of the input
+    child.expect(r"\n.*\w+ \w+ \w+")  # the answer has started streaming
     child.sendintr()
     child.expect_exact("[interrupted]")
     child.expect_exact(PROMPT)
