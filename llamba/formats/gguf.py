@@ -254,6 +254,11 @@ class GGUFFile:
             data = data.reshape(*shape[:0:-1], ggml.row_bytes(shape[0]))
         return TensorInfo(name, ggml, shape, offset, n_bytes, data)
 
+    def release_pages(self) -> None:
+        """Let the kernel drop the file's pages from memory (they are read again if a view is used)."""
+        if hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

@@ -85,6 +85,7 @@ class Transformer:
         self.output_norm = self._vector("output_norm.weight")
         self.output = self._matrix("output.weight", hp.n_embd) if "output.weight" in g.tensors else self.tok_embd
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
+        g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
 
     # ------------------------------------------------------------------------------------------ loading
 
