@@ -53,13 +53,14 @@ def test_matvec_matmul_and_rows(type_name):
 
 def test_concat_rows_only_when_layouts_agree():
     a = to_lanes(_random_matrix("Q4_K", 128, 256)[0], ggml_type("Q4_K"), 256)
-    b = to_lanes(_random_matrix("Q4_0", 64, 256)[0], ggml_type("Q4_0"), 256)
+    b = to_lanes(_random_matrix("Q4_K", 64, 256)[0], ggml_type("Q4_K"), 256)
     fused = concat_rows([a, b])
     assert fused.n_rows == 192
     assert np.array_equal(lanes_to_float(fused), np.vstack([lanes_to_float(a), lanes_to_float(b)]))
     q8 = to_lanes(_random_matrix("Q8_0", 64, 256)[0], ggml_type("Q8_0"), 256)
     odd = to_lanes(_random_matrix("Q4_0", 100, 256)[0], ggml_type("Q4_0"), 256)
-    assert concat_rows([a, q8]) is None and concat_rows([a, odd]) is None
+    f16_scaled = to_lanes(_random_matrix("Q4_0", 64, 256)[0], ggml_type("Q4_0"), 256)
+    assert concat_rows([a, q8]) is None and concat_rows([a, odd]) is None and concat_rows([a, f16_scaled]) is None
 
 
 def test_rmsnorm():

@@ -10,6 +10,8 @@ import os
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic, overload
 
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
@@ -58,3 +60,37 @@ def kernels_compiled() -> bool:
 
     cache_dir = Path(__file__).parent / "__pycache__"
     return cache_dir.is_dir() and any(cache_dir.glob("matmul.matvec_u4-*.nbi"))
+
+
+@intrinsic
+def _bitcast_f32(typingctx, bits):
+    """Reinterpret a uint32's bits as a float32 (Numba has no scalar view)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return sig, codegen
+
+
+_F16_EXPONENT_SHIFT = np.float32(2.0**112)  # moves an f16 exponent, placed in an f32, to its f32 value
+
+
+@numba.njit(inline="always", cache=True)
+def f16_bits_to_f32(h):
+    """float16 bits -> float32, exact for every finite value (subnormals too); vectorizes, unlike a table."""
+    h32 = np.uint32(h)
+    bits = ((h32 & np.uint32(0x8000)) << np.uint32(16)) | ((h32 & np.uint32(0x7FFF)) << np.uint32(13))
+    return _bitcast_f32(bits) * _F16_EXPONENT_SHIFT
+
+
+def as_f32(x):
+    """A weight scale as float32, whether stored as float32 or as float16 bits (uint16)."""
+    return np.float32(x)
+
+
+@overload(as_f32, inline="always")
+def _as_f32_overload(x):
+    if isinstance(x, types.Integer):
+        return lambda x: f16_bits_to_f32(x)
+    return lambda x: np.float32(x)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-from .jit import kernel
+from .jit import as_f32, kernel
 from .repack import CHUNK, LaneMatrix
 
 TILE_BYTES = 1 << 23  # float32 weight tile dequantized for prefill (8 MiB measured best)
@@ -47,6 +47,7 @@ def _store(out, c, acc):
 def matvec_u4(out, codes, scale, offset, x):
     """out[r] = sum_c W[r, c] x[c] for 4-bit lanes weights (codes [n_chunks, n_blocks, 16, CHUNK])."""
     n_chunks, n_blocks = codes.shape[0], codes.shape[1]
+    has_offset = offset.shape[1] > 0  # types without mins store no offsets
     xsum = _block_sums(x, 32)
     for c in numba.prange(n_chunks):
         acc = np.zeros(CHUNK, np.float32)
@@ -58,9 +59,13 @@ def matvec_u4(out, codes, scale, offset, x):
                 q = codes[c, b, j]
                 for i in range(CHUNK):
                     part[i] += np.float32(q[i] & np.uint8(15)) * x_lo + np.float32(q[i] >> np.uint8(4)) * x_hi
-            s, o, xs = scale[c, b], offset[c, b], xsum[b]
+            s = scale[c, b]
             for i in range(CHUNK):
-                acc[i] += s[i] * part[i] + o[i] * xs
+                acc[i] += as_f32(s[i]) * part[i]
+            if has_offset:
+                o, xs = offset[c, b], xsum[b]
+                for i in range(CHUNK):
+                    acc[i] += as_f32(o[i]) * xs
         _store(out, c, acc)
 
 
@@ -68,6 +73,7 @@ def matvec_u4(out, codes, scale, offset, x):
 def matvec_q8(out, codes, scale, offset, x):
     """out = W x for one-code-per-byte lanes weights (codes [n_chunks, n_blocks, group, CHUNK], int8/uint8)."""
     n_chunks, n_blocks, group = codes.shape[0], codes.shape[1], codes.shape[2]
+    has_offset = offset.shape[1] > 0
     xsum = _block_sums(x, group)
     for c in numba.prange(n_chunks):
         acc = np.zeros(CHUNK, np.float32)
@@ -79,9 +85,13 @@ def matvec_q8(out, codes, scale, offset, x):
                 q = codes[c, b, j]
                 for i in range(CHUNK):
                     part[i] += np.float32(q[i]) * xv
-            s, o, xs = scale[c, b], offset[c, b], xsum[b]
+            s = scale[c, b]
             for i in range(CHUNK):
-                acc[i] += s[i] * part[i] + o[i] * xs
+                acc[i] += as_f32(s[i]) * part[i]
+            if has_offset:
+                o, xs = offset[c, b], xsum[b]
+                for i in range(CHUNK):
+                    acc[i] += as_f32(o[i]) * xs
         _store(out, c, acc)
 
 
@@ -100,13 +110,26 @@ def matvec_f32(out, w, x):
 
 
 @kernel
+def _block_scales(scale, offset, c, b):
+    """A block's scales and offsets for one chunk as float32 arrays (zeros where a type has no offsets)."""
+    s = np.empty(CHUNK, np.float32)
+    o = np.zeros(CHUNK, np.float32)
+    for i in range(CHUNK):
+        s[i] = as_f32(scale[c, b, i])
+    if offset.shape[1] > 0:
+        for i in range(CHUNK):
+            o[i] = as_f32(offset[c, b, i])
+    return s, o
+
+
+@kernel
 def dequant_tile_u4(tile, codes, scale, offset, c0):
     """tile[k, r] = W[c0*CHUNK + r, k] for 4-bit lanes weights (tile [n_cols, n_tile_chunks*CHUNK])."""
     n_blocks = codes.shape[1]
     for t in range(tile.shape[1] // CHUNK):
         c, at = c0 + t, t * CHUNK
         for b in range(n_blocks):
-            s, o = scale[c, b], offset[c, b]
+            s, o = _block_scales(scale, offset, c, b)
             for j in range(16):
                 q = codes[c, b, j]
                 lo_row, hi_row = tile[b * 32 + j, at : at + CHUNK], tile[b * 32 + 16 + j, at : at + CHUNK]
@@ -122,7 +145,7 @@ def dequant_tile_q8(tile, codes, scale, offset, c0):
     for t in range(tile.shape[1] // CHUNK):
         c, at = c0 + t, t * CHUNK
         for b in range(n_blocks):
-            s, o = scale[c, b], offset[c, b]
+            s, o = _block_scales(scale, offset, c, b)
             for j in range(group):
                 q = codes[c, b, j]
                 row = tile[b * group + j, at : at + CHUNK]
@@ -208,7 +231,8 @@ def _pool(n: int) -> ThreadPoolExecutor:
 def _row_u4(out, codes, scale, offset, r):
     c, i = r // CHUNK, r % CHUNK
     for b in range(codes.shape[1]):
-        s, o = scale[c, b, i], offset[c, b, i]
+        s = as_f32(scale[c, b, i])
+        o = as_f32(offset[c, b, i]) if offset.shape[1] > 0 else np.float32(0.0)
         for j in range(16):
             q = codes[c, b, j, i]
             out[b * 32 + j] = s * np.float32(q & np.uint8(15)) + o
@@ -220,7 +244,8 @@ def _row_q8(out, codes, scale, offset, r):
     c, i = r // CHUNK, r % CHUNK
     group = codes.shape[2]
     for b in range(codes.shape[1]):
-        s, o = scale[c, b, i], offset[c, b, i]
+        s = as_f32(scale[c, b, i])
+        o = as_f32(offset[c, b, i]) if offset.shape[1] > 0 else np.float32(0.0)
         for j in range(group):
             out[b * group + j] = s * np.float32(codes[c, b, j, i]) + o
 

@@ -12,10 +12,12 @@ contiguous run of memory, read front to back, which the prefetchers love. Every 
                                                       (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K)
 - `f32`: plain floats, codes [n_chunks, n_cols, CHUNK] float32.                    (F32, F16, BF16)
 
-with weight = scale * code + offset, scale and offset [n_chunks, n_blocks, CHUNK] float32. The scales are
-ggml's own products (d times the sub-block scale), so dequantizing the lanes gives ggml's numbers bit for bit.
-Rows past n_rows in the last chunk are zero. The layout costs about 1.2x the file's bytes for 4-bit types
-and 1.25x for 8-bit ones, and is built once at load, in parallel.
+with weight = scale * code + offset, scale and offset [n_chunks, n_blocks, CHUNK]. The scales are ggml's own
+numbers (d, or d times the sub-block scale), so dequantizing the lanes gives ggml's values bit for bit. Where
+they are the file's float16 values (Q4_0..Q8_0) they stay float16 (as uint16 bits), and types with signed codes
+store no offsets: Q4_1, Q5_0 and Q8_0 then take exactly the file's bytes; the K-quants keep float32 scales
+(products that float16 cannot hold exactly) and take about 1.3x. Rows past n_rows in the last chunk are zero.
+The layout is built once at load, in parallel.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class LaneMatrix:
     n_rows: int
     n_cols: int
     codes: np.ndarray
-    scale: np.ndarray  # [n_chunks, n_blocks, CHUNK] float32 (empty for f32)
-    offset: np.ndarray  # [n_chunks, n_blocks, CHUNK] float32 (empty for f32)
+    scale: np.ndarray  # [n_chunks, n_blocks, CHUNK] float32, or float16 bits as uint16 (empty for f32)
+    offset: np.ndarray  # like scale; [n_chunks, 0, CHUNK] for types without offsets
     source_type: str
 
     @property
@@ -286,7 +288,28 @@ def to_lanes(data: np.ndarray, ggml: GGMLType, n_cols: int) -> LaneMatrix:
     offset = np.zeros((n_chunks, n_blocks, CHUNK), np.float32)
     src = readonly(np.ascontiguousarray(data).view(np.uint8).reshape(n_rows, -1))
     fn(codes, scale, offset, src, F16_TABLE)
+    scale, offset = _compact_scales(ggml.name, scale, offset)
     return LaneMatrix(kind, n_rows, n_cols, codes, scale, offset, ggml.name)
+
+
+# Types whose scales and offsets are the file's own float16 numbers (or exact multiples of them by a power
+# of two): stored as float16 bits they take half the bytes, and decoding is memory-bound.
+_F16_SCALES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+_NO_OFFSETS = {"Q5_0", "Q8_0", "Q6_K", "Q3_K"}  # signed codes: every offset is zero
+
+
+def _compact_scales(type_name: str, scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if type_name in _NO_OFFSETS:
+        offset = np.zeros((scale.shape[0], 0, CHUNK), scale.dtype)
+    if type_name in _F16_SCALES:
+        halves = scale.astype(np.float16), offset.astype(np.float16)
+        if all(np.array_equal(h.astype(np.float32), f) for h, f in zip(halves, (scale, offset))):
+            scale, offset = (h.view(np.uint16) for h in halves)
+    return scale, offset
+
+
+def _scales_f32(a: np.ndarray) -> np.ndarray:
+    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a
 
 
 def lanes_to_float(w: LaneMatrix) -> np.ndarray:
@@ -295,7 +318,9 @@ def lanes_to_float(w: LaneMatrix) -> np.ndarray:
         vals = w.codes  # [n_chunks, n_cols, CHUNK]
     else:
         q = np.concatenate([w.codes & 15, w.codes >> 4], axis=2) if w.kind == "u4" else w.codes
-        vals = w.scale[:, :, None, :] * q.astype(np.float32) + w.offset[:, :, None, :]
+        vals = _scales_f32(w.scale)[:, :, None, :] * q.astype(np.float32)
+        if w.offset.shape[1]:
+            vals = vals + _scales_f32(w.offset)[:, :, None, :]
         vals = vals.reshape(vals.shape[0], -1, CHUNK)
     return vals.transpose(0, 2, 1).reshape(-1, w.n_cols)[: w.n_rows].copy()
 
@@ -307,6 +332,7 @@ def concat_rows(parts: list[LaneMatrix]) -> LaneMatrix | None:
     compatible = all(
         p.kind == first.kind and p.n_cols == first.n_cols and p.codes.dtype == first.codes.dtype
         and p.codes.shape[1:] == first.codes.shape[1:] and p.n_rows % CHUNK == 0
+        and p.scale.dtype == first.scale.dtype and p.offset.shape[1:] == first.offset.shape[1:]
         for p in parts
     )
     if not compatible:
