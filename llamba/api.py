@@ -38,7 +38,7 @@ class Llama:
     """A loaded model with its tokenizer, chat template and KV cache."""
 
     def __init__(self, model: str | os.PathLike | None = None, n_ctx: int | None = None,
-                 n_threads: int | None = None, chat_template: str | None = None,
+                 n_threads: int | None = None, chat_template: str | None = None, kv_type: str = "f32",
                  on_status: Callable[[str], None] | None = None):
         self.n_threads = set_threads(n_threads)
         say = on_status or (lambda message: None)
@@ -52,7 +52,7 @@ class Llama:
         self.n_ctx = int(n_ctx or min(hp.n_ctx_train, DEFAULT_CTX))
         if self.n_ctx < 8:
             raise LlambaError(f"context size {self.n_ctx} is too small")
-        self.cache = KVCache.for_model(hp, self.n_ctx)
+        self.cache = KVCache.for_model(hp, self.n_ctx, kv_type)
         self._tokens: list[int] = []  # what the cache holds, position by position
         self.load_seconds = time.perf_counter() - started
         self.last_stats = GenerationStats()

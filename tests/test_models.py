@@ -78,3 +78,18 @@ def test_unknown_architecture_names_the_supported_ones(tmp_path):
     w.close()
     with pytest.raises(UnsupportedError, match="architecture 'mamba' is not supported.*gemma3.*llama"):
         load_transformer(tmp_path / "x.gguf")
+
+
+def test_float16_kv_cache_stays_close(tiny):
+    model, reference = tiny
+    expected = reference.forward(TOKENS)
+    for n_prefill in (len(TOKENS), 3):  # the BLAS prefill path, and decode steps over a half-float cache
+        cache = KVCache.for_model(model.hp, 64, kv_type="f16")
+        model.forward(TOKENS[:n_prefill], 0, cache)
+        logits = None
+        for i in range(n_prefill, len(TOKENS)):
+            logits = model.forward([TOKENS[i]], i, cache)
+        if logits is None:
+            logits = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64, kv_type="f16"))
+        assert cache.k[0].dtype == np.uint16
+        assert _relative_error(logits, expected[-1]) < 5e-3

@@ -204,13 +204,13 @@ def _setup_readline() -> None:
               help="When the context fills: drop the oldest exchanges (shift) or refuse (stop).")
 @click.option("--no-stats", is_flag=True, help="Hide the statistics line after each answer.")
 @sampling_options
-def chat(model, ctx_size, threads, chat_template, system, max_tokens, overflow, no_stats, **kwargs) -> None:
+def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, **kwargs) -> None:
     """Chat with MODEL (default: smollm2-135m) in the terminal, answers streaming as they come."""
     from ..runtime.sampling import SamplingParams
     from ..session import ChatSession, ChatSettings
 
     sampling = SamplingParams(**pop_sampling(kwargs)).validate()
-    llm = open_llama(model, ctx_size, threads, chat_template)
+    llm = open_llama(model, ctx_size, threads, chat_template, kv_type=kv_type)
     repl = Repl(None, show_stats=not no_stats)
     settings = ChatSettings(sampling=sampling, max_tokens=max_tokens, overflow=overflow)
     repl.session = ChatSession(llm, system=system, settings=settings, notify=repl.info)

@@ -59,6 +59,8 @@ def model_options(fn):
     """MODEL argument (optional: the default model) with --ctx-size, --threads and --chat-template."""
     import click
 
+    fn = click.option("--kv-type", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
+                      help="KV cache precision (f16 halves its memory).")(fn)
     fn = click.option("--chat-template", default=None,
                       help="A template file or a built-in style (chatml, llama2, llama3, mistral, gemma).")(fn)
     fn = click.option("-t", "--threads", type=int, default=None, help="Threads (default: every core).")(fn)
@@ -66,7 +68,7 @@ def model_options(fn):
     return click.argument("model", required=False)(fn)
 
 
-def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False):
+def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_type: str = "f32"):
     """Load a model for a command, telling the user about downloads and first-run kernel compilation."""
     import time
 
@@ -81,7 +83,7 @@ def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False):
     started = time.perf_counter()
     from ..api import Llama
 
-    llm = Llama(model, n_ctx=ctx_size, n_threads=threads, chat_template=chat_template, on_status=say)
+    llm = Llama(model, n_ctx=ctx_size, n_threads=threads, chat_template=chat_template, kv_type=kv_type, on_status=say)
     llm.warm_up()  # compiles on the first run; later it loads the cached kernels now, not at the first answer
     if fresh:
         say(f"kernels compiled in {time.perf_counter() - started:.1f} s")

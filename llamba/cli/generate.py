@@ -18,11 +18,11 @@ from .common import model_options, open_llama, pop_sampling, read_text_option, s
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and speeds.")
 @sampling_options
-def generate(model, ctx_size, threads, chat_template, prompt, path, max_tokens, stop, chat, as_json, **kwargs) -> None:
+def generate(model, ctx_size, threads, chat_template, kv_type, prompt, path, max_tokens, stop, chat, as_json, **kwargs) -> None:
     """Continue a prompt and print the text as it is generated."""
     sampling = pop_sampling(kwargs)
     text = read_text_option(prompt, path)
-    llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json)
+    llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json, kv_type=kv_type)
     ids = llm.chat_prompt_ids([{"role": "user", "content": text}]) if chat else llm.tokenize(text)
     generated, pieces = [], []
     for step in llm.stream_tokens(ids, max_tokens=max_tokens, stop=list(stop), **sampling):

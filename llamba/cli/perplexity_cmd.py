@@ -17,7 +17,7 @@ from .common import model_options, open_llama, read_text_option
 @click.option("-f", "--file", "path", type=click.Path(dir_okay=False), help="The text (default: standard input).")
 @click.option("--chunks", type=int, default=None, help="Score at most this many chunks.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"ppl": ..., "chunks": ...}.')
-def perplexity_cmd(model, ctx_size, threads, chat_template, path, chunks, as_json) -> None:
+def perplexity_cmd(model, ctx_size, threads, chat_template, kv_type, path, chunks, as_json) -> None:
     """Perplexity over non-overlapping chunks of -c tokens (default 512), scoring each chunk's second half."""
     n_ctx = ctx_size or 512
     text = read_text_option(None, path)
@@ -28,7 +28,7 @@ def perplexity_cmd(model, ctx_size, threads, chat_template, path, chunks, as_jso
         if not as_json:
             click.echo(f"\r[{done}/{total}] ppl {ppl:.4f}  ({time.perf_counter() - started:.0f} s)", nl=False, err=True)
 
-    result = perplexity(llm.model, llm.tokenizer, KVCache.for_model(llm.model.hp, n_ctx), text, n_ctx, chunks, progress)
+    result = perplexity(llm.model, llm.tokenizer, KVCache.for_model(llm.model.hp, n_ctx, kv_type), text, n_ctx, chunks, progress)
     if as_json:
         click.echo(json.dumps({"ppl": result.ppl, "chunks": result.chunks, "tokens_scored": result.tokens_scored,
                                "n_ctx": n_ctx}))

@@ -9,14 +9,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .jit import kernel
+from .jit import as_f32, kernel
 
 PREFILL_QUERIES = 8  # from this many new tokens on, the BLAS path is faster
 
 
 @kernel(parallel=True)
 def attention_decode(out, q, k_cache, v_cache, start_pos, scale, window, softcap):
-    """out [n_tokens, n_head, head_dim] from q [n_tokens, n_head, head_dim] and caches [n_head_kv, n_ctx, head_dim].
+    """out [n_tokens, n_head, head_dim] from q [n_tokens, n_head, head_dim] and caches [n_head_kv, n_ctx, head_dim]
+    (float32, or float16 bits as uint16).
 
     Query t sits at position start_pos + t and sees keys 0 .. start_pos + t; with window > 0 only the last
     `window` of them (llama.cpp's standard sliding window: key p is hidden when q_pos - p >= window).
@@ -36,7 +37,7 @@ def attention_decode(out, q, k_cache, v_cache, start_pos, scale, window, softcap
             key = k_cache[kv, first + j]
             s = np.float32(0.0)
             for d in range(head_dim):
-                s += q[t, h, d] * key[d]
+                s += q[t, h, d] * as_f32(key[d])
             s *= scale
             if softcap > 0:
                 s = softcap * np.tanh(s / softcap)
@@ -51,7 +52,7 @@ def attention_decode(out, q, k_cache, v_cache, start_pos, scale, window, softcap
             p = scores[j] / total
             value = v_cache[kv, first + j]
             for d in range(head_dim):
-                acc[d] += p * value[d]
+                acc[d] += p * as_f32(value[d])
         out[t, h, :] = acc
 
 
@@ -71,7 +72,7 @@ def attention(out, q, k_cache, v_cache, start_pos: int, scale, window: int, soft
         hidden |= q_pos - k_pos >= window
     for kv in range(n_kv):
         queries = q[:, kv * group : (kv + 1) * group].transpose(1, 0, 2)  # [group, n_tokens, head_dim]
-        scores = queries @ k_cache[kv, :n_keys].T  # [group, n_tokens, n_keys]
+        scores = queries @ _floats(k_cache[kv, :n_keys]).T  # [group, n_tokens, n_keys]
         scores *= np.float32(scale)
         if softcap > 0:
             scores /= np.float32(softcap)
@@ -81,5 +82,10 @@ def attention(out, q, k_cache, v_cache, start_pos: int, scale, window: int, soft
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out[:, kv * group : (kv + 1) * group] = (scores @ v_cache[kv, :n_keys]).transpose(1, 0, 2)
+        out[:, kv * group : (kv + 1) * group] = (scores @ _floats(v_cache[kv, :n_keys])).transpose(1, 0, 2)
     return out
+
+
+def _floats(cached: np.ndarray) -> np.ndarray:
+    """Cache rows as float32 (a float16 cache holds its values as uint16 bits)."""
+    return cached.view(np.float16).astype(np.float32) if cached.dtype == np.uint16 else cached
