@@ -166,12 +166,17 @@ _DEQUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 DEQUANTIZABLE = tuple(_DEQUANTIZERS)
 
 
+def _implementation(table: dict, type_: GGMLType | str | int, verb: str) -> tuple[GGMLType, Callable]:
+    t = type_ if isinstance(type_, GGMLType) else ggml_type(type_)
+    fn = table.get(t.name)
+    if fn is None:
+        raise UnsupportedError(f"{verb} {t.name} is not supported (supported: {', '.join(table)})")
+    return t, fn
+
+
 def dequantize(data: np.ndarray, type_: GGMLType | str | int) -> np.ndarray:
     """Blocks of `type_` (raw bytes [..., row_bytes] or a typed view) -> float32 [..., row_elements]."""
-    t = type_ if isinstance(type_, GGMLType) else ggml_type(type_)
-    fn = _DEQUANTIZERS.get(t.name)
-    if fn is None:
-        raise UnsupportedError(f"dequantizing {t.name} is not supported (supported: {', '.join(DEQUANTIZABLE)})")
+    t, fn = _implementation(_DEQUANTIZERS, type_, "dequantizing")
     blocks, shape = _blocks(data, t)
     return fn(blocks).reshape(shape)
 
@@ -368,10 +373,7 @@ QUANTIZABLE = tuple(_QUANTIZERS)
 
 def quantize(values: np.ndarray, type_: GGMLType | str | int) -> np.ndarray:
     """float32 [..., row_elements] -> raw blocks uint8 [..., row_bytes] of `type_`."""
-    t = type_ if isinstance(type_, GGMLType) else ggml_type(type_)
-    fn = _QUANTIZERS.get(t.name)
-    if fn is None:
-        raise UnsupportedError(f"quantizing to {t.name} is not supported (supported: {', '.join(QUANTIZABLE)})")
+    t, fn = _implementation(_QUANTIZERS, type_, "quantizing to")
     x = np.ascontiguousarray(values, dtype=F32)
     if x.ndim == 0 or x.shape[-1] % t.block_elements:
         raise UnsupportedError(f"{t.name}: row length {x.shape[-1:]} is not a multiple of {t.block_elements}")

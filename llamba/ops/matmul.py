@@ -43,6 +43,18 @@ def _store(out, c, acc):
         out[lo + i] = acc[i]
 
 
+@kernel
+def _add_block(acc, part, scale, offset, c, b, x_block_sum, has_offset):
+    """acc += scale * part + offset * (sum of the block's inputs), for one block of one chunk."""
+    s = scale[c, b]
+    for i in range(CHUNK):
+        acc[i] += as_f32(s[i]) * part[i]
+    if has_offset:
+        o = offset[c, b]
+        for i in range(CHUNK):
+            acc[i] += as_f32(o[i]) * x_block_sum
+
+
 @kernel(parallel=True)
 def matvec_u4(out, codes, scale, offset, x):
     """out[r] = sum_c W[r, c] x[c] for 4-bit lanes weights (codes [n_chunks, n_blocks, 16, CHUNK])."""
@@ -59,13 +71,7 @@ def matvec_u4(out, codes, scale, offset, x):
                 q = codes[c, b, j]
                 for i in range(CHUNK):
                     part[i] += np.float32(q[i] & np.uint8(15)) * x_lo + np.float32(q[i] >> np.uint8(4)) * x_hi
-            s = scale[c, b]
-            for i in range(CHUNK):
-                acc[i] += as_f32(s[i]) * part[i]
-            if has_offset:
-                o, xs = offset[c, b], xsum[b]
-                for i in range(CHUNK):
-                    acc[i] += as_f32(o[i]) * xs
+            _add_block(acc, part, scale, offset, c, b, xsum[b], has_offset)
         _store(out, c, acc)
 
 
@@ -85,13 +91,7 @@ def matvec_q8(out, codes, scale, offset, x):
                 q = codes[c, b, j]
                 for i in range(CHUNK):
                     part[i] += np.float32(q[i]) * xv
-            s = scale[c, b]
-            for i in range(CHUNK):
-                acc[i] += as_f32(s[i]) * part[i]
-            if has_offset:
-                o, xs = offset[c, b], xsum[b]
-                for i in range(CHUNK):
-                    acc[i] += as_f32(o[i]) * xs
+            _add_block(acc, part, scale, offset, c, b, xsum[b], has_offset)
         _store(out, c, acc)
 
 

@@ -92,6 +92,22 @@ def _repack_q4_1(codes, scale, offset, src, table):
 
 
 @kernel
+def _u32(src, r, at):
+    """A little-endian uint32 at byte `at` of row r (the high bits of Q5_0 / Q5_1)."""
+    return (np.uint32(src[r, at]) | (np.uint32(src[r, at + 1]) << 8)
+            | (np.uint32(src[r, at + 2]) << 16) | (np.uint32(src[r, at + 3]) << 24))
+
+
+@kernel
+def _k_sub_block(scale, offset, src, r, c, i, at, s, b):
+    """Scale and offset of sub-block s of the Q4_K/Q5_K super-block at byte `at` (d, dmin, 12 scale bytes)."""
+    d, dmin = _f16(src, r, at, F16_TABLE), _f16(src, r, at + 2, F16_TABLE)
+    sc, mn = _k_scale_min(src, r, at + 4, s)
+    scale[c, b, i] = d * np.float32(sc)
+    offset[c, b, i] = -(dmin * np.float32(mn))
+
+
+@kernel
 def _k_scale_min(src, r, at, s):
     """ggml's get_scale_min_k4: the 6-bit scale and min of sub-block s from the 12 bytes at `at`."""
     if s < 4:
@@ -108,12 +124,9 @@ def _repack_q4_k(codes, scale, offset, src, table):
         c, i = r // CHUNK, r % CHUNK
         for sb in range(n_super):
             at = sb * 144
-            d, dmin = _f16(src, r, at, table), _f16(src, r, at + 2, table)
             for s in range(8):
-                sc, mn = _k_scale_min(src, r, at + 4, s)
                 b = sb * 8 + s
-                scale[c, b, i] = d * np.float32(sc)
-                offset[c, b, i] = -(dmin * np.float32(mn))
+                _k_sub_block(scale, offset, src, r, c, i, at, s, b)
                 base, shift = at + 16 + 32 * (s // 2), 4 * (s % 2)
                 for j in range(16):
                     lo = (src[r, base + j] >> shift) & 15
@@ -130,8 +143,7 @@ def _repack_q5_0(codes, scale, offset, src, table):
             at = b * 22
             scale[c, b, i] = _f16(src, r, at, table)
             offset[c, b, i] = 0.0
-            qh = (np.uint32(src[r, at + 2]) | (np.uint32(src[r, at + 3]) << 8)
-                  | (np.uint32(src[r, at + 4]) << 16) | (np.uint32(src[r, at + 5]) << 24))
+            qh = _u32(src, r, at + 2)
             for j in range(16):
                 q = src[r, at + 6 + j]
                 codes[c, b, j, i] = np.int8(np.int32((q & 15) | (((qh >> j) & 1) << 4)) - 16)
@@ -147,8 +159,7 @@ def _repack_q5_1(codes, scale, offset, src, table):
             at = b * 24
             scale[c, b, i] = _f16(src, r, at, table)
             offset[c, b, i] = _f16(src, r, at + 2, table)
-            qh = (np.uint32(src[r, at + 4]) | (np.uint32(src[r, at + 5]) << 8)
-                  | (np.uint32(src[r, at + 6]) << 16) | (np.uint32(src[r, at + 7]) << 24))
+            qh = _u32(src, r, at + 4)
             for j in range(16):
                 q = src[r, at + 8 + j]
                 codes[c, b, j, i] = (q & 15) | (((qh >> j) & 1) << 4)
@@ -162,12 +173,9 @@ def _repack_q5_k(codes, scale, offset, src, table):
         c, i = r // CHUNK, r % CHUNK
         for sb in range(n_super):
             at = sb * 176
-            d, dmin = _f16(src, r, at, table), _f16(src, r, at + 2, table)
             for s in range(8):
-                sc, mn = _k_scale_min(src, r, at + 4, s)
                 b = sb * 8 + s
-                scale[c, b, i] = d * np.float32(sc)
-                offset[c, b, i] = -(dmin * np.float32(mn))
+                _k_sub_block(scale, offset, src, r, c, i, at, s, b)
                 base, shift = at + 48 + 32 * (s // 2), 4 * (s % 2)
                 for l in range(32):
                     high = (src[r, at + 16 + l] >> s) & 1
