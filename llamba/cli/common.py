@@ -70,21 +70,56 @@ def model_options(fn):
 
 def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_type: str = "f32"):
     """Load a model for a command, telling the user about downloads and first-run kernel compilation."""
-    import time
-
     import click
 
+    from ..api import Llama
     from ..ops.jit import kernels_compiled
 
     say = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     fresh = not kernels_compiled()
+    with _Progress("compiling kernels, first run only", enabled=fresh and not quiet) as progress:
+        llm = Llama(model, n_ctx=ctx_size, n_threads=threads, chat_template=chat_template, kv_type=kv_type,
+                    on_status=say)
+        llm.warm_up()  # compiles on the first run; later it loads the cached kernels now, not at the first answer
     if fresh:
-        say("compiling kernels, first run only (about a minute)...")
-    started = time.perf_counter()
-    from ..api import Llama
-
-    llm = Llama(model, n_ctx=ctx_size, n_threads=threads, chat_template=chat_template, kv_type=kv_type, on_status=say)
-    llm.warm_up()  # compiles on the first run; later it loads the cached kernels now, not at the first answer
-    if fresh:
-        say(f"kernels compiled in {time.perf_counter() - started:.1f} s")
+        say(f"kernels compiled in {progress.elapsed:.1f} s")
     return llm
+
+
+class _Progress:
+    """A ticking 'doing X... N s' line on a terminal while something slow runs (nothing when piped)."""
+
+    def __init__(self, label: str, enabled: bool):
+        import threading
+
+        self.label = label
+        self.enabled = enabled
+        self.elapsed = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        import time
+
+        self._started = time.perf_counter()
+        if self.enabled:
+            if sys.stderr.isatty():
+                self._thread.start()
+            else:
+                print(f"{self.label}...", file=sys.stderr, flush=True)
+        return self
+
+    def _tick(self) -> None:
+        import time
+
+        while not self._done.wait(0.5):
+            print(f"\r{self.label}... {time.perf_counter() - self._started:.0f} s", end="", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        self.elapsed = time.perf_counter() - self._started
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
