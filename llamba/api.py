@@ -22,7 +22,7 @@ import numpy as np
 from .errors import LlambaError
 from .models import load_transformer
 from .ops.jit import set_threads
-from .runtime.chat_template import load_chat_template
+from .runtime.chat_template import load_chat_template, turn_terminator
 from .runtime.generate import GenerationStats, Step, generate_steps
 from .runtime.kv_cache import KVCache
 from .runtime.sampling import Sampler, SamplingParams
@@ -48,6 +48,7 @@ class Llama:
         self.tokenizer = Tokenizer(self.model.gguf.metadata, str(self.model_path))
         self.template = load_chat_template(self.model.gguf.metadata, self.tokenizer.tokens, self.tokenizer.token_to_id,
                                            self.tokenizer.bos_id, self.tokenizer.eos_id, chat_template)
+        self.tokenizer.add_end_of_generation(turn_terminator(self.template))
         hp = self.model.hp
         self.n_ctx = int(n_ctx or min(hp.n_ctx_train, DEFAULT_CTX))
         if self.n_ctx < 8:

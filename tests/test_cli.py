@@ -89,3 +89,12 @@ def test_bench_json(smollm2_path):
 def test_list_shows_the_store():
     out = llamba("list")
     assert out.returncode == 0 and "smollm2-135m" in out.stdout
+
+
+def test_tokenize_works_on_a_vocabulary_only_file(tmp_path):
+    from tests.tiny_vocab import write_spm_vocab
+
+    path = write_spm_vocab(tmp_path / "vocab.gguf")
+    out = llamba("tokenize", path, "-p", "hello wörld", "--json")
+    assert json.loads(out.stdout) == [1, 271, 259, 264, 3 + 0xC3, 3 + 0xB6, 265, 262, 266]
+    assert json.loads(llamba("tokenize", path, "-p", "hello", "--json", "--no-bos").stdout) == [271]

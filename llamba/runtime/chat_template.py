@@ -108,6 +108,18 @@ class ChatTemplate:
             raise LlambaError(f"chat template ({self.name}){_template_line(e)}: {type(e).__name__}: {e}") from None
 
 
+def turn_terminator(template: "ChatTemplate") -> str:
+    """The text a template writes right after an assistant message (e.g. '<|im_end|>'), '' if none."""
+    marker = "\u2063llamba\u2063"
+    try:
+        text = template.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                               add_generation_prompt=False)
+    except LlambaError:
+        return ""
+    at = text.find(marker)
+    return text[at + len(marker):] if at >= 0 else ""
+
+
 def _template_line(error: BaseException) -> str:
     """' line N' for the deepest frame of the error that lies in the template, if any."""
     line = getattr(error, "lineno", None)

@@ -143,6 +143,13 @@ class Tokenizer:
                 ids.add(i)
         return ids
 
+    def add_end_of_generation(self, terminator_text: str) -> None:
+        """Also stop at the special token a chat template closes each turn with (taken from its text)."""
+        for piece in self._partition(terminator_text.strip(), parse_special=True):
+            if isinstance(piece, int):
+                self.eog_ids.add(piece)
+                return
+
     @property
     def n_vocab(self) -> int:
         return len(self.tokens)
