@@ -22,8 +22,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args()
-    from llamba import Llama
+    from llamba.api import Llama
 
+    baseline = rss_bytes()  # Python, NumPy, Numba and llamba imported, nothing loaded
     llm = Llama(args.model)
     peak = 0
     for _ in llm.stream_tokens(llm.tokenize("Once upon a time"), max_tokens=args.tokens, temperature=0.8, seed=0):
@@ -32,9 +33,10 @@ def main() -> None:
     kv = llm.cache.nbytes_used
     budget = file_bytes + kv + 150 * 2**20
     mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
-    print("| model | file | KV cache in use | peak RSS | budget (file + KV + 150 MiB) | within |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
-    print(f"| {llm.model_path.name} | {mib(file_bytes)} | {mib(kv)} | {mib(peak)} | {mib(budget)} | {'yes' if peak <= budget else 'NO'} |")
+    print("| model | file | KV cache in use | RSS after imports | peak RSS | budget (file + KV + 150 MiB) | within |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print(f"| {llm.model_path.name} | {mib(file_bytes)} | {mib(kv)} | {mib(baseline)} | {mib(peak)} | {mib(budget)} "
+          f"| {'yes' if peak <= budget else 'NO'} |")
 
 
 if __name__ == "__main__":

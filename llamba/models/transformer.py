@@ -86,6 +86,7 @@ class Transformer:
         self.output = self._matrix("output.weight", hp.n_embd) if "output.weight" in g.tensors else self.tok_embd
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
+        _return_freed_memory()
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -219,6 +220,16 @@ class Transformer:
         if layer.ffn_post_norm is not None:
             rmsnorm(out, out, layer.ffn_post_norm, hp.norm_eps)
         x += out
+
+
+def _return_freed_memory() -> None:
+    """Hand the repacking's freed temporaries back to the OS (glibc keeps them in its heap otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def read_common(g: GGUFFile, neox: bool) -> HParams:
