@@ -87,3 +87,12 @@ def test_double_ctrl_c_at_the_prompt_exits_and_history_is_kept(repl):
     child.sendintr()
     child.expect(pexpect.EOF)
     assert (tmp / "home" / "chat_history").read_text().strip().endswith("/help")
+
+
+def test_pasted_lines_are_one_message(repl):
+    child, _ = repl
+    child.send("Summarise this list:\napples\npears\n")  # one write, as a paste arrives
+    child.expect(r"\[\d+ tokens")
+    child.expect_exact(PROMPT)
+    child.sendline("/show")
+    child.expect(r"history\s+2 messages")

@@ -57,11 +57,25 @@ class Repl:
                 if more.strip() == '"""':
                     return "\n".join(lines)
                 lines.append(more)
-        lines = [line]
+        lines = [line] + self._pasted_lines()
         while lines[-1].endswith("\\"):
             lines[-1] = lines[-1][:-1]
             lines.append(input("... "))
         return "\n".join(lines)
+
+    def _pasted_lines(self) -> list[str]:
+        """Lines already waiting on a terminal right after Enter: a paste of several lines is one message."""
+        if not sys.stdin.isatty():
+            return []
+        import select
+
+        lines = []
+        while select.select([sys.stdin], [], [], 0.05)[0]:
+            try:
+                lines.append(input(""))
+            except EOFError:
+                break
+        return lines
 
     def run(self) -> None:
         self.info(f"llamba chat with {self.session.llm.model_path.name}: /help for commands, Ctrl-D to leave")
