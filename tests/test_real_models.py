@@ -70,3 +70,17 @@ def test_free_running_greedy_starts_like_llama_cpp(loaded):
         logits = model.forward([generated[-1]], pos, cache)
         pos += 1
     assert generated == case["greedy64"][:12]
+
+
+LLAMA_CPP_PERPLEXITY = {"smollm2-135m": 18.3914, "gemma3-270m": 13.9062}  # llama-perplexity -c 512 on gpl-3.txt
+
+
+def test_perplexity_within_one_percent_of_llama_cpp(loaded, reference_dir):
+    from llamba.runtime.perplexity import perplexity
+    from llamba.runtime.tokenizer import Tokenizer
+
+    name, model, _, _ = loaded
+    text = (reference_dir / "gpl-3.txt").read_text(encoding="utf-8")
+    result = perplexity(model, Tokenizer(model.gguf.metadata), KVCache.for_model(model.hp, 512), text, 512)
+    assert result.chunks == 14
+    assert abs(result.ppl / LLAMA_CPP_PERPLEXITY[name] - 1) < 0.01, result.ppl

@@ -23,7 +23,8 @@ HELP = """commands:
   /load FILE            load a saved conversation
   /regen                answer the last message again
   /stats                show or hide the line of statistics after each answer
-input: type and press Enter; a line of three double quotes starts and ends a multi-line block;
+input: type and press Enter (a pasted block of lines is one message); a line of three double quotes starts
+and ends a multi-line block;
 a line ending in a backslash continues on the next; Ctrl-C stops an answer."""
 
 
