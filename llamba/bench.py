@@ -59,8 +59,7 @@ class LlamaCppRunner:
                             verbose=False, logits_all=False)
 
     def prompt(self, ids: list[int]) -> None:
-        self.llm.reset()
-        self.llm._ctx.memory_clear(True) if hasattr(self.llm._ctx, "memory_clear") else None
+        self.llm.reset()  # n_past back to 0: eval overwrites the cache from the start
         self.llm.eval(ids)
 
     def generate(self, ids: list[int]) -> None:

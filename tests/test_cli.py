@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import load_reference
 
 
-def llamba(*args, stdin: str | None = None, env_home=None):
+def llamba(*args, stdin: str | None = None):
     return subprocess.run([sys.executable, "-m", "llamba", *map(str, args)], capture_output=True, text=True,
                           input=stdin, timeout=600)
 
