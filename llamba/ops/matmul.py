@@ -11,12 +11,10 @@ any hand loop once a few tokens share each weight tile.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numba
 import numpy as np
 
-from .jit import as_f32, kernel
+from .jit import as_f32, kernel, run_split
 from .repack import CHUNK, LaneMatrix
 
 TILE_BYTES = 1 << 20  # float32 weight tile dequantized for prefill (1 MiB: L2-sized, measured best)
@@ -195,14 +193,7 @@ def matmul(x: np.ndarray, w: LaneMatrix, out: np.ndarray | None = None) -> np.nd
         for t in range(n_tokens):
             matvec(out[t], w, x[t])
         return out
-    n_chunks = w.codes.shape[0]
-    n_workers = min(numba.get_num_threads(), n_chunks)
-    bounds = np.linspace(0, n_chunks, n_workers + 1).astype(int)
-    jobs = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if len(jobs) == 1:
-        _tiles_times_x(x, w, out, *jobs[0])
-    else:
-        list(_pool(len(jobs)).map(lambda job: _tiles_times_x(x, w, out, *job), jobs))
+    run_split(lambda first, stop: _tiles_times_x(x, w, out, first, stop), w.codes.shape[0])
     return out
 
 
@@ -216,15 +207,6 @@ def _tiles_times_x(x: np.ndarray, w: LaneMatrix, out: np.ndarray, first: int, st
         r0 = c0 * CHUNK
         n = min(k * CHUNK, w.n_rows - r0)
         out[:, r0 : r0 + n] = (x @ tile)[:, :n]
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    if n not in _POOLS:
-        _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="llamba-tiles")
-    return _POOLS[n]
 
 
 @kernel
