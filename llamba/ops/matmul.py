@@ -137,8 +137,10 @@ def dequant_tile_u4(tile, codes, scale, offset, c0):
                 q = codes[c, b, j]
                 lo_row, hi_row = tile[b * 32 + j, at : at + CHUNK], tile[b * 32 + 16 + j, at : at + CHUNK]
                 for i in range(CHUNK):
-                    lo_row[i] = s[i] * np.float32(q[i] & np.uint8(15)) + o[i]
-                    hi_row[i] = s[i] * np.float32(q[i] >> np.uint8(4)) + o[i]
+                    both = np.float32(q[i])  # nibbles split in float, as in matvec_u4
+                    high = np.floor(both * _SIXTEENTH)
+                    lo_row[i] = s[i] * (both - high * _SIXTEEN) + o[i]
+                    hi_row[i] = s[i] * high + o[i]
 
 
 @kernel
