@@ -31,7 +31,7 @@ from .store import resolve_model
 
 DEFAULT_CTX = 4096
 
-_SAMPLING_KEYS = {f for f in SamplingParams.__dataclass_fields__}
+_SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
 
 
 class Llama:
@@ -43,7 +43,6 @@ class Llama:
         self.n_threads = set_threads(n_threads)
         say = on_status or (lambda message: None)
         self.model_path = Path(resolve_model(model, say=say))
-        started = time.perf_counter()
         self.model = load_transformer(self.model_path)
         self.tokenizer = Tokenizer(self.model.gguf.metadata, str(self.model_path))
         self.template = load_chat_template(self.model.gguf.metadata, self.tokenizer.tokens, self.tokenizer.token_to_id,
@@ -55,7 +54,6 @@ class Llama:
             raise LlambaError(f"context size {self.n_ctx} is too small")
         self.cache = KVCache.for_model(hp, self.n_ctx, kv_type)
         self._tokens: list[int] = []  # what the cache holds, position by position
-        self.load_seconds = time.perf_counter() - started
         self.last_stats = GenerationStats()
 
     def warm_up(self) -> None:
@@ -138,7 +136,7 @@ class Llama:
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         stops = [stop] if isinstance(stop, str) else stop
         steps = self.stream_tokens(ids, max_tokens=max_tokens, stop=stops, **sampling)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": str(self.model_path)}
+        meta = self._meta("cmpl")
         if stream:
             return self._completion_chunks(steps, meta)
         text = "".join(step.text for step in steps)
@@ -160,7 +158,7 @@ class Llama:
         ids = self.chat_prompt_ids(messages)
         stops = [stop] if isinstance(stop, str) else stop
         steps = self.stream_tokens(ids, max_tokens=self.n_ctx if max_tokens is None else max_tokens, stop=stops, **sampling)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": str(self.model_path)}
+        meta = self._meta("chatcmpl")
         if stream:
             return self._chat_chunks(steps, meta)
         text = "".join(step.text for step in steps)
@@ -176,6 +174,9 @@ class Llama:
             if step.text:
                 yield {**chunk, "choices": [{"index": 0, "delta": {"content": step.text}, "finish_reason": None}]}
         yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": self._finish()}]}
+
+    def _meta(self, kind: str) -> dict:
+        return {"id": f"{kind}-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": str(self.model_path)}
 
     def _finish(self) -> str:
         reason = self.last_stats.finish_reason

@@ -86,7 +86,7 @@ class ChatSession:
         s = self.settings
         pieces: list[str] = []
         try:
-            for step in self.llm.stream_tokens(ids, max_tokens=s.max_tokens, sampler=None, **asdict(s.sampling)):
+            for step in self.llm.stream_tokens(ids, max_tokens=s.max_tokens, **asdict(s.sampling)):
                 pieces.append(step.text)
                 yield step
         finally:

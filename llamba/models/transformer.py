@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import LlambaError, UnsupportedError
 from ..formats.gguf import GGUFFile
+from ..formats.quants import dequantize
 from ..ops.activations import geglu_tanh, softcap, swiglu
 from ..ops.attention import attention
 from ..ops.matmul import gather_rows, matmul
@@ -99,8 +100,6 @@ class Transformer:
     def _vector(self, name: str) -> np.ndarray:
         t = self._tensor(name)
         if t.type.name != "F32":
-            from ..formats.quants import dequantize
-
             return dequantize(t.data, t.type).reshape(-1)
         return np.ascontiguousarray(t.data, dtype=np.float32).reshape(-1)
 

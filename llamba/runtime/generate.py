@@ -110,8 +110,7 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
         history.append(token)
         if token in tokenizer.eog_ids:
             stats.finish_reason = "stop"
-            tail = stopper.feed(detok.flush())[0] + stopper.flush()
-            yield Step(token, tail)
+            yield Step(token, _remaining_text(detok, stopper))
             break
         text, stopped = stopper.feed(detok.push(token))
         if stopped:
@@ -128,7 +127,12 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
         pos += 1
         stats.generate_seconds = time.perf_counter() - t0
     if stats.finish_reason in ("length", "context"):
-        tail = stopper.feed(detok.flush())[0] + stopper.flush()
+        tail = _remaining_text(detok, stopper)
         if tail:
             yield Step(-1, tail)
     stats.generate_seconds = time.perf_counter() - t0
+
+
+def _remaining_text(detok, stopper: StopFilter) -> str:
+    """What the detokenizer and the stop filter still hold when generation ends (cut at a stop string)."""
+    return stopper.feed(detok.flush())[0] + stopper.flush()

@@ -338,18 +338,12 @@ class Tokenizer:
 
     def decode(self, ids, special: bool = False) -> str:
         """Text of ids; special shows control tokens' text. Invalid UTF-8 becomes U+FFFD."""
-        data = b"".join(self.piece_bytes(int(i), special) for i in ids)
-        if self.model == "llama" and self.add_space_prefix and data.startswith(b" ") and self._starts_plain(ids):
-            data = data[1:]  # the prefix space SPM added when encoding
-        return data.decode("utf-8", errors="replace")
+        stream = self.streamer(special)
+        return "".join(stream.push(int(i)) for i in ids) + stream.flush()
 
-    def _starts_plain(self, ids) -> bool:
-        for i in ids:
-            if self.token_type[int(i)] == NORMAL or self.token_type[int(i)] == BYTE:
-                return True
-            if i != self.bos_id:
-                return False
-        return False
+    def adds_prefix_space(self, token_id: int) -> bool:
+        """Whether a leading space of this token, first in a text, is the one SPM added when encoding."""
+        return self.model == "llama" and self.add_space_prefix and self.token_type[token_id] in (NORMAL, BYTE)
 
     def streamer(self, special: bool = False) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self, special)
@@ -367,10 +361,9 @@ class StreamingDetokenizer:
     def push(self, token_id: int) -> str:
         """Add a token; returns the text that is now complete (possibly '')."""
         data = self.tokenizer.piece_bytes(token_id, self.special)
-        tok = self.tokenizer
         if self._first and data:
             self._first = False
-            if tok.model == "llama" and tok.add_space_prefix and data.startswith(b" ") and tok.token_type[token_id] == NORMAL:
+            if data.startswith(b" ") and self.tokenizer.adds_prefix_space(token_id):
                 data = data[1:]
         self._pending += data
         return self._take_complete()
