@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import LlambaError
 from .models import load_transformer
-from .ops.jit import set_threads
+from .ops.jit import release_compiler_pages, set_threads
 from .runtime.chat_template import load_chat_template, turn_terminator
 from .runtime.generate import GenerationStats, Step, generate_steps
 from .runtime.kv_cache import KVCache
@@ -55,12 +55,15 @@ class Llama:
         self.cache = KVCache.for_model(hp, self.n_ctx, kv_type)
         self._tokens: list[int] = []  # what the cache holds, position by position
         self.last_stats = GenerationStats()
+        self.warm_up()
 
     def warm_up(self) -> None:
-        """Run the kernels once on a scratch cache, so compilation (first run only) happens now."""
-        scratch = KVCache.for_model(self.model.hp, 8)
+        """Run the kernels once on a scratch cache, so compilation (first run only) happens now, then
+        release the compiler's pages: nothing later needs them."""
+        scratch = KVCache.for_model(self.model.hp, 8, self.cache.kv_type)
         self.model.forward([0, 0, 0], 0, scratch)  # the prefill path
         self.model.forward([0], 3, scratch)  # the decode path
+        release_compiler_pages()
 
     # ------------------------------------------------------------------------------------- tokens
 

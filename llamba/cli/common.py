@@ -79,8 +79,7 @@ def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_
     fresh = not kernels_compiled()
     with _Progress("compiling kernels, first run only", enabled=fresh and not quiet) as progress:
         llm = Llama(model, n_ctx=ctx_size, n_threads=threads, chat_template=chat_template, kv_type=kv_type,
-                    on_status=say)
-        llm.warm_up()  # compiles on the first run; later it loads the cached kernels now, not at the first answer
+                    on_status=say)  # compiles the kernels on the first run
     if fresh:
         say(f"kernels compiled in {progress.elapsed:.1f} s")
     return llm

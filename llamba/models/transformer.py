@@ -101,7 +101,8 @@ class Transformer:
         t = self._tensor(name)
         if t.type.name != "F32":
             return dequantize(t.data, t.type).reshape(-1)
-        return np.ascontiguousarray(t.data, dtype=np.float32).reshape(-1)
+        # a copy, not a view: the file's pages are released after loading and a view would fault them back
+        return np.array(t.data, dtype=np.float32).reshape(-1)
 
     def _optional_vector(self, name: str) -> np.ndarray | None:
         return self._vector(name) if name in self.gguf.tensors else None

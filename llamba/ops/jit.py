@@ -114,3 +114,27 @@ def run_split(fn, n: int, min_per_worker: int = 1) -> None:
     futures = [_POOLS[workers].submit(fn, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     for f in futures:
         f.result()
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (clean file pages are dropped, re-read if touched)
+
+
+def release_compiler_pages() -> None:
+    """Page out LLVM's machine code once every kernel is loaded.
+
+    libllvmlite is about 70 MB of code that only compiling and linking kernels runs; once the kernels are in
+    memory, calling them never touches it. Its pages are clean and file-backed, so the kernel drops them
+    (what it would do under memory pressure anyway) and reads them back should a new kernel ever compile.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        with open("/proc/self/maps") as maps:
+            regions = [line.split()[0] for line in maps if "llvmlite" in line]
+    except OSError:  # not Linux/glibc: nothing to do
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for region in regions:
+        start, stop = (int(bound, 16) for bound in region.split("-"))
+        libc.madvise(start, stop - start, _MADV_PAGEOUT)  # a hint: an old kernel's EINVAL changes nothing

@@ -116,7 +116,7 @@ class Tokenizer:
         specials.sort(key=lambda i: -len(tokens[i]))
         self._specials = [(tokens[i], i, self.token_type[i] == USER_DEFINED) for i in specials if tokens[i]]
         self.eog_ids = self._end_of_generation_ids()
-        self._pieces: list[bytes] | None = None
+        self._pieces: dict[int, bytes] = {}  # filled as tokens are decoded: a whole-vocabulary table costs MBs
 
     # ---------------------------------------------------------------------------------------- setup
 
@@ -314,13 +314,14 @@ class Tokenizer:
 
     def piece_bytes(self, token_id: int, special: bool = True) -> bytes:
         """The bytes a token stands for; control tokens give b'' unless special."""
-        if self._pieces is None:
-            self._pieces = [self._piece(i) for i in range(self.n_vocab)]
         if not 0 <= token_id < self.n_vocab:
             raise LlambaError(f"token id {token_id} is out of range 0..{self.n_vocab - 1}")
         if not special and self.token_type[token_id] in (CONTROL, UNKNOWN):
             return b""
-        return self._pieces[token_id]
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self._piece(token_id)
+        return piece
 
     def _piece(self, i: int) -> bytes:
         text, kind = self.tokens[i], self.token_type[i]
