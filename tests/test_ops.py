@@ -116,13 +116,13 @@ def _attention_reference(q, k, v, start, scale, window, softcap):
     return out
 
 
-@pytest.mark.parametrize("n", [4, 12])  # the decode kernel and the BLAS prefill path
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0)])
+@pytest.mark.parametrize("n", [4, 12, 70])  # the decode kernel, one BLAS query block, three (the last partial)
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (40, 0.0), (0, 30.0)])
 def test_attention(n, window, softcap):
     n_head, n_kv, hd, start = 6, 2, 32, 9
     q = RNG.standard_normal((n, n_head, hd)).astype(np.float32)
-    k = RNG.standard_normal((n_kv, 32, hd)).astype(np.float32)
-    v = RNG.standard_normal((n_kv, 32, hd)).astype(np.float32)
+    k = RNG.standard_normal((n_kv, 96, hd)).astype(np.float32)
+    v = RNG.standard_normal((n_kv, 96, hd)).astype(np.float32)
     out = np.empty_like(q)
     attention(out, q, k, v, start, np.float32(0.3), window, np.float32(softcap))
     expected = _attention_reference(q.astype(np.float64), k, v, start, 0.3, window, softcap)

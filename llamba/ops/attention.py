@@ -1,7 +1,7 @@
 """Attention of new queries over the KV cache: grouped heads, causal and sliding-window masks, soft-capping.
 
-Decoding (a few queries) runs a Numba kernel, parallel over heads. Prefill runs per KV head through BLAS:
-scores = Q K^T for all the group's queries at once, masked, softmaxed, times V.
+Decoding (a few queries) runs a Numba kernel, parallel over heads. Prefill runs blocks of queries, per KV head,
+through BLAS: scores = Q K^T for all the group's queries at once, masked, softmaxed, times V.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 from .jit import as_f32, kernel
 
 PREFILL_QUERIES = 8  # from this many new tokens on, the BLAS path is faster
+QUERY_BLOCK = 32  # prefill queries per BLAS call: a block skips the keys none of its queries can see
 
 
 @kernel(parallel=True)
@@ -58,21 +59,31 @@ def attention_decode(out, q, k_cache, v_cache, start_pos, scale, window, softcap
 
 def attention(out, q, k_cache, v_cache, start_pos: int, scale, window: int, softcap) -> np.ndarray:
     """out [n_tokens, n_head, head_dim]: see attention_decode for the contract."""
-    n_tokens, n_head, head_dim = q.shape
+    n_tokens = q.shape[0]
     if n_tokens < PREFILL_QUERIES:
         attention_decode(out, q, k_cache, v_cache, start_pos, scale, window, softcap)
         return out
+    for t0 in range(0, n_tokens, QUERY_BLOCK):
+        t1 = min(n_tokens, t0 + QUERY_BLOCK)
+        _attend_block(out, q, k_cache, v_cache, start_pos, t0, t1, scale, window, softcap)
+    return out
+
+
+def _attend_block(out, q, k_cache, v_cache, start_pos: int, t0: int, t1: int, scale, window: int, softcap) -> None:
+    """Queries t0..t1 through BLAS, per KV head: scores = Q K^T over only the keys some query of the block
+    sees (causal: none after its last position; sliding window: none before its first query's window)."""
     n_kv = k_cache.shape[0]
-    group = n_head // n_kv
-    n_keys = start_pos + n_tokens
-    q_pos = np.arange(start_pos, n_keys)[:, None]
-    k_pos = np.arange(n_keys)[None, :]
+    group = q.shape[1] // n_kv
+    q_pos = np.arange(start_pos + t0, start_pos + t1)[:, None]
+    first_key = max(0, start_pos + t0 - window + 1) if window > 0 else 0
+    k_pos = np.arange(first_key, start_pos + t1)[None, :]
     hidden = k_pos > q_pos
     if window > 0:
         hidden |= q_pos - k_pos >= window
+    keys = slice(first_key, start_pos + t1)
     for kv in range(n_kv):
-        queries = q[:, kv * group : (kv + 1) * group].transpose(1, 0, 2)  # [group, n_tokens, head_dim]
-        scores = queries @ _floats(k_cache[kv, :n_keys]).T  # [group, n_tokens, n_keys]
+        queries = q[t0:t1, kv * group : (kv + 1) * group].transpose(1, 0, 2)  # [group, block, head_dim]
+        scores = queries @ _floats(k_cache[kv, keys]).T  # [group, block, n_keys]
         scores *= np.float32(scale)
         if softcap > 0:
             scores /= np.float32(softcap)
@@ -82,8 +93,7 @@ def attention(out, q, k_cache, v_cache, start_pos: int, scale, window: int, soft
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out[:, kv * group : (kv + 1) * group] = (scores @ _floats(v_cache[kv, :n_keys])).transpose(1, 0, 2)
-    return out
+        out[t0:t1, kv * group : (kv + 1) * group] = (scores @ _floats(v_cache[kv, keys])).transpose(1, 0, 2)
 
 
 def _floats(cached: np.ndarray) -> np.ndarray:
