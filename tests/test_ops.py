@@ -38,14 +38,18 @@ def test_repack_is_exact(type_name):
 
 @pytest.mark.parametrize("type_name", SUPPORTED)
 def test_matvec_matmul_and_rows(type_name):
-    raw, w = _random_matrix(type_name, 200, 512)
-    lanes = to_lanes(raw, ggml_type(type_name), 512)
-    x = RNG.standard_normal((7, 512)).astype(np.float32)
-    expected = x.astype(np.float64) @ w.T.astype(np.float64)  # [7, 200]
-    tol = 1e-5 * np.abs(w).max() * np.abs(x).max() * 512
+    n_cols = 1280  # three blocks of inputs in the prefill kernel
+    raw, w = _random_matrix(type_name, 200, n_cols)
+    lanes = to_lanes(raw, ggml_type(type_name), n_cols)
+    x = RNG.standard_normal((19, n_cols)).astype(np.float32)  # two blocks of 8 tokens and 3 more
+    expected = x.astype(np.float64) @ w.T.astype(np.float64)  # [19, 200]
+    tol = 1e-5 * np.abs(w).max() * np.abs(x).max() * n_cols
     out = np.empty(200, np.float32)
     assert np.abs(matvec(out, lanes, x[0]) - expected[0]).max() < tol
-    assert np.abs(matmul(x, lanes) - expected).max() < tol  # the tile + BLAS path
+    assert np.abs(matmul(x, lanes) - expected).max() < tol  # the prefill kernel
+    into = np.zeros((19, 300), np.float32)
+    matmul(x, lanes, out=into[:, 50:250])  # into a strided view, as the fused projections do
+    assert np.abs(into[:, 50:250] - expected).max() < tol and not into[:, :50].any()
     assert np.abs(matmul(x[:2], lanes) - expected[:2]).max() < tol  # the per-token path
     rows = np.array([0, 199, 63, 64])
     assert np.array_equal(gather_rows(lanes, rows), w[rows])

@@ -96,26 +96,6 @@ def _as_f32_overload(x):
     return lambda x: np.float32(x)
 
 
-_POOLS: dict = {}
-
-
-def run_split(fn, n: int, min_per_worker: int = 1) -> None:
-    """fn(start, stop) over range(n) cut into contiguous parts, one per kernel thread, run in parallel Python
-    threads (the work inside must release the GIL: NumPy/BLAS calls and nogil kernels do)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    workers = max(1, min(numba.get_num_threads(), n // max(1, min_per_worker)))
-    if workers == 1:
-        fn(0, n)
-        return
-    bounds = np.linspace(0, n, workers + 1).astype(int)
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llamba")
-    futures = [_POOLS[workers].submit(fn, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    for f in futures:
-        f.result()
-
-
 _MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (clean file pages are dropped, re-read if touched)
 
 
