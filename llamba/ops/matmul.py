@@ -16,7 +16,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .jit import FASTMATH, as_f32, kernel
+from .jit import as_f32, kernel
 from .repack import CHUNK, LaneMatrix
 
 _SIXTEEN, _SIXTEENTH = np.float32(16.0), np.float32(1.0 / 16.0)
@@ -188,7 +188,7 @@ def _add_column(acc, t, r, s0, s1, s2, s3, s4, s5, s6, s7):
     acc[t + 7, r] += s7
 
 
-@numba.njit(inline="always", fastmath=set(FASTMATH), cache=True)
+@kernel
 def _chunk_times_x(out, x, w, r0):
     """out[t, r0 + r] = x[t] . w[r] for one chunk's float rows w [CHUNK, n_cols] (rows past out's end skipped).
 
