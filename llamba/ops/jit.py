@@ -26,7 +26,10 @@ def kernel(fn=None, *, parallel: bool = False):
 
 
 def set_threads(n: int | None) -> int:
-    """Use n threads for kernels and BLAS (default: every core); returns the count in force."""
+    """Use n threads for the kernels (default: every core); returns the count in force.
+
+    BLAS stays on one thread: it only runs prefill attention's small products, where its threads would spin
+    against Numba's and cost more than they give."""
     n = n or os.cpu_count() or 1
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
