@@ -46,6 +46,11 @@ class KVCache:
         self.n_past = max(0, min(n, self.n_past))
 
     @property
+    def nbytes(self) -> int:
+        """The whole cache, every position of the context (pages of unused positions are never touched)."""
+        return sum(a.nbytes for a in self.k + self.v)
+
+    @property
     def nbytes_used(self) -> int:
         per_pos = sum(a.shape[0] * a.shape[2] * a.itemsize for a in self.k + self.v)
         return per_pos * self.n_past
