@@ -246,7 +246,9 @@ def _chunk_times_x(out, x, w, r0):
                     s += x[t, k] * w[r, k]
                 acc[t, r] += s
     n = min(CHUNK, out.shape[1] - r0)
-    out[:, r0 : r0 + n] = acc[:, :n]
+    for t in range(n_tokens):  # a loop, not a slice assignment: Numba's broadcast-error path compiles for 8 s
+        for r in range(n):
+            out[t, r0 + r] = acc[t, r]
 
 
 @kernel(parallel=True)
