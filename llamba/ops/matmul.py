@@ -129,36 +129,31 @@ def _block_scales(scale, offset, c, b):
 
 
 @kernel
-def dequant_tile_u4(tile, codes, scale, offset, c0):
-    """tile[k, r] = W[c0*CHUNK + r, k] for 4-bit lanes weights (tile [n_cols, n_tile_chunks*CHUNK])."""
-    n_blocks = codes.shape[1]
-    for t in range(tile.shape[1] // CHUNK):
-        c, at = c0 + t, t * CHUNK
-        for b in range(n_blocks):
-            s, o = _block_scales(scale, offset, c, b)
-            for j in range(16):
-                q = codes[c, b, j]
-                lo_row, hi_row = tile[b * 32 + j, at : at + CHUNK], tile[b * 32 + 16 + j, at : at + CHUNK]
-                for i in range(CHUNK):
-                    both = np.float32(q[i])  # nibbles split in float, as in matvec_u4
-                    high = np.floor(both * _SIXTEENTH)
-                    lo_row[i] = s[i] * (both - high * _SIXTEEN) + o[i]
-                    hi_row[i] = s[i] * high + o[i]
+def dequant_chunk_u4(tile, codes, scale, offset, c):
+    """tile[k, r] = W[c*CHUNK + r, k] for 4-bit lanes weights (tile [n_cols, CHUNK])."""
+    for b in range(codes.shape[1]):
+        s, o = _block_scales(scale, offset, c, b)
+        for j in range(16):
+            q = codes[c, b, j]
+            lo_row, hi_row = tile[b * 32 + j], tile[b * 32 + 16 + j]
+            for i in range(CHUNK):
+                both = np.float32(q[i])  # nibbles split in float, as in matvec_u4
+                high = np.floor(both * _SIXTEENTH)
+                lo_row[i] = s[i] * (both - high * _SIXTEEN) + o[i]
+                hi_row[i] = s[i] * high + o[i]
 
 
 @kernel
-def dequant_tile_q8(tile, codes, scale, offset, c0):
-    """tile[k, r] = W[c0*CHUNK + r, k] for one-code-per-byte lanes weights."""
-    n_blocks, group = codes.shape[1], codes.shape[2]
-    for t in range(tile.shape[1] // CHUNK):
-        c, at = c0 + t, t * CHUNK
-        for b in range(n_blocks):
-            s, o = _block_scales(scale, offset, c, b)
-            for j in range(group):
-                q = codes[c, b, j]
-                row = tile[b * group + j, at : at + CHUNK]
-                for i in range(CHUNK):
-                    row[i] = s[i] * np.float32(q[i]) + o[i]
+def dequant_chunk_q8(tile, codes, scale, offset, c):
+    """tile[k, r] = W[c*CHUNK + r, k] for one-code-per-byte lanes weights (tile [n_cols, CHUNK])."""
+    group = codes.shape[2]
+    for b in range(codes.shape[1]):
+        s, o = _block_scales(scale, offset, c, b)
+        for j in range(group):
+            q = codes[c, b, j]
+            row = tile[b * group + j]
+            for i in range(CHUNK):
+                row[i] = s[i] * np.float32(q[i]) + o[i]
 
 
 def matvec(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> np.ndarray:
@@ -258,7 +253,7 @@ def matmul_u4(out, x, codes, scale, offset):
     """out = x @ W.T for 4-bit lanes weights: each thread dequantizes a chunk's rows, then multiplies."""
     for c in numba.prange(codes.shape[0]):
         tile = np.empty((x.shape[1], CHUNK), np.float32)
-        dequant_tile_u4(tile, codes, scale, offset, c)
+        dequant_chunk_u4(tile, codes, scale, offset, c)
         _chunk_times_x(out, x, np.ascontiguousarray(tile.T), c * CHUNK)
 
 
@@ -266,7 +261,7 @@ def matmul_u4(out, x, codes, scale, offset):
 def matmul_q8(out, x, codes, scale, offset):
     for c in numba.prange(codes.shape[0]):
         tile = np.empty((x.shape[1], CHUNK), np.float32)
-        dequant_tile_q8(tile, codes, scale, offset, c)
+        dequant_chunk_q8(tile, codes, scale, offset, c)
         _chunk_times_x(out, x, np.ascontiguousarray(tile.T), c * CHUNK)
 
 
