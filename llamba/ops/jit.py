@@ -112,7 +112,7 @@ def release_compiler_pages() -> None:
     import ctypes
 
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = ctypes.CDLL("libc.so.6")
         with open("/proc/self/maps") as maps:
             regions = [line.split()[0] for line in maps if "llvmlite" in line]
     except OSError:  # not Linux/glibc: nothing to do
