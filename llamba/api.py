@@ -61,8 +61,8 @@ class Llama:
         """Run the kernels once on a scratch cache, so compilation (first run only) happens now, then
         release the compiler's pages: nothing later needs them."""
         scratch = KVCache.for_model(self.model.hp, 8, self.cache.kv_type)
-        self.model.forward([0, 0, 0], 0, scratch)  # the prefill path
-        self.model.forward([0], 3, scratch)  # the decode path
+        self.model.forward_tokens([0, 0, 0], 0, scratch)  # the prefill path
+        self.model.forward_tokens([0], 3, scratch)  # the decode path
         release_compiler_pages()
 
     # ------------------------------------------------------------------------------------- tokens
@@ -89,7 +89,7 @@ class Llama:
     def logits(self, ids: list[int], all_positions: bool = False) -> np.ndarray:
         """Logits for ids evaluated from position 0 on a fresh cache (the cache is reset)."""
         self.reset()
-        out = self.model.forward(ids, 0, self.cache, all_logits=all_positions)
+        out = self.model.forward_tokens(ids, 0, self.cache, all_logits=all_positions)
         self._tokens = list(ids)
         return out
 

@@ -41,12 +41,12 @@ class LlambaRunner:
 
     def prompt(self, ids: list[int]) -> None:
         self.cache.trim(0)
-        self.model.forward(ids, 0, self.cache)
+        self.model.forward_tokens(ids, 0, self.cache)
 
     def generate(self, ids: list[int]) -> None:
         self.cache.trim(0)
         for pos, token in enumerate(ids):
-            self.model.forward([token], pos, self.cache)
+            self.model.forward_tokens([token], pos, self.cache)
 
 
 class LlamaCppRunner:

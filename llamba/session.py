@@ -137,8 +137,9 @@ class ChatSession:
         return path
 
     def _save_kv(self, path: Path) -> None:
-        cache, n = self.llm.cache, self.llm.cache.n_past
-        arrays = {f"k{i}": k[:, :n] for i, k in enumerate(cache.k)} | {f"v{i}": v[:, :n] for i, v in enumerate(cache.v)}
+        keys, values = self.llm.cache.read_seq(0)
+        n = keys[0].shape[1]
+        arrays = {f"k{i}": k for i, k in enumerate(keys)} | {f"v{i}": v for i, v in enumerate(values)}
         np.savez(path, tokens=np.asarray(self.llm._tokens[:n], dtype=np.int64), **arrays)
 
     def load(self, path: str | Path) -> None:
@@ -174,8 +175,6 @@ class ChatSession:
                 if kv[f"k{i}"].shape != cache.k[i][:, : len(tokens)].shape:
                     self.notify("the saved KV cache does not fit this model; it will be recomputed")
                     return
-            for i in range(len(cache.k)):
-                cache.k[i][:, : len(tokens)] = kv[f"k{i}"]
-                cache.v[i][:, : len(tokens)] = kv[f"v{i}"]
-        cache.n_past = len(tokens)
+            n = range(len(cache.k))
+            cache.write_seq(0, [kv[f"k{i}"] for i in n], [kv[f"v{i}"] for i in n])
         self.llm._tokens = tokens

@@ -24,7 +24,7 @@ def _greedy_ids(llm, prompt_ids, n):
     out, pos = [], len(prompt_ids)
     for _ in range(n):
         out.append(int(np.argmax(logits)))
-        logits = llm.model.forward([out[-1]], pos, llm.cache)
+        logits = llm.model.forward_tokens([out[-1]], pos, llm.cache)
         pos += 1
     llm.reset()
     return out

@@ -30,32 +30,32 @@ def _relative_error(ours: np.ndarray, expected: np.ndarray) -> float:
 
 def test_forward_matches_reference(tiny):
     model, reference = tiny
-    logits = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64), all_logits=True)
+    logits = model.forward_tokens(TOKENS, 0, KVCache.for_model(model.hp, 64), all_logits=True)
     assert logits.shape == (len(TOKENS), 300)
     assert _relative_error(logits, reference.forward(TOKENS)) < 1e-4
 
 
 def test_prefill_equals_single_steps(tiny):
     model, _ = tiny
-    batch = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64), all_logits=True)
+    batch = model.forward_tokens(TOKENS, 0, KVCache.for_model(model.hp, 64), all_logits=True)
     cache = KVCache.for_model(model.hp, 64)
-    steps = np.stack([model.forward([t], i, cache) for i, t in enumerate(TOKENS)])
+    steps = np.stack([model.forward_tokens([t], i, cache) for i, t in enumerate(TOKENS)])
     assert _relative_error(steps, batch) < 1e-5
 
 
 def test_prefill_in_pieces_continues_the_cache(tiny):
     model, _ = tiny
-    whole = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64))
+    whole = model.forward_tokens(TOKENS, 0, KVCache.for_model(model.hp, 64))
     cache = KVCache.for_model(model.hp, 64)
-    model.forward(TOKENS[:4], 0, cache)
-    model.forward(TOKENS[4:7], 4, cache)
-    assert _relative_error(model.forward(TOKENS[7:], 7, cache), whole) < 1e-5
+    model.forward_tokens(TOKENS[:4], 0, cache)
+    model.forward_tokens(TOKENS[4:7], 4, cache)
+    assert _relative_error(model.forward_tokens(TOKENS[7:], 7, cache), whole) < 1e-5
 
 
 def test_context_overflow_is_a_clear_error(tiny):
     model, _ = tiny
     with pytest.raises(Exception, match="context is full"):
-        model.forward(TOKENS, 0, KVCache.for_model(model.hp, 8))
+        model.forward_tokens(TOKENS, 0, KVCache.for_model(model.hp, 8))
 
 
 @pytest.mark.parametrize("types", [
@@ -65,7 +65,7 @@ def test_context_overflow_is_a_clear_error(tiny):
 def test_every_weight_type_through_a_model(tmp_path, types):
     path = write_tiny_model(tmp_path / "mixed.gguf", "llama", types=types)
     model, reference = load_transformer(path), ReferenceModel(open_gguf(path))
-    logits = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64), all_logits=True)
+    logits = model.forward_tokens(TOKENS, 0, KVCache.for_model(model.hp, 64), all_logits=True)
     assert _relative_error(logits, reference.forward(TOKENS)) < 1e-4
 
 
@@ -85,11 +85,11 @@ def test_float16_kv_cache_stays_close(tiny):
     expected = reference.forward(TOKENS)
     for n_prefill in (len(TOKENS), 3):  # the BLAS prefill path, and decode steps over a half-float cache
         cache = KVCache.for_model(model.hp, 64, kv_type="f16")
-        model.forward(TOKENS[:n_prefill], 0, cache)
+        model.forward_tokens(TOKENS[:n_prefill], 0, cache)
         logits = None
         for i in range(n_prefill, len(TOKENS)):
-            logits = model.forward([TOKENS[i]], i, cache)
+            logits = model.forward_tokens([TOKENS[i]], i, cache)
         if logits is None:
-            logits = model.forward(TOKENS, 0, KVCache.for_model(model.hp, 64, kv_type="f16"))
+            logits = model.forward_tokens(TOKENS, 0, KVCache.for_model(model.hp, 64, kv_type="f16"))
         assert cache.k[0].dtype == np.uint16
         assert _relative_error(logits, expected[-1]) < 5e-3

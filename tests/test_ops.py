@@ -10,8 +10,8 @@ import pytest
 from llamba.formats.ggml_types import ggml_type
 from llamba.formats.quants import dequantize
 from llamba.ops import activations
-from llamba.ops.attention import attention
-from llamba.ops.matmul import gather_rows, matmul, matvec
+from llamba.ops.attention import attention_chain, attention_listed
+from llamba.ops.matmul import SMALL_BATCH, gather_rows, matmul, matvec
 from llamba.ops.norm import rmsnorm
 from llamba.ops.repack import SUPPORTED, concat_rows, lanes_to_float, to_lanes
 from llamba.ops.rope import RopeConfig, rope_inplace, rope_tables
@@ -41,18 +41,31 @@ def test_matvec_matmul_and_rows(type_name):
     n_cols = 1280  # three blocks of inputs in the prefill kernel
     raw, w = _random_matrix(type_name, 200, n_cols)
     lanes = to_lanes(raw, ggml_type(type_name), n_cols)
-    x = RNG.standard_normal((19, n_cols)).astype(np.float32)  # two blocks of 8 tokens and 3 more
-    expected = x.astype(np.float64) @ w.T.astype(np.float64)  # [19, 200]
+    x = RNG.standard_normal((SMALL_BATCH + 11, n_cols)).astype(np.float32)  # prefill: 9 blocks of 8 tokens and 3
+    expected = x.astype(np.float64) @ w.T.astype(np.float64)  # [75, 200]
     tol = 1e-5 * np.abs(w).max() * np.abs(x).max() * n_cols
     out = np.empty(200, np.float32)
     assert np.abs(matvec(out, lanes, x[0]) - expected[0]).max() < tol
     assert np.abs(matmul(x, lanes) - expected).max() < tol  # the prefill kernel
+    assert np.abs(matmul(x[:19], lanes) - expected[:19]).max() < tol  # the batch kernel
     into = np.zeros((19, 300), np.float32)
-    matmul(x, lanes, out=into[:, 50:250])  # into a strided view, as the fused projections do
-    assert np.abs(into[:, 50:250] - expected).max() < tol and not into[:, :50].any()
-    assert np.abs(matmul(x[:2], lanes) - expected[:2]).max() < tol  # the per-token path
+    matmul(x[:19], lanes, out=into[:, 50:250])  # into a strided view, as the fused projections do
+    assert np.abs(into[:, 50:250] - expected[:19]).max() < tol and not into[:, :50].any()
     rows = np.array([0, 199, 63, 64])
     assert np.array_equal(gather_rows(lanes, rows), w[rows])
+
+
+@pytest.mark.parametrize("type_name", SUPPORTED)
+def test_batch_kernels_are_batch_invariant(type_name):
+    """A token's outputs are bit-identical alone and as any row of a batch of 2, 3, 8, 17 or 64."""
+    n_cols = 512
+    raw, _ = _random_matrix(type_name, 136, n_cols)  # a partial last chunk
+    lanes = to_lanes(raw, ggml_type(type_name), n_cols)
+    x = RNG.standard_normal((SMALL_BATCH, n_cols)).astype(np.float32)
+    alone = np.stack([matmul(x[t : t + 1], lanes)[0] for t in range(SMALL_BATCH)])
+    for k in (1, 2, 3, 8, 17, 64):
+        for start in (0, SMALL_BATCH - k):
+            assert np.array_equal(matmul(x[start : start + k], lanes), alone[start : start + k]), (k, start)
 
 
 def test_concat_rows_only_when_layouts_agree():
@@ -120,17 +133,50 @@ def _attention_reference(q, k, v, start, scale, window, softcap):
     return out
 
 
-@pytest.mark.parametrize("n", [4, 12, 70])  # the decode kernel, one BLAS query block, three (the last partial)
+def _listed(q, k, v, start, scale, window, softcap, order=None):
+    """attention_listed with each query seeing cells 0..its position (cells = positions, or a permutation)."""
+    n = q.shape[0]
+    cells = np.arange(k.shape[1]) if order is None else order
+    cell_pos = np.empty(k.shape[1], np.int64)
+    cell_pos[cells] = np.arange(k.shape[1])
+    kc, vc = np.empty_like(k), np.empty_like(v)
+    kc[:, cells], vc[:, cells] = k, v  # position p lives in cell cells[p]
+    q_pos = np.arange(start, start + n)
+    visible = np.stack([np.concatenate([cells[: p + 1], np.zeros(start + n - p - 1, np.int64)]) for p in q_pos])
+    out = np.empty_like(q)
+    attention_listed(out, q, kc, vc, visible, q_pos + 1, cell_pos, q_pos, np.float32(scale), window, np.float32(softcap))
+    return out
+
+
+@pytest.mark.parametrize("n", [4, 12, 70])  # one query block or three (the last partial) in the BLAS path
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (40, 0.0), (0, 30.0)])
 def test_attention(n, window, softcap):
     n_head, n_kv, hd, start = 6, 2, 32, 9
     q = RNG.standard_normal((n, n_head, hd)).astype(np.float32)
     k = RNG.standard_normal((n_kv, 96, hd)).astype(np.float32)
     v = RNG.standard_normal((n_kv, 96, hd)).astype(np.float32)
-    out = np.empty_like(q)
-    attention(out, q, k, v, start, np.float32(0.3), window, np.float32(softcap))
     expected = _attention_reference(q.astype(np.float64), k, v, start, 0.3, window, softcap)
+    np.testing.assert_allclose(_listed(q, k, v, start, 0.3, window, softcap), expected, rtol=1e-4, atol=1e-5)
+    keys = np.arange(start + n)
+    out = np.empty_like(q)
+    attention_chain(out, q, k, v, keys, keys, np.arange(start, start + n), np.float32(0.3), window, np.float32(softcap))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    scattered = keys[::-1].copy()  # the same keys in other cells: a gathered copy instead of a view
+    kc, vc = np.empty_like(k), np.empty_like(v)
+    kc[:, scattered], vc[:, scattered] = k[:, keys], v[:, keys]
+    attention_chain(out, q, kc, vc, scattered, keys, np.arange(start, start + n), np.float32(0.3), window,
+                    np.float32(softcap))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_listed_attention_is_independent_of_cell_placement():
+    """The same keys in other cells give bit-identical outputs: the kernel walks the list in position order."""
+    q = RNG.standard_normal((5, 4, 32)).astype(np.float32)
+    k = RNG.standard_normal((2, 40, 32)).astype(np.float32)
+    v = RNG.standard_normal((2, 40, 32)).astype(np.float32)
+    in_order = _listed(q, k, v, 20, 0.2, 7, 0.0)
+    shuffled = _listed(q, k, v, 20, 0.2, 7, 0.0, order=RNG.permutation(40))
+    assert np.array_equal(in_order, shuffled)
 
 
 def test_gated_activations():

@@ -33,7 +33,7 @@ def loaded(model_name, model_path, reference_dir):
 def test_last_position_logits(loaded):
     name, model, ref, ref_logits = loaded
     for i, case in enumerate(ref["greedy"]):
-        ours = model.forward(case["prompt_ids"], 0, KVCache.for_model(model.hp, 256))
+        ours = model.forward_tokens(case["prompt_ids"], 0, KVCache.for_model(model.hp, 256))
         expected = ref_logits[f"p{i}"]
         assert np.abs(ours - expected).max() < MAX_ABS_DIFF[name], case["prompt"]
         top20 = set(np.argsort(-ours)[:20].tolist())
@@ -48,13 +48,13 @@ def test_greedy_continuation_teacher_forced(loaded):
     steps = exact = 0
     for case in ref["greedy"]:
         cache = KVCache.for_model(model.hp, 256)
-        logits = model.forward(case["prompt_ids"], 0, cache)
+        logits = model.forward_tokens(case["prompt_ids"], 0, cache)
         pos = len(case["prompt_ids"])
         for token in case["greedy64"]:
             steps += 1
             exact += int(logits.argmax()) == token
             assert logits.max() - logits[token] < NEAR_TIE, (case["prompt"], steps)
-            logits = model.forward([token], pos, cache)
+            logits = model.forward_tokens([token], pos, cache)
             pos += 1
     assert exact >= 0.95 * steps
 
@@ -63,11 +63,11 @@ def test_free_running_greedy_starts_like_llama_cpp(loaded):
     name, model, ref, _ = loaded
     case = ref["greedy"][1] if name == "smollm2-135m" else ref["greedy"][0]
     cache = KVCache.for_model(model.hp, 256)
-    logits = model.forward(case["prompt_ids"], 0, cache)
+    logits = model.forward_tokens(case["prompt_ids"], 0, cache)
     pos, generated = len(case["prompt_ids"]), []
     for _ in range(12):
         generated.append(int(logits.argmax()))
-        logits = model.forward([generated[-1]], pos, cache)
+        logits = model.forward_tokens([generated[-1]], pos, cache)
         pos += 1
     assert generated == case["greedy64"][:12]
 

@@ -21,11 +21,12 @@ from ..errors import LlambaError, UnsupportedError
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize
 from ..ops.activations import geglu_tanh, softcap, swiglu
-from ..ops.attention import attention
-from ..ops.matmul import gather_rows, matmul
+from ..ops.attention import attention_chain, attention_listed
+from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.norm import rmsnorm
 from ..ops.repack import LaneMatrix, concat_rows, to_lanes
 from ..ops.rope import RopeConfig, rope_inplace, rope_tables
+from ..runtime.batch import Batch
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Layer:
 
 
 class Transformer:
-    """A loaded model: `forward(tokens, start_pos, cache)` returns logits for the new tokens."""
+    """A loaded model: `forward(batch, cache)` returns logits for the batch rows that want them."""
 
     def __init__(self, g: GGUFFile, hp: HParams):
         self.gguf = g
@@ -137,42 +138,82 @@ class Transformer:
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def forward(self, tokens, start_pos: int, cache, all_logits: bool = False, logits_from: int = 0) -> np.ndarray:
-        """Run `tokens` at positions start_pos.. through the model, appending their K/V to `cache`.
+    def forward(self, batch: Batch, cache) -> np.ndarray:
+        """Run a batch through the model, its K/V joining the cache; returns float32 logits [n_rows, n_vocab]
+        for the rows with want_logits, in batch order.
 
-        Returns float32 logits [n_tokens - logits_from, n_vocab] if all_logits (rows for tokens
-        logits_from.. only: the output projection is the costliest matmul of a long prefill), else [n_vocab]
-        for the last token.
+        The one path for prompts, guesses and several sequences. Up to SMALL_BATCH tokens, each token's
+        logits are bit-identical to evaluating it alone (batch-invariant kernels, attention over its own
+        visibility list); longer batches (prompts) take the faster prefill kernels.
         """
         hp = self.hp
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        n = len(tokens)
-        if n == 0:
-            raise LlambaError("forward needs at least one token")
-        if start_pos + n > cache.n_ctx:
-            raise LlambaError(f"context is full: {start_pos} + {n} tokens exceed the context of {cache.n_ctx}")
-        if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
-            raise LlambaError(f"token id out of range 0..{hp.n_vocab - 1}")
-        x = gather_rows(self.tok_embd, tokens)
-        if hp.embed_scale != 1.0:
-            x *= np.float32(hp.embed_scale)
-        positions = np.arange(start_pos, start_pos + n)
-        tables = {False: rope_tables(positions, hp.rope)}
-        if hp.rope_local is not None:
-            tables[True] = rope_tables(positions, hp.rope_local)
-        for i, layer in enumerate(self.layers):
-            local = bool(hp.swa_layers and hp.swa_layers[i])
-            cos, sin = tables[local and hp.rope_local is not None]
-            self._attention_block(x, layer, i, start_pos, cache, cos, sin, local)
-            self._ffn_block(x, layer)
-        cache.n_past = start_pos + n
-        x = x[logits_from:] if all_logits else x[-1:]
+        batch.validate(hp.n_vocab)
+        placement = cache.place(batch)
+        try:
+            x = self._layers(batch, placement, cache)
+        except BaseException:
+            cache.remove_cells(placement.cells)  # a failed pass leaves nothing behind
+            raise
+        x = x[batch.want_logits]
         h = np.empty_like(x)
         rmsnorm(h, x, self.output_norm, hp.norm_eps)
         logits = matmul(h, self.output)
         if hp.final_softcap:
             softcap(logits, hp.final_softcap)
+        return logits
+
+    def forward_tokens(self, tokens, start_pos: int, cache, all_logits: bool = False, logits_from: int = 0) -> np.ndarray:
+        """One sequence (0): tokens at positions start_pos.., replacing whatever the cache held from there.
+
+        Returns logits [n_tokens - logits_from, n_vocab] if all_logits (the output projection is the costliest
+        matmul of a long prefill, so only the rows asked for are computed), else [n_vocab] for the last token.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(tokens) == 0:
+            raise LlambaError("forward needs at least one token")
+        if start_pos + len(tokens) > cache.n_ctx:
+            raise LlambaError(f"context is full: {start_pos} + {len(tokens)} tokens exceed the context of {cache.n_ctx}")
+        cache.remove(0, start_pos)
+        batch = Batch.chain(tokens, start_pos, logits="all" if all_logits else "last")
+        batch.want_logits[:logits_from] = False
+        logits = self.forward(batch, cache)
         return logits if all_logits else logits[0]
+
+    def _layers(self, batch: Batch, placement, cache) -> np.ndarray:
+        hp = self.hp
+        x = gather_rows(self.tok_embd, batch.tokens)
+        if hp.embed_scale != 1.0:
+            x *= np.float32(hp.embed_scale)
+        tables = {False: rope_tables(batch.positions, hp.rope)}
+        if hp.rope_local is not None:
+            tables[True] = rope_tables(batch.positions, hp.rope_local)
+        attend = self._attention_over(batch, placement, cache)
+        for i, layer in enumerate(self.layers):
+            local = bool(hp.swa_layers and hp.swa_layers[i])
+            cos, sin = tables[local and hp.rope_local is not None]
+            self._attention_block(x, layer, i, placement.cells, cache, cos, sin, attend, local)
+            self._ffn_block(x, layer)
+        return x
+
+    def _attention_over(self, batch: Batch, placement, cache):
+        """attend(out, q, layer, window): the attention kernel this batch takes, its visibility worked out once
+        for all layers. Long prompts go through BLAS in blocks; everything else through the listed kernel."""
+        hp = self.hp
+        scale = np.float32(hp.attn_scale or 1.0 / math.sqrt(hp.head_dim))
+        capped = np.float32(hp.attn_softcap)
+        if len(batch) > SMALL_BATCH and placement.is_chain:
+            keys = placement.chain_keys()
+            key_pos = cache.cell_pos[keys]
+
+            def attend(out, q, i, window):
+                attention_chain(out, q, cache.k[i], cache.v[i], keys, key_pos, batch.positions, scale, window, capped)
+        else:
+            visible, counts = placement.visible_lists()
+
+            def attend(out, q, i, window):
+                attention_listed(out, q, cache.k[i], cache.v[i], visible, counts, cache.cell_pos, batch.positions,
+                                 scale, window, capped)
+        return attend
 
     def _project(self, h: np.ndarray, weights: list[LaneMatrix], width: int) -> np.ndarray:
         out = np.empty((h.shape[0], width), np.float32)
@@ -182,7 +223,7 @@ class Transformer:
             at += w.n_rows
         return out
 
-    def _attention_block(self, x, layer: Layer, i: int, start_pos: int, cache, cos, sin, local: bool) -> None:
+    def _attention_block(self, x, layer: Layer, i: int, cells, cache, cos, sin, attend, local: bool) -> None:
         hp = self.hp
         n = x.shape[0]
         h = np.empty_like(x)
@@ -199,11 +240,9 @@ class Transformer:
         neox = hp.rope.neox
         rope_inplace(q, cos, sin, neox)
         rope_inplace(k, cos, sin, neox)
-        cache.store(i, start_pos, k, v)
+        cache.store(i, cells, k, v)
         att = np.empty((n, hp.n_head, hp.head_dim), np.float32)
-        scale = hp.attn_scale or 1.0 / math.sqrt(hp.head_dim)
-        window = hp.sliding_window if local else 0
-        attention(att, q, cache.k[i], cache.v[i], start_pos, np.float32(scale), window, np.float32(hp.attn_softcap))
+        attend(att, q, i, hp.sliding_window if local else 0)
         out = matmul(att.reshape(n, hp.q_dim), layer.wo)
         if layer.attn_post_norm is not None:
             rmsnorm(out, out, layer.attn_post_norm, hp.norm_eps)

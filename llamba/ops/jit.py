@@ -10,10 +10,16 @@ import os
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+# The batch kernels must compute each output the same way whatever the batch size. Without `reassoc` LLVM keeps
+# each sum in source order, and without `contract` it fuses no multiply-add on its own (where it would, it
+# decides by context, so two loops with the same expression could round differently): the kernels call `fma`
+# where they mean one. They still vectorize across the lanes.
+EXACT_FASTMATH = FASTMATH - {"reassoc", "contract"}
 
 
 def kernel(fn=None, *, parallel: bool = False):
@@ -21,6 +27,19 @@ def kernel(fn=None, *, parallel: bool = False):
 
     def wrap(f):
         return numba.njit(cache=True, fastmath=set(FASTMATH), parallel=parallel, nogil=True)(f)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def exact_kernel(fn=None, *, parallel: bool = False, inline: bool = False):
+    """A kernel without reassociation or implicit contraction: its arithmetic is fixed by the source, so every
+    token in a batch gets the same operations in the same order (the batch invariance the decoders and the
+    server rely on). inline: a helper inlined into its caller by Numba (LLVM will not inline a large one, and
+    a call per block then costs more than its work)."""
+
+    def wrap(f):
+        return numba.njit(cache=True, fastmath=set(EXACT_FASTMATH), parallel=parallel, nogil=True,
+                          inline="always" if inline else "never")(f)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -62,7 +81,7 @@ def kernels_compiled() -> bool:
     from pathlib import Path
 
     cache_dir = Path(__file__).parent / "__pycache__"
-    return cache_dir.is_dir() and any(cache_dir.glob("matmul.matvec_u4-*.nbi"))
+    return cache_dir.is_dir() and any(cache_dir.glob("matmul.batch_u4-*.nbi"))
 
 
 @intrinsic
@@ -72,6 +91,19 @@ def _bitcast_f32(typingctx, bits):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return sig, codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c with one rounding (llvm.fma.f32): the same result wherever it is called, and it vectorizes."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = context.get_value_type(types.float32)
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
 
     return sig, codegen
 

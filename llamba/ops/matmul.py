@@ -1,9 +1,11 @@
-"""Quantized matrix-vector (decode) and matrix-matrix (prefill) products over lanes-layout weights.
+"""Quantized matrix products over lanes-layout weights: batch kernels (1..64 tokens) and prefill.
 
-Decode: each thread takes a chunk of output rows and keeps one float accumulator per row; for every input
-block it unpacks the codes of all rows in the chunk side by side (one SIMD lane per row) and multiplies by the
-broadcast input value. Per block, the sum is scaled and the offset term added with the block's input sum:
-sum_k (s*q_k + o) x_k = s * sum_k q_k x_k + o * sum_k x_k.
+Batch (decoding, verifying guesses, several sequences): each thread takes a chunk of output rows and keeps one
+float accumulator per row and token; for every input block it unpacks the codes of all rows in the chunk side
+by side (one SIMD lane per row), once for all the tokens, and multiplies by each token's broadcast inputs. Per
+block, the sum is scaled and the offset term added with the block's input sum:
+sum_k (s*q_k + o) x_k = s * sum_k q_k x_k + o * sum_k x_k. A lane's arithmetic is fixed by the source (no
+reassociation), so a token's outputs are bit-identical whatever else is in the batch.
 
 Prefill: each thread dequantizes a chunk's rows to float32 and multiplies them with all the tokens in a
 register-blocked loop (8 tokens x 2 rows per pass). It beats BLAS on the same float tiles: no tile round trip
@@ -16,102 +18,161 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .jit import as_f32, kernel
+from .jit import as_f32, exact_kernel, fma, kernel
 from .repack import CHUNK, LaneMatrix
 
 _SIXTEEN, _SIXTEENTH = np.float32(16.0), np.float32(1.0 / 16.0)
+SMALL_BATCH = 64  # up to this many tokens, the batch-invariant kernels
 
 
-@kernel
+@exact_kernel
 def _block_sums(x, group):
-    n_blocks = x.shape[0] // group
-    sums = np.empty(n_blocks, np.float32)
-    for b in range(n_blocks):
-        s = np.float32(0.0)
-        for j in range(group):
-            s += x[b * group + j]
-        sums[b] = s
+    """[n_tokens, n_blocks]: each block's input sum (for the offset term)."""
+    n_blocks = x.shape[1] // group
+    sums = np.empty((x.shape[0], n_blocks), np.float32)
+    for t in range(x.shape[0]):
+        for b in range(n_blocks):
+            s = np.float32(0.0)
+            for j in range(group):
+                s += x[t, b * group + j]
+            sums[t, b] = s
     return sums
 
 
-@kernel
+@exact_kernel
 def _store(out, c, acc):
-    """Write a chunk's accumulators to out, leaving out the padding rows past the end."""
+    """Write a chunk's accumulators [n_tokens, CHUNK] to out, leaving out the padding rows past the end."""
     lo = c * CHUNK
-    n = min(CHUNK, out.shape[0] - lo)
-    for i in range(n):
-        out[lo + i] = acc[i]
+    n = min(CHUNK, out.shape[1] - lo)
+    for t in range(out.shape[0]):
+        for i in range(n):
+            out[t, lo + i] = acc[t, i]
 
 
-@kernel
-def _add_block(acc, part, scale, offset, c, b, x_block_sum, has_offset):
-    """acc += scale * part + offset * (sum of the block's inputs), for one block of one chunk."""
+@exact_kernel
+def _add_block(acc, part, scale, offset, c, b, xsum):
+    """acc[t] += scale * part[t] + offset * (sum of token t's block inputs), for one block of one chunk."""
     s = scale[c, b]
-    for i in range(CHUNK):
-        acc[i] += as_f32(s[i]) * part[i]
-    if has_offset:
-        o = offset[c, b]
+    for t in range(acc.shape[0]):
+        a, p = acc[t], part[t]
         for i in range(CHUNK):
-            acc[i] += as_f32(o[i]) * x_block_sum
+            a[i] = fma(as_f32(s[i]), p[i], a[i])
+    if offset.shape[1] > 0:  # types without mins store no offsets
+        o = offset[c, b]
+        for t in range(acc.shape[0]):
+            a, xs = acc[t], xsum[t, b]
+            for i in range(CHUNK):
+                a[i] = fma(as_f32(o[i]), xs, a[i])
 
 
-@kernel(parallel=True)
-def matvec_u4(out, codes, scale, offset, x):
-    """out[r] = sum_c W[r, c] x[c] for 4-bit lanes weights (codes [n_chunks, n_blocks, 16, CHUNK])."""
+@exact_kernel
+def _fma4(p, w, xa, xb, xc, xd):
+    """p += w[0] xa + w[1] xb + w[2] xc + w[3] xd over the chunk's lanes: one token's share of 4 unpacked inputs."""
+    for i in range(CHUNK):
+        p[i] = fma(w[3, i], xd, fma(w[2, i], xc, fma(w[1, i], xb, fma(w[0, i], xa, p[i]))))
+
+
+@exact_kernel(inline=True)
+def _tokens_times_w(part, w, x, t, ca, cb, cc, cd):
+    """part[t:] += w[0] x[:, ca] + w[1] x[:, cb] + w[2] x[:, cc] + w[3] x[:, cd], four tokens per pass (each
+    unpacked weight loaded once for four, sixteen independent FMA chains in flight), then one at a time.
+    Every token gets the same fma sequence either way."""
+    n = part.shape[0]
+    while t + 4 <= n:
+        pa, pb, pc, pd = part[t], part[t + 1], part[t + 2], part[t + 3]
+        a0, a1, a2, a3 = x[t, ca], x[t, cb], x[t, cc], x[t, cd]
+        b0, b1, b2, b3 = x[t + 1, ca], x[t + 1, cb], x[t + 1, cc], x[t + 1, cd]
+        c0, c1, c2, c3 = x[t + 2, ca], x[t + 2, cb], x[t + 2, cc], x[t + 2, cd]
+        d0, d1, d2, d3 = x[t + 3, ca], x[t + 3, cb], x[t + 3, cc], x[t + 3, cd]
+        for i in range(CHUNK):
+            w0, w1, w2, w3 = w[0, i], w[1, i], w[2, i], w[3, i]
+            pa[i] = fma(w3, a3, fma(w2, a2, fma(w1, a1, fma(w0, a0, pa[i]))))
+            pb[i] = fma(w3, b3, fma(w2, b2, fma(w1, b1, fma(w0, b0, pb[i]))))
+            pc[i] = fma(w3, c3, fma(w2, c2, fma(w1, c1, fma(w0, c0, pc[i]))))
+            pd[i] = fma(w3, d3, fma(w2, d2, fma(w1, d1, fma(w0, d0, pd[i]))))
+        t += 4
+    for t in range(t, n):
+        _fma4(part[t], w, x[t, ca], x[t, cb], x[t, cc], x[t, cd])
+
+
+@exact_kernel(parallel=True)
+def batch_u4(out, codes, scale, offset, x):
+    """out [n_tokens, n_rows] = x W^T for 4-bit lanes weights (codes [n_chunks, n_blocks, 16, CHUNK]).
+
+    Each weight is read once for all the tokens. Token 0's products are fused into the unpacking pass (so a
+    single token costs what a plain matrix-vector product does); the others reuse the unpacked floats.
+    """
+    n_tokens = x.shape[0]
     n_chunks, n_blocks = codes.shape[0], codes.shape[1]
-    has_offset = offset.shape[1] > 0  # types without mins store no offsets
     xsum = _block_sums(x, 32)
     for c in numba.prange(n_chunks):
-        acc = np.zeros(CHUNK, np.float32)
-        part = np.empty(CHUNK, np.float32)
+        acc = np.zeros((n_tokens, CHUNK), np.float32)
+        part = np.empty((n_tokens, CHUNK), np.float32)
+        w = np.empty((4, CHUNK), np.float32)
         for b in range(n_blocks):
             part[:] = 0.0
+            p0 = part[0]
             for j in range(0, 16, 2):  # two code bytes per pass: part is loaded and stored once per 4 FMAs
                 at = b * 32 + j
-                x_lo0, x_hi0, x_lo1, x_hi1 = x[at], x[at + 16], x[at + 1], x[at + 17]
+                xa, xb, xc, xd = x[0, at], x[0, at + 16], x[0, at + 1], x[0, at + 17]
                 q0, q1 = codes[c, b, j], codes[c, b, j + 1]
                 for i in range(CHUNK):
                     # Nibbles split in float (exact for 0..255): integer & and >> get widened to 64-bit lanes
                     # by Numba's typing, which halves the vector width; this runs ~20% faster.
                     both0, both1 = np.float32(q0[i]), np.float32(q1[i])
                     high0, high1 = np.floor(both0 * _SIXTEENTH), np.floor(both1 * _SIXTEENTH)
-                    part[i] += ((both0 - high0 * _SIXTEEN) * x_lo0 + high0 * x_hi0
-                                + (both1 - high1 * _SIXTEEN) * x_lo1 + high1 * x_hi1)
-            _add_block(acc, part, scale, offset, c, b, xsum[b], has_offset)
+                    w0, w2 = both0 - high0 * _SIXTEEN, both1 - high1 * _SIXTEEN
+                    w[0, i], w[1, i], w[2, i], w[3, i] = w0, high0, w2, high1
+                    p0[i] = fma(high1, xd, fma(w2, xc, fma(high0, xb, fma(w0, xa, p0[i]))))
+                _tokens_times_w(part, w, x, 1, at, at + 16, at + 1, at + 17)
+            _add_block(acc, part, scale, offset, c, b, xsum)
         _store(out, c, acc)
 
 
-@kernel(parallel=True)
-def matvec_q8(out, codes, scale, offset, x):
-    """out = W x for one-code-per-byte lanes weights (codes [n_chunks, n_blocks, group, CHUNK], int8/uint8)."""
+@exact_kernel(parallel=True)
+def batch_q8(out, codes, scale, offset, x):
+    """out [n_tokens, n_rows] = x W^T for one-code-per-byte lanes weights (codes [n_chunks, n_blocks, group,
+    CHUNK], int8/uint8), four inputs per pass, token 0 fused into the unpacking as in batch_u4."""
+    n_tokens = x.shape[0]
     n_chunks, n_blocks, group = codes.shape[0], codes.shape[1], codes.shape[2]
-    has_offset = offset.shape[1] > 0
     xsum = _block_sums(x, group)
     for c in numba.prange(n_chunks):
-        acc = np.zeros(CHUNK, np.float32)
-        part = np.empty(CHUNK, np.float32)
+        acc = np.zeros((n_tokens, CHUNK), np.float32)
+        part = np.empty((n_tokens, CHUNK), np.float32)
+        w = np.empty((4, CHUNK), np.float32)
         for b in range(n_blocks):
             part[:] = 0.0
-            for j in range(group):
-                xv = x[b * group + j]
-                q = codes[c, b, j]
+            p0 = part[0]
+            for j in range(0, group, 4):
+                at = b * group + j
+                xa, xb, xc, xd = x[0, at], x[0, at + 1], x[0, at + 2], x[0, at + 3]
+                qa, qb, qc, qd = codes[c, b, j], codes[c, b, j + 1], codes[c, b, j + 2], codes[c, b, j + 3]
                 for i in range(CHUNK):
-                    part[i] += np.float32(q[i]) * xv
-            _add_block(acc, part, scale, offset, c, b, xsum[b], has_offset)
+                    wa, wb, wc, wd = np.float32(qa[i]), np.float32(qb[i]), np.float32(qc[i]), np.float32(qd[i])
+                    w[0, i], w[1, i], w[2, i], w[3, i] = wa, wb, wc, wd
+                    p0[i] = fma(wd, xd, fma(wc, xc, fma(wb, xb, fma(wa, xa, p0[i]))))
+                _tokens_times_w(part, w, x, 1, at, at + 1, at + 2, at + 3)
+            _add_block(acc, part, scale, offset, c, b, xsum)
         _store(out, c, acc)
 
 
-@kernel(parallel=True)
-def matvec_f32(out, w, x):
-    """out = W x for float lanes weights (w [n_chunks, n_cols, CHUNK])."""
+@exact_kernel(parallel=True)
+def batch_f32(out, w, x):
+    """out [n_tokens, n_rows] = x W^T for float lanes weights (w [n_chunks, n_cols, CHUNK]), four inputs per pass."""
+    n_tokens = x.shape[0]
     n_chunks, n_cols = w.shape[0], w.shape[1]
     for c in numba.prange(n_chunks):
-        acc = np.zeros(CHUNK, np.float32)
-        for k in range(n_cols):
-            xv = x[k]
-            wk = w[c, k]
-            for i in range(CHUNK):
-                acc[i] += wk[i] * xv
+        acc = np.zeros((n_tokens, CHUNK), np.float32)
+        wc = w[c]
+        k = 0
+        while k + 4 <= n_cols:
+            _tokens_times_w(acc, wc[k : k + 4], x, 0, k, k + 1, k + 2, k + 3)
+            k += 4
+        for k in range(k, n_cols):  # fewer than four left (n_cols not a multiple of 4)
+            for t in range(n_tokens):
+                a, xv, wk = acc[t], x[t, k], wc[k]
+                for i in range(CHUNK):
+                    a[i] = fma(wk[i], xv, a[i])
         _store(out, c, acc)
 
 
@@ -137,7 +198,7 @@ def dequant_chunk_u4(tile, codes, scale, offset, c):
             q = codes[c, b, j]
             lo_row, hi_row = tile[b * 32 + j], tile[b * 32 + 16 + j]
             for i in range(CHUNK):
-                both = np.float32(q[i])  # nibbles split in float, as in matvec_u4
+                both = np.float32(q[i])  # nibbles split in float, as in batch_u4
                 high = np.floor(both * _SIXTEENTH)
                 lo_row[i] = s[i] * (both - high * _SIXTEEN) + o[i]
                 hi_row[i] = s[i] * high + o[i]
@@ -157,14 +218,18 @@ def dequant_chunk_q8(tile, codes, scale, offset, c):
 
 
 def matvec(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> np.ndarray:
-    """out [n_rows] = W x for x [n_cols] float32 (C-contiguous); returns out."""
-    if w.kind == "u4":
-        matvec_u4(out, w.codes, w.scale, w.offset, x)
-    elif w.kind == "q8":
-        matvec_q8(out, w.codes, w.scale, w.offset, x)
-    else:
-        matvec_f32(out, w.codes, x)
+    """out [n_rows] = W x for x [n_cols] float32: the one-token case of the batch kernels."""
+    matmul(x.reshape(1, -1), w, out=out.reshape(1, -1))
     return out
+
+
+def _batch_product(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> None:
+    if w.kind == "u4":
+        batch_u4(out, w.codes, w.scale, w.offset, x)
+    elif w.kind == "q8":
+        batch_q8(out, w.codes, w.scale, w.offset, x)
+    else:
+        batch_f32(out, w.codes, x)
 
 
 # ------------------------------------------------------------------------------------- prefill
@@ -272,18 +337,20 @@ def matmul_f32(out, x, w):
 
 
 def matmul(x: np.ndarray, w: LaneMatrix, out: np.ndarray | None = None) -> np.ndarray:
-    """[n_tokens, n_cols] -> [n_tokens, n_rows]: the decode kernel for a token or two, else the prefill kernel
-    (float rows of a chunk at a time times all the tokens, chunks over the threads)."""
+    """[n_tokens, n_cols] -> [n_tokens, n_rows].
+
+    Up to SMALL_BATCH tokens run the batch kernels, whose arithmetic per token does not depend on how many
+    tokens there are (batch invariance: a token's outputs are bit-identical alone or in any such batch).
+    More tokens (long prompts) run the prefill kernel: float rows of a chunk at a time times all the tokens.
+    """
     n_tokens = x.shape[0]
     if out is None:
         out = np.empty((n_tokens, w.n_rows), np.float32)
-    if n_tokens <= 2:
-        for t in range(n_tokens):
-            matvec(out[t], w, x[t])
-        return out
     dense = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)  # one kernel variant
-    x = np.ascontiguousarray(x)
-    if w.kind == "u4":
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if n_tokens <= SMALL_BATCH:
+        _batch_product(dense, w, x)
+    elif w.kind == "u4":
         matmul_u4(dense, x, w.codes, w.scale, w.offset)
     elif w.kind == "q8":
         matmul_q8(dense, x, w.codes, w.scale, w.offset)

@@ -93,7 +93,7 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
     stats.evaluated_prompt_tokens = len(prompt_ids) - start_pos
     t0 = time.perf_counter()
     cache.trim(start_pos)
-    logits = model.forward(prompt_ids[start_pos:], start_pos, cache)
+    logits = model.forward_tokens(prompt_ids[start_pos:], start_pos, cache)
     pos = len(prompt_ids)
     history = list(history if history is not None else prompt_ids)
     detok = tokenizer.streamer()
@@ -123,7 +123,7 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
             break
         if stats.generated_tokens >= max_tokens:
             break
-        logits = model.forward([token], pos, cache)
+        logits = model.forward_tokens([token], pos, cache)
         pos += 1
         stats.generate_seconds = time.perf_counter() - t0
     if stats.finish_reason in ("length", "context"):

@@ -1,56 +1,219 @@
-"""The KV cache: preallocated keys and values per layer, rolled back with `trim`."""
+"""The KV cache: cells holding keys and values, each cell recording its position and its sequences.
+
+Cells are handed out lowest-free-first. A cell belongs to one or more sequences (a bit mask, so a shared
+prompt prefix can serve several), and what a new token attends to follows from those records (see
+`runtime/batch.py`): its sequence's cached cells in position order, then its ancestors in the batch. Because
+attention always walks the visible cells in position order, where a cell sits never changes a result: a token
+attends identically alone, among guesses, or beside other sequences.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-
 from ..errors import LlambaError
+from ..ops.jit import kernel
+from .batch import Batch
 
 KV_TYPES = ("f32", "f16")
+SPARE_CELLS = 64  # beyond n_ctx: a tree of guesses can hold several tokens at one position
 
 
 class KVCache:
-    """Keys and values [n_layer][n_head_kv, n_ctx, head_dim], filled up to `n_past`.
+    """Keys and values [n_layer][n_head_kv, n_cells, head_dim] with per-cell position and sequence mask.
 
     kv_type "f32" stores float32; "f16" stores float16 bits as uint16 (half the memory; Numba has no float16
     type, and the attention kernels decode the bits exactly). np.zeros maps untouched pages lazily, so a long
-    context costs memory only as it fills.
+    context costs memory only as it fills. Positions of a sequence run from 0 to n_ctx - 1.
     """
 
-    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, n_ctx: int, kv_type: str = "f32"):
+    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, n_ctx: int, kv_type: str = "f32",
+                 n_cells: int | None = None):
         if kv_type not in KV_TYPES:
             raise LlambaError(f"KV cache type must be one of {', '.join(KV_TYPES)} (got {kv_type!r})")
         self.n_ctx = n_ctx
-        self.n_past = 0
         self.kv_type = kv_type
+        self.n_cells = n_cells or n_ctx + SPARE_CELLS
         dtype = np.float32 if kv_type == "f32" else np.uint16
-        self.k = [np.zeros((n_head_kv, n_ctx, head_dim), dtype) for _ in range(n_layer)]
-        self.v = [np.zeros((n_head_kv, n_ctx, head_dim), dtype) for _ in range(n_layer)]
+        self.k = [np.zeros((n_head_kv, self.n_cells, head_dim), dtype) for _ in range(n_layer)]
+        self.v = [np.zeros((n_head_kv, self.n_cells, head_dim), dtype) for _ in range(n_layer)]
+        self.cell_pos = np.full(self.n_cells, -1, np.int64)
+        self.cell_seqs = np.zeros(self.n_cells, np.uint64)  # bit s: the cell belongs to sequence s; 0: free
 
     @classmethod
-    def for_model(cls, hp, n_ctx: int | None = None, kv_type: str = "f32") -> "KVCache":
-        return cls(hp.n_layer, hp.n_head_kv, hp.head_dim, n_ctx or hp.n_ctx_train, kv_type)
+    def for_model(cls, hp, n_ctx: int | None = None, kv_type: str = "f32", n_cells: int | None = None) -> "KVCache":
+        return cls(hp.n_layer, hp.n_head_kv, hp.head_dim, n_ctx or hp.n_ctx_train, kv_type, n_cells)
 
-    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Write k, v [n_tokens, n_head_kv, head_dim] float32 at positions start.."""
-        n = k.shape[0]
-        self.k[layer][:, start : start + n] = self._stored(k.transpose(1, 0, 2))
-        self.v[layer][:, start : start + n] = self._stored(v.transpose(1, 0, 2))
+    # ------------------------------------------------------------------------------------- sequences
+
+    def seq_cells(self, seq: int = 0) -> np.ndarray:
+        """The cells of a sequence in position order."""
+        cells = np.flatnonzero(self.cell_seqs & _bit(seq))
+        return cells[np.argsort(self.cell_pos[cells], kind="stable")]
+
+    def seq_length(self, seq: int = 0) -> int:
+        """One past the last cached position of a sequence (0 when it holds nothing)."""
+        cells = np.flatnonzero(self.cell_seqs & _bit(seq))
+        return int(self.cell_pos[cells].max()) + 1 if len(cells) else 0
+
+    def remove(self, seq: int, p0: int = 0, p1: int | None = None) -> None:
+        """Forget a sequence's positions p0 .. p1-1 (to the end when p1 is None); cells nobody holds are freed."""
+        pos = self.cell_pos
+        hit = ((self.cell_seqs & _bit(seq)) != 0) & (pos >= p0)
+        if p1 is not None:
+            hit &= pos < p1
+        self.cell_seqs[hit] &= ~_bit(seq)
+        self._free_orphans()
+
+    def remove_cells(self, cells: np.ndarray) -> None:
+        """Free these cells whatever they hold (guesses that were rejected)."""
+        self.cell_seqs[cells] = 0
+        self.cell_pos[cells] = -1
+
+    def copy_seq(self, src: int, dst: int, p0: int = 0, p1: int | None = None) -> None:
+        """Let sequence dst share src's cells at positions p0 .. p1-1 (a common prefix, computed once)."""
+        hit = ((self.cell_seqs & _bit(src)) != 0) & (self.cell_pos >= p0)
+        if p1 is not None:
+            hit &= self.cell_pos < p1
+        self.cell_seqs[hit] |= _bit(dst)
+
+    def read_seq(self, seq: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """A sequence's keys and values per layer, [n_head_kv, n_positions, head_dim] in position order
+        (a saved chat); the sequence must hold positions 0 .. n-1."""
+        cells = self.seq_cells(seq)
+        return [k[:, cells] for k in self.k], [v[:, cells] for v in self.v]
+
+    def write_seq(self, seq: int, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        """Replace a sequence with saved keys and values (as read_seq gives them) at positions 0 .. n-1."""
+        self.remove(seq)
+        n = keys[0].shape[1]
+        cells = np.flatnonzero(self.cell_seqs == 0)[:n]
+        if len(cells) < n or n > self.n_ctx:
+            raise LlambaError(f"{n} saved positions do not fit this context of {self.n_ctx}")
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.k[layer][:, cells] = k
+            self.v[layer][:, cells] = v
+        self.cell_pos[cells] = np.arange(n)
+        self.cell_seqs[cells] = _bit(seq)
+
+    def clear(self) -> None:
+        self.cell_seqs[:] = 0
+        self.cell_pos[:] = -1
+
+    def _free_orphans(self) -> None:
+        self.cell_pos[self.cell_seqs == 0] = -1
+
+    # A single conversation is sequence 0: these keep its simple view.
+    @property
+    def n_past(self) -> int:
+        return self.seq_length(0)
+
+    def trim(self, n: int) -> None:
+        """Forget sequence 0 from position n on (a chat turn regenerated, guesses rejected)."""
+        self.remove(0, max(0, n))
+
+    # ------------------------------------------------------------------------------------- a forward pass
+
+    def place(self, batch: Batch) -> "Placement":
+        """Give each batch token a free cell (lowest first), recording its position and sequence."""
+        cached = {int(s): self.seq_cells(int(s)) for s in np.unique(batch.seq_ids)}
+        for s, cells in cached.items():
+            first = batch.positions[batch.seq_ids == s].min()
+            if len(cells) and self.cell_pos[cells[-1]] >= first:
+                raise LlambaError(f"position {first} of sequence {s} is already in the cache (remove it first)")
+        if batch.positions.max() >= self.n_ctx:
+            raise LlambaError(f"context is full: position {batch.positions.max()} is past the context of {self.n_ctx}")
+        free = np.flatnonzero(self.cell_seqs == 0)[: len(batch)]
+        if len(free) < len(batch):
+            raise LlambaError(f"the KV cache has no room for {len(batch)} more tokens ({self.n_cells} cells)")
+        self.cell_pos[free] = batch.positions
+        self.cell_seqs[free] = np.left_shift(np.uint64(1), batch.seq_ids.astype(np.uint64))
+        return Placement(batch, free.astype(np.int64), cached)
+
+    def store(self, layer: int, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Write k, v [n_tokens, n_head_kv, head_dim] float32 into the given cells."""
+        self.k[layer][:, cells] = self._stored(k.transpose(1, 0, 2))
+        self.v[layer][:, cells] = self._stored(v.transpose(1, 0, 2))
 
     def _stored(self, x: np.ndarray) -> np.ndarray:
         return x if self.kv_type == "f32" else x.astype(np.float16).view(np.uint16)
 
-    def trim(self, n: int) -> None:
-        """Forget everything from position n on (speculative tokens rejected, a chat turn regenerated)."""
-        self.n_past = max(0, min(n, self.n_past))
+    # ------------------------------------------------------------------------------------- sizes
 
     @property
     def nbytes(self) -> int:
-        """The whole cache, every position of the context (pages of unused positions are never touched)."""
+        """The whole cache, every cell (pages of unused cells are never touched)."""
         return sum(a.nbytes for a in self.k + self.v)
 
     @property
     def nbytes_used(self) -> int:
-        per_pos = sum(a.shape[0] * a.shape[2] * a.itemsize for a in self.k + self.v)
-        return per_pos * self.n_past
+        per_cell = sum(a.shape[0] * a.shape[2] * a.itemsize for a in self.k + self.v)
+        return per_cell * int((self.cell_seqs != 0).sum())
+
+
+@dataclass
+class Placement:
+    """Where a batch went in the cache, and what each of its tokens sees."""
+
+    batch: Batch
+    cells: np.ndarray  # [n] the cell of each batch token
+    cached: dict[int, np.ndarray]  # sequence -> its cells from before this batch, in position order
+
+    def visible_lists(self) -> tuple[np.ndarray, np.ndarray]:
+        """(visible, counts): visible[t, :counts[t]] are the cells token t attends to, in position order (its
+        sequence's cells cached before this batch, then its ancestors in the batch and itself)."""
+        b = self.batch
+        order = {s: i for i, s in enumerate(self.cached)}
+        flat = np.concatenate(list(self.cached.values())).astype(np.int64)
+        lengths = np.array([len(c) for c in self.cached.values()], np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        seq_index = np.array([order[int(s)] for s in b.seq_ids], np.int64)
+        depth = _depths(b.parents)
+        visible = np.empty((len(b), int((lengths[seq_index] + depth).max())), np.int64)
+        counts = np.empty(len(b), np.int64)
+        _fill_visible(visible, counts, flat, starts, lengths, seq_index, b.parents, self.cells)
+        return visible, counts
+
+    @property
+    def is_chain(self) -> bool:
+        """One sequence, each token continuing the one before (a prompt)."""
+        b = self.batch
+        return len(self.cached) == 1 and bool((b.parents == np.arange(-1, len(b) - 1)).all())
+
+    def chain_keys(self) -> np.ndarray:
+        """For a chain: every cell its last token sees, in position order."""
+        return np.concatenate([next(iter(self.cached.values())), self.cells])
+
+
+def _bit(seq: int) -> np.uint64:
+    return np.uint64(1) << np.uint64(seq)
+
+
+def _depths(parents: np.ndarray) -> np.ndarray:
+    """How many batch tokens each token sees in the batch (its ancestors and itself)."""
+    depth = np.ones(len(parents), np.int64)
+    for t, p in enumerate(parents):  # parents come first, so one pass suffices
+        if p >= 0:
+            depth[t] = depth[p] + 1
+    return depth
+
+
+@kernel
+def _fill_visible(visible, counts, flat, starts, lengths, seq_index, parents, cells):
+    for t in range(visible.shape[0]):
+        s = seq_index[t]
+        m = lengths[s]
+        for j in range(m):
+            visible[t, j] = flat[starts[s] + j]
+        depth = 0
+        a = t
+        while a >= 0:
+            depth += 1
+            a = parents[a]
+        a = t
+        for d in range(depth - 1, -1, -1):
+            visible[t, m + d] = cells[a]
+            a = parents[a]
+        counts[t] = m + depth

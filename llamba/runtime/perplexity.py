@@ -42,7 +42,7 @@ def perplexity(model, tokenizer, cache, text: str, n_ctx: int = 512, max_chunks:
         if tokenizer.add_bos and tokenizer.bos_id is not None:
             chunk[0] = tokenizer.bos_id
         cache.trim(0)
-        logits = model.forward(chunk, 0, cache, all_logits=True, logits_from=first)  # [n_ctx - first, n_vocab]
+        logits = model.forward_tokens(chunk, 0, cache, all_logits=True, logits_from=first)  # [n_ctx - first, n_vocab]
         targets = np.asarray(chunk[first + 1 :])
         nll = _negative_log_likelihoods(logits[:-1], targets)
         total_nll += float(nll.sum())
