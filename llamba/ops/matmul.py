@@ -51,12 +51,13 @@ def _store(out, c, acc):
 
 @exact_kernel
 def _add_block(acc, part, scale, offset, c, b, xsum):
-    """acc[t] += scale * part[t] + offset * (sum of token t's block inputs), for one block of one chunk."""
+    """acc[t] += scale * (part[0, t] + part[1, t]) + offset * (token t's block input sum), for one block of one
+    chunk. The block's products go to two partial sums in turn: two dependency chains, each half as long."""
     s = scale[c, b]
     for t in range(acc.shape[0]):
-        a, p = acc[t], part[t]
+        a, p, q = acc[t], part[0, t], part[1, t]
         for i in range(CHUNK):
-            a[i] = fma(as_f32(s[i]), p[i], a[i])
+            a[i] = fma(as_f32(s[i]), p[i] + q[i], a[i])
     if offset.shape[1] > 0:  # types without mins store no offsets
         o = offset[c, b]
         for t in range(acc.shape[0]):
@@ -107,12 +108,13 @@ def batch_u4(out, codes, scale, offset, x):
     xsum = _block_sums(x, 32)
     for c in numba.prange(n_chunks):
         acc = np.zeros((n_tokens, CHUNK), np.float32)
-        part = np.empty((n_tokens, CHUNK), np.float32)
+        part = np.empty((2, n_tokens, CHUNK), np.float32)
         w = np.empty((4, CHUNK), np.float32)
         for b in range(n_blocks):
             part[:] = 0.0
-            p0 = part[0]
             for j in range(0, 16, 2):  # two code bytes per pass: part is loaded and stored once per 4 FMAs
+                half = part[(j // 2) % 2]
+                p0 = half[0]
                 at = b * 32 + j
                 xa, xb, xc, xd = x[0, at], x[0, at + 16], x[0, at + 1], x[0, at + 17]
                 q0, q1 = codes[c, b, j], codes[c, b, j + 1]
@@ -124,7 +126,7 @@ def batch_u4(out, codes, scale, offset, x):
                     w0, w2 = both0 - high0 * _SIXTEEN, both1 - high1 * _SIXTEEN
                     w[0, i], w[1, i], w[2, i], w[3, i] = w0, high0, w2, high1
                     p0[i] = fma(high1, xd, fma(w2, xc, fma(high0, xb, fma(w0, xa, p0[i]))))
-                _tokens_times_w(part, w, x, 1, at, at + 16, at + 1, at + 17)
+                _tokens_times_w(half, w, x, 1, at, at + 16, at + 1, at + 17)
             _add_block(acc, part, scale, offset, c, b, xsum)
         _store(out, c, acc)
 
@@ -138,12 +140,13 @@ def batch_q8(out, codes, scale, offset, x):
     xsum = _block_sums(x, group)
     for c in numba.prange(n_chunks):
         acc = np.zeros((n_tokens, CHUNK), np.float32)
-        part = np.empty((n_tokens, CHUNK), np.float32)
+        part = np.empty((2, n_tokens, CHUNK), np.float32)
         w = np.empty((4, CHUNK), np.float32)
         for b in range(n_blocks):
             part[:] = 0.0
-            p0 = part[0]
             for j in range(0, group, 4):
+                half = part[(j // 4) % 2]
+                p0 = half[0]
                 at = b * group + j
                 xa, xb, xc, xd = x[0, at], x[0, at + 1], x[0, at + 2], x[0, at + 3]
                 qa, qb, qc, qd = codes[c, b, j], codes[c, b, j + 1], codes[c, b, j + 2], codes[c, b, j + 3]
@@ -151,7 +154,7 @@ def batch_q8(out, codes, scale, offset, x):
                     wa, wb, wc, wd = np.float32(qa[i]), np.float32(qb[i]), np.float32(qc[i]), np.float32(qd[i])
                     w[0, i], w[1, i], w[2, i], w[3, i] = wa, wb, wc, wd
                     p0[i] = fma(wd, xd, fma(wc, xc, fma(wb, xb, fma(wa, xa, p0[i]))))
-                _tokens_times_w(part, w, x, 1, at, at + 1, at + 2, at + 3)
+                _tokens_times_w(half, w, x, 1, at, at + 1, at + 2, at + 3)
             _add_block(acc, part, scale, offset, c, b, xsum)
         _store(out, c, acc)
 
