@@ -22,7 +22,9 @@ import numpy as np
 from .errors import LlambaError
 from .models import load_transformer
 from .ops.jit import release_compiler_pages, set_threads
+from .ops.matmul import SMALL_BATCH
 from .runtime.chat_template import load_chat_template, turn_terminator
+from .runtime.decoding import Speculation, make_speculation
 from .runtime.generate import GenerationStats, Step, generate_steps
 from .runtime.kv_cache import KVCache
 from .runtime.sampling import Sampler, SamplingParams
@@ -39,7 +41,7 @@ class Llama:
 
     def __init__(self, model: str | os.PathLike | None = None, n_ctx: int | None = None,
                  n_threads: int | None = None, chat_template: str | None = None, kv_type: str = "f32",
-                 on_status: Callable[[str], None] | None = None):
+                 on_status: Callable[[str], None] | None = None, decoding: str = "greedy"):
         self.n_threads = set_threads(n_threads)
         say = on_status or (lambda message: None)
         self.model_path = Path(resolve_model(model, say=say))
@@ -55,14 +57,25 @@ class Llama:
         self.cache = KVCache.for_model(hp, self.n_ctx, kv_type)
         self._tokens: list[int] = []  # what the cache holds, position by position
         self.last_stats = GenerationStats()
+        self.decoding = decoding
+        self._speculations: dict[str, Speculation | None] = {}
+        self.speculation(decoding)  # a bad name or draft model fails now, not at the first generation
         self.warm_up()
+
+    def speculation(self, decoding: str | None = None) -> Speculation | None:
+        """The decoder for a `--decoding` name (kept, so its measurements and draft cache carry over)."""
+        name = decoding or self.decoding
+        if name not in self._speculations:
+            self._speculations[name] = make_speculation(name, self.model, self.n_ctx, self.cache.kv_type,
+                                                        load_model=lambda m: load_transformer(resolve_model(m)))
+        return self._speculations[name]
 
     def warm_up(self) -> None:
         """Run the kernels once on a scratch cache, so compilation (first run only) happens now, then
         release the compiler's pages: nothing later needs them."""
-        scratch = KVCache.for_model(self.model.hp, 8, self.cache.kv_type)
-        self.model.forward_tokens([0, 0, 0], 0, scratch)  # the prefill path
-        self.model.forward_tokens([0], 3, scratch)  # the decode path
+        scratch = KVCache.for_model(self.model.hp, SMALL_BATCH + 8, self.cache.kv_type)
+        self.model.forward_tokens([0] * (SMALL_BATCH + 1), 0, scratch)  # the prefill path
+        self.model.forward_tokens([0], SMALL_BATCH + 1, scratch)  # the batch path
         release_compiler_pages()
 
     # ------------------------------------------------------------------------------------- tokens
@@ -102,7 +115,7 @@ class Llama:
         return n
 
     def stream_tokens(self, prompt_ids: list[int], max_tokens: int = 256, stop: list[str] | None = None,
-                      sampler: Sampler | None = None, **sampling: Any) -> Iterator[Step]:
+                      sampler: Sampler | None = None, decoding: str | None = None, **sampling: Any) -> Iterator[Step]:
         """The core loop with prefix reuse: yields Steps; `last_stats` holds the timings after."""
         if not prompt_ids:
             raise LlambaError("the prompt is empty")
@@ -115,7 +128,8 @@ class Llama:
         generated: list[int] = []
         try:
             for step in generate_steps(self.model, self.tokenizer, self.cache, prompt_ids, sampler,
-                                       max(max_tokens, 1), start_pos=start, stop=stop, stats=stats):
+                                       max(max_tokens, 1), start_pos=start, stop=stop, stats=stats,
+                                       speculation=self.speculation(decoding)):
                 if step.token >= 0:
                     generated.append(step.token)
                 yield step

@@ -10,7 +10,7 @@ import click
 
 from ..errors import LlambaError
 from ..store import llamba_home
-from .common import model_options, open_llama, pop_sampling, sampling_options
+from .common import decoding_option, model_options, open_llama, pop_sampling, sampling_options
 
 HELP = """commands:
   /help                 this list
@@ -123,7 +123,8 @@ class Repl:
         click.echo()
         s = self.session.llm.last_stats
         if self.show_stats:
-            self.info(f"[{s.generated_tokens} tokens, {s.gen_tok_per_s:.1f} tok/s, first token after "
+            per_step = f", {s.tokens_per_step:.2f} tokens per step" if s.speculation is not None else ""
+            self.info(f"[{s.generated_tokens} tokens, {s.gen_tok_per_s:.1f} tok/s{per_step}, first token after "
                       f"{s.time_to_first_token:.2f} s, {s.evaluated_prompt_tokens} prompt tokens evaluated]")
 
     # ------------------------------------------------------------------------------- commands
@@ -218,14 +219,16 @@ def _setup_readline() -> None:
 @click.option("--overflow", type=click.Choice(["shift", "stop"]), default="shift", show_default=True,
               help="When the context fills: drop the oldest exchanges (shift) or refuse (stop).")
 @click.option("--no-stats", is_flag=True, help="Hide the statistics line after each answer.")
+@decoding_option
 @sampling_options
-def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, **kwargs) -> None:
+def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, decoding,
+         **kwargs) -> None:
     """Chat with MODEL (default: smollm2-135m) in the terminal, answers streaming as they come."""
     from ..runtime.sampling import SamplingParams
     from ..session import ChatSession, ChatSettings
 
     sampling = SamplingParams(**pop_sampling(kwargs)).validate()
-    llm = open_llama(model, ctx_size, threads, chat_template, kv_type=kv_type)
+    llm = open_llama(model, ctx_size, threads, chat_template, kv_type=kv_type, decoding=decoding)
     repl = Repl(None, show_stats=not no_stats)
     settings = ChatSettings(sampling=sampling, max_tokens=max_tokens, overflow=overflow)
     repl.session = ChatSession(llm, system=system, settings=settings, notify=repl.info)

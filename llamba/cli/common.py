@@ -55,6 +55,25 @@ def pop_sampling(kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in SAMPLING_KEYS}
 
 
+def decoding_option(fn):
+    """--decoding: how generation guesses ahead (the output is the same; only the speed changes)."""
+    import click
+
+    from ..runtime.decoding import DECODERS
+
+    return click.option("--decoding", default="greedy", show_default=True, metavar="NAME",
+                        help=f"Guess ahead and verify in one batch: {' | '.join(DECODERS)} "
+                             "(draft:MODEL takes a smaller GGUF with the same vocabulary).")(fn)
+
+
+def speed_line(s) -> str:
+    """The statistics after a generation: tokens, speeds, and tokens per step when guessing ahead."""
+    line = f"{s.generated_tokens} tokens, prompt {s.prompt_tok_per_s:.1f} tok/s, generation {s.gen_tok_per_s:.1f} tok/s"
+    if s.speculation is not None and s.speculation.steps:
+        line += f", {s.tokens_per_step:.2f} tokens per step"
+    return line
+
+
 def model_options(fn):
     """MODEL argument (optional: the default model) with --ctx-size, --threads and --chat-template."""
     import click
@@ -68,7 +87,8 @@ def model_options(fn):
     return click.argument("model", required=False)(fn)
 
 
-def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_type: str = "f32"):
+def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_type: str = "f32",
+               decoding: str = "greedy"):
     """Load a model for a command, telling the user about downloads and first-run kernel compilation."""
     import click
 
@@ -79,7 +99,7 @@ def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_
     fresh = not kernels_compiled()
     with _Progress("compiling kernels, first run only", enabled=fresh and not quiet) as progress:
         llm = Llama(model, n_ctx=ctx_size, n_threads=threads, chat_template=chat_template, kv_type=kv_type,
-                    on_status=say)  # compiles the kernels on the first run
+                    on_status=say, decoding=decoding)  # compiles the kernels on the first run
     if fresh:
         say(f"kernels compiled in {progress.elapsed:.1f} s")
     return llm

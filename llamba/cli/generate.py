@@ -6,7 +6,8 @@ import json
 
 import click
 
-from .common import model_options, open_llama, pop_sampling, read_text_option, sampling_options
+from .common import (decoding_option, model_options, open_llama, pop_sampling, read_text_option,
+                     sampling_options, speed_line)
 
 
 @click.command()
@@ -17,12 +18,14 @@ from .common import model_options, open_llama, pop_sampling, read_text_option, s
 @click.option("--stop", multiple=True, help="Stop when this text appears (not printed); may be repeated.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and speeds.")
+@decoding_option
 @sampling_options
-def generate(model, ctx_size, threads, chat_template, kv_type, prompt, path, max_tokens, stop, chat, as_json, **kwargs) -> None:
+def generate(model, ctx_size, threads, chat_template, kv_type, prompt, path, max_tokens, stop, chat, as_json, decoding,
+             **kwargs) -> None:
     """Continue a prompt and print the text as it is generated."""
     sampling = pop_sampling(kwargs)
     text = read_text_option(prompt, path)
-    llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json, kv_type=kv_type)
+    llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json, kv_type=kv_type, decoding=decoding)
     ids = llm.chat_prompt_ids([{"role": "user", "content": text}]) if chat else llm.tokenize(text)
     generated, pieces = [], []
     for step in llm.stream_tokens(ids, max_tokens=max_tokens, stop=list(stop), **sampling):
@@ -36,12 +39,11 @@ def generate(model, ctx_size, threads, chat_template, kv_type, prompt, path, max
         click.echo(json.dumps({
             "prompt_ids": ids, "ids": generated, "text": "".join(pieces), "finish_reason": s.finish_reason,
             "prompt_tok_per_s": round(s.prompt_tok_per_s, 2), "gen_tok_per_s": round(s.gen_tok_per_s, 2),
-            "time_to_first_token_s": round(s.time_to_first_token, 4),
+            "time_to_first_token_s": round(s.time_to_first_token, 4), "tokens_per_step": round(s.tokens_per_step, 3),
         }, ensure_ascii=False))
     else:
         click.echo()
-        click.echo(f"[{s.generated_tokens} tokens, prompt {s.prompt_tok_per_s:.1f} tok/s, "
-                   f"generation {s.gen_tok_per_s:.1f} tok/s, {s.finish_reason}]", err=True)
+        click.echo(f"[{speed_line(s)}, {s.finish_reason}]", err=True)
 
 
 COMMANDS = [generate]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..errors import LlambaError
+from .decoding import Speculation, decode_tokens
 from .sampling import Sampler
 
 
@@ -33,6 +34,12 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generate_seconds: float = 0.0
     finish_reason: str = ""  # stop | length | context | interrupted
+    speculation: object = None  # SpeculationStats of a decoder that guessed ahead, else None
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Generated tokens per forward pass (1 for plain decoding)."""
+        return self.speculation.tokens_per_step if self.speculation is not None and self.speculation.steps else 1.0
 
     @property
     def time_to_first_token(self) -> float:
@@ -79,10 +86,11 @@ class StopFilter:
 
 def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Sampler, max_tokens: int,
                    start_pos: int = 0, stop: list[str] | None = None, stats: GenerationStats | None = None,
-                   history: list[int] | None = None) -> Iterator[Step]:
+                   history: list[int] | None = None, speculation: Speculation | None = None) -> Iterator[Step]:
     """Yield Steps until an end-of-generation token, a stop string, max_tokens, or a full context.
 
     prompt_ids[:start_pos] must already be in the cache. `stats` (if given) is filled in as it goes.
+    `speculation` (a decoder that guesses ahead) changes how fast tokens come, never which: see decoding/.
     """
     stats = stats if stats is not None else GenerationStats()
     if len(prompt_ids) > cache.n_ctx:
@@ -91,42 +99,35 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
         start_pos = len(prompt_ids) - 1  # re-run the last token: its logits are needed
     stats.prompt_tokens = len(prompt_ids)
     stats.evaluated_prompt_tokens = len(prompt_ids) - start_pos
+    stats.speculation = speculation.stats if speculation is not None else None
     t0 = time.perf_counter()
-    cache.trim(start_pos)
     logits = model.forward_tokens(prompt_ids[start_pos:], start_pos, cache)
-    pos = len(prompt_ids)
     history = list(history if history is not None else prompt_ids)
+    tokens = decode_tokens(model, cache, logits, len(prompt_ids), history, sampler, speculation, max_tokens)
     detok = tokenizer.streamer()
     stopper = StopFilter(list(stop or []))
-    first = True
-    stats.finish_reason = "length"
-    while stats.generated_tokens < max_tokens:
-        token = sampler.sample(logits, history)
-        if first:
-            stats.prompt_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            first = False
-        stats.generated_tokens += 1
-        history.append(token)
-        if token in tokenizer.eog_ids:
-            stats.finish_reason = "stop"
-            yield Step(token, _remaining_text(detok, stopper))
-            break
-        text, stopped = stopper.feed(detok.push(token))
-        if stopped:
-            stats.finish_reason = "stop"
+    stats.finish_reason = ""
+    try:
+        for token in tokens:
+            if stats.generated_tokens == 0:
+                stats.prompt_seconds = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            stats.generated_tokens += 1
+            if token in tokenizer.eog_ids:
+                stats.finish_reason = "stop"
+                yield Step(token, _remaining_text(detok, stopper))
+                break
+            text, stopped = stopper.feed(detok.push(token))
+            if stopped:
+                stats.finish_reason = "stop"
+                yield Step(token, text)
+                break
             yield Step(token, text)
-            break
-        yield Step(token, text)
-        if pos >= cache.n_ctx:
-            stats.finish_reason = "context"
-            break
-        if stats.generated_tokens >= max_tokens:
-            break
-        logits = model.forward_tokens([token], pos, cache)
-        pos += 1
-        stats.generate_seconds = time.perf_counter() - t0
-    if stats.finish_reason in ("length", "context"):
+            stats.generate_seconds = time.perf_counter() - t0
+    finally:
+        tokens.close()
+    if not stats.finish_reason:  # the tokens ran out: the budget, or the context
+        stats.finish_reason = "length" if stats.generated_tokens >= max_tokens else "context"
         tail = _remaining_text(detok, stopper)
         if tail:
             yield Step(-1, tail)

@@ -1,0 +1,37 @@
+"""Decoders that guess ahead: `--decoding greedy|prompt-lookup|lookahead|draft:MODEL|self-spec|auto`.
+
+Every decoder is a drafter run by one token loop (`speculative.decode_tokens`); `greedy` is that loop with no
+drafter (plain decoding, whatever the temperature). See each module for how its guesses are made.
+"""
+
+from __future__ import annotations
+
+from ...errors import LlambaError
+from .prompt_lookup import PromptLookup
+from .speculative import Controller, Speculation, SpeculationStats, decode_tokens
+
+DECODERS = ("greedy", "prompt-lookup", "draft:MODEL", "auto")
+
+
+def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: str = "f32",
+                     load_model=None) -> Speculation | None:
+    """A decoder name -> its Speculation (None for plain decoding). load_model(name) loads a draft model."""
+    spec = (spec or "greedy").strip()
+    if spec in ("greedy", "none", "plain"):
+        return None
+    if spec == "prompt-lookup":
+        return Speculation(PromptLookup(), Controller(max_k=8))
+    if spec == "auto":
+        return Speculation(PromptLookup(), Controller(max_k=8))
+    if spec.startswith("draft:"):
+        from .draft_model import DraftModel
+
+        name = spec[len("draft:") :]
+        if not name or load_model is None or target is None:
+            raise LlambaError("draft decoding needs a model: --decoding draft:PATH_OR_NAME")
+        return Speculation(DraftModel(load_model(name), n_ctx, target.hp.n_vocab, kv_type, label=name),
+                           Controller(max_k=6))
+    raise LlambaError(f"unknown decoding {spec!r} (choose from {', '.join(DECODERS)})")
+
+
+__all__ = ["DECODERS", "Controller", "Speculation", "SpeculationStats", "decode_tokens", "make_speculation"]

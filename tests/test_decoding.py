@@ -1,0 +1,124 @@
+"""Decoders that guess ahead: at temperature 0 their output is token for token plain greedy decoding; above
+it, speculative sampling leaves the output distribution exactly the target's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llamba.models import load_transformer
+from llamba.runtime.decoding import Controller, Speculation, make_speculation
+from llamba.runtime.decoding.draft_model import DraftModel
+from llamba.runtime.decoding.prompt_lookup import PromptLookup
+from llamba.runtime.decoding.speculative import _accept, decode_tokens
+from llamba.runtime.kv_cache import KVCache
+from llamba.runtime.sampling import Sampler
+from tests.tiny_models import write_tiny_model
+
+REPEATING = [5, 17, 299, 42, 7, 123, 5, 17, 299, 42, 7, 123, 5, 17]  # prompt lookup has something to copy
+
+
+def _generate(model, prompt, n, speculation=None, sampler=None):
+    cache = KVCache.for_model(model.hp, 128)
+    logits = model.forward_tokens(prompt, 0, cache)
+    history = list(prompt)
+    sampler = sampler or Sampler(temperature=0)
+    return list(decode_tokens(model, cache, logits, len(prompt), history, sampler, speculation, n))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma3"])
+def tiny_pair(request, tmp_path_factory):
+    """A tiny model and a smaller draft of the same vocabulary (other weights: it guesses wrong often)."""
+    d = tmp_path_factory.mktemp(request.param)
+    n_layer = 6 if request.param == "gemma3" else 2
+    target = load_transformer(write_tiny_model(d / "t.gguf", request.param, n_layer=n_layer))
+    draft = load_transformer(write_tiny_model(d / "d.gguf", request.param, n_layer=1, seed=7))
+    return target, draft
+
+
+def test_decoders_equal_greedy_on_tiny_models(tiny_pair):
+    target, draft = tiny_pair
+    plain = _generate(target, REPEATING, 40)
+    lookup = Speculation(PromptLookup(), Controller(fixed_k=4))
+    assert _generate(target, REPEATING, 40, lookup) == plain
+    assert lookup.stats.proposed > 0
+    drafted = Speculation(DraftModel(draft, 128, target.hp.n_vocab), Controller(fixed_k=3))
+    assert _generate(target, REPEATING, 40, drafted) == plain
+    itself = Speculation(DraftModel(target, 128, target.hp.n_vocab), Controller(fixed_k=5))
+    assert _generate(target, REPEATING, 40, itself) == plain  # a perfect draft: every guess accepted
+    assert itself.stats.accepted == itself.stats.proposed > 0
+
+
+@pytest.mark.slow
+def test_decoders_equal_greedy_on_real_models(model_path):
+    from llamba import Llama
+
+    llm = Llama(model_path, n_ctx=512, n_threads=2)
+    prompt = ("Rewrite this with a docstring:\ndef area(width, height):\n    return width * height\n\n"
+              "def area(width, height):\n")
+    plain = llm.generate(prompt, max_tokens=48, temperature=0)
+    for decoding in ("prompt-lookup", "auto"):
+        assert llm.generate(prompt, max_tokens=48, temperature=0, decoding=decoding) == plain
+    assert llm.last_stats.speculation is not None
+
+
+def _chi2_pvalue(counts: np.ndarray, expected: np.ndarray) -> float:
+    """P(chi-square >= observed) by the Wilson-Hilferty normal approximation (no SciPy needed)."""
+    from math import erf, sqrt
+
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    k = len(counts) - 1
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / sqrt(2 / (9 * k))
+    return 0.5 * (1 - erf(z / sqrt(2)))
+
+
+@pytest.mark.parametrize("drawn", [False, True])
+def test_accept_rule_reproduces_the_target(drawn):
+    rng = np.random.default_rng(5)
+    ids = np.array([3, 8, 1, 9, 4])
+    p = np.array([0.4, 0.25, 0.2, 0.1, 0.05])
+    q_ids, q_p = np.array([8, 3, 7, 9]), np.array([0.5, 0.2, 0.2, 0.1])
+    n = 20000
+    counts = {int(t): 0 for t in ids}
+    for _ in range(n):
+        guess = int(rng.choice(q_ids, p=q_p)) if drawn else 8
+        ok, token = _accept(ids, p, guess, (q_ids, q_p) if drawn else None, rng)
+        counts[guess if ok else token] += 1
+    observed = np.array([counts[int(t)] for t in ids], float)
+    assert _chi2_pvalue(observed, p * n) > 0.01
+
+
+def test_sampling_with_guesses_matches_plain_sampling(tiny_pair):
+    """End to end on a tiny model at temperature 1: the second token's distribution with a draft model's
+    guesses equals the one without (chi-square over many seeded runs)."""
+    target, draft = tiny_pair
+    prompt = REPEATING[:6]
+    params = dict(temperature=1.0, top_k=4, top_p=1.0, min_p=0.0)
+    cache = KVCache.for_model(target.hp, 32)
+    first = _generate(target, prompt, 1, sampler=Sampler(**params, seed=0))[0]
+    logits = target.forward_tokens(prompt + [first], 0, cache)
+    ids, p = Sampler(**params).distribution(logits, prompt + [first])
+    spec = Speculation(DraftModel(draft, 32, target.hp.n_vocab), Controller(fixed_k=2))
+    seen: dict[int, int] = {}
+    runs = 0
+    for seed in range(1500):
+        out = _generate(target, prompt, 2, spec, Sampler(**params, seed=seed))
+        if out[0] == first:
+            seen[out[1]] = seen.get(out[1], 0) + 1
+            runs += 1
+    observed = np.array([seen.get(int(t), 0) for t in ids], float)
+    assert observed.sum() == runs > 200
+    assert _chi2_pvalue(observed, p * runs) > 0.01
+
+
+def test_prompt_lookup_copies_what_followed():
+    drafter = PromptLookup()
+    assert drafter.propose([1, 2, 3, 4, 5, 9, 2, 3], 3).tokens == [4, 5, 9]
+    assert drafter.propose([1, 2, 3], 3).tokens == []
+
+
+def test_unknown_decoder_is_a_clear_error():
+    from llamba.errors import LlambaError
+
+    with pytest.raises(LlambaError, match="unknown decoding"):
+        make_speculation("telepathy")
