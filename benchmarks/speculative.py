@@ -1,0 +1,100 @@
+"""Guessing ahead, measured: what a batch of k tokens costs against one, and each decoder's speed-up over plain
+greedy decoding on four kinds of work, in the same run, with a check that the output is identical.
+
+    python benchmarks/speculative.py [--model smollm2-135m --model gemma3-270m] [-n 256] [-t 2]
+
+Prints two Markdown tables. Speed is a ratio against plain greedy measured in this run (machines are noisy).
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import numpy as np
+
+from llamba import Llama
+from llamba.runtime.batch import Batch
+from llamba.runtime.kv_cache import KVCache
+
+CODE = '''def moving_average(values, window):
+    """Average of each run of `window` consecutive values."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    out = []
+    total = sum(values[:window])
+    out.append(total / window)
+    for i in range(window, len(values)):
+        total += values[i] - values[i - window]
+        out.append(total / window)
+    return out
+'''
+QUOTE = ("The committee met on Tuesday. It decided that the bridge on Mill Road will close for repairs from "
+         "the first of June until the end of August, that buses will take the route along the river instead, "
+         "and that the library will stay open late on Thursdays while the works go on. The chair said that "
+         "the closure was regrettable but necessary, because the inspection found cracks in two supports.")
+WORKLOADS = {
+    "code rewriting": f"Rename the function below to rolling_mean and change nothing else. Repeat the whole code.\n\n{CODE}",
+    "quoting": f"Summarise this notice, quoting its sentences exactly:\n\n{QUOTE}",
+    "chat": "What are three good habits for staying healthy while working at a desk? Explain each briefly.",
+    "story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+}
+DECODERS = ["prompt-lookup", "auto"]
+
+
+def batch_costs(llm: Llama, sizes=(1, 2, 4, 8, 16), repeats: int = 9) -> dict[int, float]:
+    """Median seconds of a forward of k tokens after a 64-token context."""
+    model = llm.model
+    cache = KVCache.for_model(model.hp, 256)
+    context = list(np.random.default_rng(0).integers(10, 1000, 64))
+    model.forward_tokens(context, 0, cache)
+    costs = {}
+    for k in sizes:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.forward(Batch.chain(list(range(20, 20 + k)), 64, logits="all"), cache)
+            times.append(time.perf_counter() - t0)
+            cache.remove(0, 64)
+        costs[k] = float(np.median(times))
+    return costs
+
+
+def run_decoder(llm: Llama, prompt_ids: list[int], n: int, decoding: str) -> tuple[list[int], float, float]:
+    """(tokens, seconds after the first token, tokens per step)."""
+    llm.reset()
+    tokens = [s.token for s in llm.stream_tokens(prompt_ids, max_tokens=n, temperature=0, decoding=decoding)
+              if s.token >= 0]
+    return tokens, llm.last_stats.generate_seconds, llm.last_stats.tokens_per_step
+
+
+@click.command()
+@click.option("--model", "models", multiple=True, default=["smollm2-135m", "gemma3-270m"])
+@click.option("-n", "n_tokens", default=256, show_default=True)
+@click.option("-t", "threads", default=2, show_default=True)
+def main(models, n_tokens, threads) -> None:
+    cost_rows, rows = [], []
+    for name in models:
+        llm = Llama(name, n_ctx=2048, n_threads=threads)
+        costs = batch_costs(llm)
+        cost_rows.append((name, costs))
+        for workload, text in WORKLOADS.items():
+            ids = llm.chat_prompt_ids([{"role": "user", "content": text}])
+            plain, plain_s, _ = run_decoder(llm, ids, n_tokens, "greedy")
+            for decoding in DECODERS:
+                tokens, seconds, per_step = run_decoder(llm, ids, n_tokens, decoding)
+                rows.append((name, workload, decoding, per_step, plain_s / seconds if seconds else 0.0,
+                             "yes" if tokens == plain else "NO", len(plain)))
+    click.echo("\n| model | " + " | ".join(f"{k} tokens" for k in cost_rows[0][1]) + " |")
+    click.echo("| --- |" + " ---: |" * len(cost_rows[0][1]))
+    for name, costs in cost_rows:
+        one = costs[1]
+        click.echo(f"| {name} | " + " | ".join(f"{c * 1e3:.1f} ms ({c / one:.2f}x)" for c in costs.values()) + " |")
+    click.echo("\n| model | workload | decoder | tokens per step | speed-up over greedy | identical | tokens |")
+    click.echo("| --- | --- | --- | ---: | ---: | --- | ---: |")
+    for name, workload, decoding, per_step, speedup, same, n in rows:
+        click.echo(f"| {name} | {workload} | {decoding} | {per_step:.2f} | {speedup:.2f}x | {same} | {n} |")
+
+
+if __name__ == "__main__":
+    main()
