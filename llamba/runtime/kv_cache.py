@@ -60,10 +60,7 @@ class KVCache:
 
     def remove(self, seq: int, p0: int = 0, p1: int | None = None) -> None:
         """Forget a sequence's positions p0 .. p1-1 (to the end when p1 is None); cells nobody holds are freed."""
-        pos = self.cell_pos
-        hit = ((self.cell_seqs & _bit(seq)) != 0) & (pos >= p0)
-        if p1 is not None:
-            hit &= pos < p1
+        hit = self._cells_of(seq, p0, p1)
         self.cell_seqs[hit] &= ~_bit(seq)
         self._free_orphans()
 
@@ -74,10 +71,14 @@ class KVCache:
 
     def copy_seq(self, src: int, dst: int, p0: int = 0, p1: int | None = None) -> None:
         """Let sequence dst share src's cells at positions p0 .. p1-1 (a common prefix, computed once)."""
-        hit = ((self.cell_seqs & _bit(src)) != 0) & (self.cell_pos >= p0)
+        self.cell_seqs[self._cells_of(src, p0, p1)] |= _bit(dst)
+
+    def _cells_of(self, seq: int, p0: int, p1: int | None) -> np.ndarray:
+        """Mask of the cells holding a sequence's positions p0 .. p1-1 (to the end when p1 is None)."""
+        hit = ((self.cell_seqs & _bit(seq)) != 0) & (self.cell_pos >= p0)
         if p1 is not None:
             hit &= self.cell_pos < p1
-        self.cell_seqs[hit] |= _bit(dst)
+        return hit
 
     def read_seq(self, seq: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """A sequence's keys and values per layer, [n_head_kv, n_positions, head_dim] in position order

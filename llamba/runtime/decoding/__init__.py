@@ -19,9 +19,7 @@ def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: 
     spec = (spec or "greedy").strip()
     if spec in ("greedy", "none", "plain"):
         return None
-    if spec == "prompt-lookup":
-        return Speculation(PromptLookup(), Controller(max_k=8))
-    if spec == "auto":
+    if spec in ("prompt-lookup", "auto"):  # auto: prompt lookup, its guess count chosen step by step
         return Speculation(PromptLookup(), Controller(max_k=8))
     if spec.startswith("draft:"):
         from .draft_model import DraftModel
