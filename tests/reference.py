@@ -40,6 +40,15 @@ def silu(x):
     return x / (1 + np.exp(-x))
 
 
+def int8_inputs(x: np.ndarray, group: int) -> np.ndarray:
+    """x [n, d] as the integer weight kernels see it: per token and block of `group` inputs, rounded to the
+    nearest multiple of max|x| / 127 (float32 arithmetic, as the kernel's)."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, group)
+    top = np.abs(blocks).max(-1, keepdims=True)
+    inverse = np.divide(np.float32(127), top, out=np.zeros_like(top), where=top > 0)
+    return (np.rint(blocks * inverse) * (top / np.float32(127))).reshape(x.shape)
+
+
 class ReferenceModel:
     """Whole-sequence forward only: logits [n_tokens, n_vocab] for a list of token ids."""
 
@@ -65,7 +74,16 @@ class ReferenceModel:
             return None
         return dequantize(t.data, t.type).astype(np.float64).reshape(t.shape[::-1])
 
-    def forward(self, tokens) -> np.ndarray:
+    def linear(self, x, name):
+        """x @ W^T, with x rounded to 8 bits per block of the weight's group where W is quantized (the
+        integer kernels' arithmetic, and llama.cpp's)."""
+        t = self.g.tensors[name]
+        if t.type.name not in ("F32", "F16", "BF16"):
+            x = int8_inputs(x, 16 if t.type.name in ("Q6_K", "Q2_K", "Q3_K") else 32)
+        return x @ self.w(name).T
+
+    def forward(self, tokens, kv_type: str = "f32") -> np.ndarray:
+        """kv_type "f16": keys and values rounded to float16 as a half-float KV cache stores them."""
         tokens = np.asarray(tokens)
         n, hd, gemma = len(tokens), self.head_dim, self.arch == "gemma3"
         emb = self.w("token_embd.weight")  # [n_vocab, n_embd]
@@ -77,7 +95,7 @@ class ReferenceModel:
             p = f"blk.{i}."
             local = gemma and self.window and i % 6 < 5
             h = rmsnorm(x, self.w(p + "attn_norm.weight"), self.eps)
-            q, k, v = (h @ self.w(p + f"attn_{s}.weight").T for s in "qkv")  # [n, heads*hd]
+            q, k, v = (self.linear(h, p + f"attn_{s}.weight") for s in "qkv")  # [n, heads*hd]
             for name, arr in (("q", q), ("k", k), ("v", v)):
                 bias = self.w(p + f"attn_{name}.bias")
                 if bias is not None:
@@ -88,6 +106,8 @@ class ReferenceModel:
                 k = rmsnorm(k, self.w(p + "attn_k_norm.weight"), self.eps)
             base = 10000.0 if local else self.base
             q, k = rope(q, pos, self.n_rot, base, self.neox), rope(k, pos, self.n_rot, base, self.neox)
+            if kv_type == "f16":
+                k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
             group = self.n_head // self.n_head_kv
             k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [n, heads, hd]
             scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)  # [heads, n, n]
@@ -99,16 +119,16 @@ class ReferenceModel:
             probs = np.exp(scores - scores.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
             att = np.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)  # [n, heads*hd]
-            out = att @ self.w(p + "attn_output.weight").T  # [n, n_embd]
+            out = self.linear(att, p + "attn_output.weight")  # [n, n_embd]
             if gemma:
                 out = rmsnorm(out, self.w(p + "post_attention_norm.weight"), self.eps)
             x = x + out
             h = rmsnorm(x, self.w(p + "ffn_norm.weight"), self.eps)
-            gate, up = h @ self.w(p + "ffn_gate.weight").T, h @ self.w(p + "ffn_up.weight").T  # [n, n_ff]
-            out = ((gelu_tanh(gate) if gemma else silu(gate)) * up) @ self.w(p + "ffn_down.weight").T
+            gate, up = self.linear(h, p + "ffn_gate.weight"), self.linear(h, p + "ffn_up.weight")  # [n, n_ff]
+            out = self.linear((gelu_tanh(gate) if gemma else silu(gate)) * up, p + "ffn_down.weight")
             if gemma:
                 out = rmsnorm(out, self.w(p + "post_ffw_norm.weight"), self.eps)
             x = x + out
         x = rmsnorm(x, self.w("output_norm.weight"), self.eps)
-        out_w = self.w("output.weight")
-        return x @ (emb if out_w is None else out_w).T  # [n, n_vocab]
+        out_name = "output.weight" if "output.weight" in self.g.tensors else "token_embd.weight"
+        return self.linear(x, out_name)  # [n, n_vocab]

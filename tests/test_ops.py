@@ -38,16 +38,21 @@ def test_repack_is_exact(type_name):
 
 @pytest.mark.parametrize("type_name", SUPPORTED)
 def test_matvec_matmul_and_rows(type_name):
-    n_cols = 1280  # three blocks of inputs in the prefill kernel
+    """Quantized weights multiply the inputs rounded to 8 bits per block (float weights the inputs as they are):
+    the result is that product up to float rounding, and within half a rounding step per input of the exact one."""
+    n_cols = 1280
     raw, w = _random_matrix(type_name, 200, n_cols)
     lanes = to_lanes(raw, ggml_type(type_name), n_cols)
-    x = RNG.standard_normal((SMALL_BATCH + 11, n_cols)).astype(np.float32)  # prefill: 9 blocks of 8 tokens and 3
-    expected = x.astype(np.float64) @ w.T.astype(np.float64)  # [75, 200]
+    x = RNG.standard_normal((SMALL_BATCH + 11, n_cols)).astype(np.float32)  # two calls: 64 tokens and 11
+    seen = x if lanes.kind == "f32" else reference.int8_inputs(x, lanes.group)
+    expected = seen.astype(np.float64) @ w.T.astype(np.float64)  # [75, 200]
     tol = 1e-5 * np.abs(w).max() * np.abs(x).max() * n_cols
+    half_steps = np.abs(seen - x) @ np.abs(w.T)  # how far rounding the inputs can move each output
     out = np.empty(200, np.float32)
     assert np.abs(matvec(out, lanes, x[0]) - expected[0]).max() < tol
-    assert np.abs(matmul(x, lanes) - expected).max() < tol  # the prefill kernel
-    assert np.abs(matmul(x[:19], lanes) - expected[:19]).max() < tol  # the batch kernel
+    assert np.abs(matmul(x, lanes) - expected).max() < tol  # more than one call's worth of tokens
+    assert np.abs(matmul(x[:19], lanes) - expected[:19]).max() < tol
+    assert (np.abs(matmul(x, lanes) - x.astype(np.float64) @ w.T) <= half_steps + tol).all()
     into = np.zeros((19, 300), np.float32)
     matmul(x[:19], lanes, out=into[:, 50:250])  # into a strided view, as the fused projections do
     assert np.abs(into[:, 50:250] - expected[:19]).max() < tol and not into[:, :50].any()

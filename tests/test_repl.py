@@ -22,7 +22,7 @@ def repl(smollm2_path, tmp_path):
 
 def test_chat_streams_answers_with_stats(repl):
     child, _ = repl
-    child.sendline("What is the capital of France?")
+    child.sendline("Tell me the capital of France.")
     child.expect(r"Paris")
     child.expect(r"\[\d+ tokens, [\d.]+ tok/s, first token after [\d.]+ s")
     child.expect_exact(PROMPT)

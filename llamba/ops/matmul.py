@@ -1,16 +1,13 @@
-"""Quantized matrix products over lanes-layout weights: batch kernels (1..64 tokens) and prefill.
+"""Matrix products over lanes-layout weights, for any number of tokens.
 
-Batch (decoding, verifying guesses, several sequences): each thread takes a chunk of output rows and keeps one
-float accumulator per row and token; for every input block it unpacks the codes of all rows in the chunk side
-by side (one SIMD lane per row), once for all the tokens, and multiplies by each token's broadcast inputs. Per
-block, the sum is scaled and the offset term added with the block's input sum:
-sum_k (s*q_k + o) x_k = s * sum_k q_k x_k + o * sum_k x_k. A lane's arithmetic is fixed by the source (no
-reassociation), so a token's outputs are bit-identical whatever else is in the batch.
+Quantized weights: each token's inputs are quantized to 8 bits per block (as llama.cpp's q8_0 does), and
+integer dot products with the weight codes (int8_dot, AVX-512 VNNI where the CPU has it) are scaled into
+float accumulators, one per row and token. The same kernel serves one token, a tree of guesses, several
+sequences and a long prompt (64 tokens per call), so a token's outputs never depend on what else is in the
+batch. Integer multiply-adds run at four times the float rate, which is what makes verifying guesses cheap.
 
-Prefill: each thread dequantizes a chunk's rows to float32 and multiplies them with all the tokens in a
-register-blocked loop (8 tokens x 2 rows per pass). It beats BLAS on the same float tiles: no tile round trip
-through memory, no Python between tiles, and it is compiled for this CPU's vector width, which a BLAS
-pinned to older kernels (OPENBLAS_CORETYPE) is not.
+Float weights (F32, F16, BF16): an fma chain per row and token up to 64 tokens; beyond, a register-blocked
+prefill loop (8 tokens x 2 rows per pass) over the chunk's float rows.
 """
 
 from __future__ import annotations
@@ -18,25 +15,91 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .int8_dot import NT, QUAD_BYTES, block_dots_q8_16, block_dots_q8_32, block_dots_u4
 from .jit import as_f32, exact_kernel, fma, kernel
 from .repack import CHUNK, LaneMatrix
 
-_SIXTEEN, _SIXTEENTH = np.float32(16.0), np.float32(1.0 / 16.0)
-SMALL_BATCH = 64  # up to this many tokens, the batch-invariant kernels
+SMALL_BATCH = 64  # tokens per kernel call: their accumulators stay in L1
 
 
 @exact_kernel
-def _block_sums(x, group):
-    """[n_tokens, n_blocks]: each block's input sum (for the offset term)."""
-    n_blocks = x.shape[1] // group
-    sums = np.empty((x.shape[0], n_blocks), np.float32)
-    for t in range(x.shape[0]):
+def quantize_activations(x, group):
+    """Each token's inputs in blocks of `group` as int8 codes, round(x * 127 / max|x|), with per block the scale
+    max|x| / 127 and the codes' sum (for offsets and code biases). A token's codes depend on its inputs alone,
+    as llama.cpp's q8_0 do."""
+    n_tokens, n_cols = x.shape
+    n_blocks = n_cols // group
+    codes = np.empty((n_tokens, n_cols), np.int8)
+    scales = np.empty((n_tokens, n_blocks), np.float32)
+    code_sums = np.empty((n_tokens, n_blocks), np.int32)
+    for t in range(n_tokens):
         for b in range(n_blocks):
-            s = np.float32(0.0)
+            block = x[t, b * group : (b + 1) * group]
+            top = np.float32(0.0)
             for j in range(group):
-                s += x[t, b * group + j]
-            sums[t, b] = s
-    return sums
+                top = max(top, abs(block[j]))
+            inverse = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+            code_sum = 0
+            for j in range(group):
+                q = np.int32(np.rint(block[j] * inverse))
+                codes[t, b * group + j] = q
+                code_sum += q
+            scales[t, b], code_sums[t, b] = top / np.float32(127.0), code_sum
+    return codes, scales, code_sums
+
+
+@exact_kernel
+def _block_scales(scale, offset, c, b, s, o):
+    """A block's scales and offsets for one chunk into float32 s and o (o stays zero where a type has none)."""
+    for i in range(CHUNK):
+        s[i] = as_f32(scale[c, b, i])
+    if offset.shape[1] > 0:
+        for i in range(CHUNK):
+            o[i] = as_f32(offset[c, b, i])
+
+
+@exact_kernel
+def _block_dots(sums, flat_codes, codes_at, words, words_at, row_words, n, group, n_quads):
+    if group == 8 * n_quads:
+        block_dots_u4(sums, flat_codes, codes_at, words, words_at, row_words, n)
+    elif n_quads == 8:
+        block_dots_q8_32(sums, flat_codes, codes_at, words, words_at, row_words, n)
+    else:
+        block_dots_q8_16(sums, flat_codes, codes_at, words, words_at, row_words, n)
+
+
+@exact_kernel(parallel=True)
+def batch_int8(out, codes, scale, offset, code_bias, group, words, x_scales, x_code_sums):
+    """out [n_tokens, n_rows] = x W^T from the activations' int8 codes (words: 4 per int32) and quantized weights.
+
+    Each thread takes a chunk of rows and keeps a float accumulator per row and token. Per block, the integer
+    dot products of up to NT tokens at a time (int8_dot) are scaled into the accumulators:
+    sum_k (s (q_k - bias) + o) dx c_k = s dx (sum_k q_k c_k - bias sum_k c_k) + o dx sum_k c_k,
+    with c the activation codes and dx their scale: exactly the product with the quantized inputs, up to
+    float rounding. Every token's arithmetic is the same whatever else is in
+    the batch, so its outputs are bit-identical alone or in any batch."""
+    n_tokens, row_words = words.shape
+    n_chunks, n_blocks, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
+    flat_codes, flat_words = codes.reshape(-1), words.reshape(-1)
+    block_bytes = n_quads * QUAD_BYTES
+    for c in numba.prange(n_chunks):
+        acc = np.zeros((n_tokens, CHUNK), np.float32)
+        sums = np.empty(NT * CHUNK, np.int32)
+        s, o = np.empty(CHUNK, np.float32), np.zeros(CHUNK, np.float32)
+        for b in range(n_blocks):
+            _block_scales(scale, offset, c, b, s, o)
+            t = 0
+            while t < n_tokens:
+                n = min(NT, n_tokens - t)
+                _block_dots(sums, flat_codes, (c * n_blocks + b) * block_bytes, flat_words,
+                            t * row_words + b * (group // 4), row_words, n, group, n_quads)
+                for k in range(n):
+                    a, dx, code_sum = acc[t + k], x_scales[t + k, b], x_code_sums[t + k, b]
+                    xs, bias = dx * np.float32(code_sum), code_bias * code_sum
+                    for i in range(CHUNK):
+                        a[i] = fma(o[i], xs, fma(s[i] * dx, np.float32(sums[k * CHUNK + i] - bias), a[i]))
+                t += n
+        _store(out, c, acc)
 
 
 @exact_kernel
@@ -49,175 +112,22 @@ def _store(out, c, acc):
             out[t, lo + i] = acc[t, i]
 
 
-@exact_kernel
-def _add_block(acc, part, scale, offset, c, b, xsum):
-    """acc[t] += scale * (part[0, t] + part[1, t]) + offset * (token t's block input sum), for one block of one
-    chunk. The block's products go to two partial sums in turn: two dependency chains, each half as long."""
-    s = scale[c, b]
-    for t in range(acc.shape[0]):
-        a, p, q = acc[t], part[0, t], part[1, t]
-        for i in range(CHUNK):
-            a[i] = fma(as_f32(s[i]), p[i] + q[i], a[i])
-    if offset.shape[1] > 0:  # types without mins store no offsets
-        o = offset[c, b]
-        for t in range(acc.shape[0]):
-            a, xs = acc[t], xsum[t, b]
-            for i in range(CHUNK):
-                a[i] = fma(as_f32(o[i]), xs, a[i])
-
-
-@exact_kernel
-def _fma4(p, w, xa, xb, xc, xd):
-    """p += w[0] xa + w[1] xb + w[2] xc + w[3] xd over the chunk's lanes: one token's share of 4 unpacked inputs."""
-    for i in range(CHUNK):
-        p[i] = fma(w[3, i], xd, fma(w[2, i], xc, fma(w[1, i], xb, fma(w[0, i], xa, p[i]))))
-
-
-@exact_kernel(inline=True)
-def _tokens_times_w(part, w, x, t, ca, cb, cc, cd):
-    """part[t:] += w[0] x[:, ca] + w[1] x[:, cb] + w[2] x[:, cc] + w[3] x[:, cd], four tokens per pass (each
-    unpacked weight loaded once for four, sixteen independent FMA chains in flight), then one at a time.
-    Every token gets the same fma sequence either way."""
-    n = part.shape[0]
-    while t + 4 <= n:
-        pa, pb, pc, pd = part[t], part[t + 1], part[t + 2], part[t + 3]
-        a0, a1, a2, a3 = x[t, ca], x[t, cb], x[t, cc], x[t, cd]
-        b0, b1, b2, b3 = x[t + 1, ca], x[t + 1, cb], x[t + 1, cc], x[t + 1, cd]
-        c0, c1, c2, c3 = x[t + 2, ca], x[t + 2, cb], x[t + 2, cc], x[t + 2, cd]
-        d0, d1, d2, d3 = x[t + 3, ca], x[t + 3, cb], x[t + 3, cc], x[t + 3, cd]
-        for i in range(CHUNK):
-            w0, w1, w2, w3 = w[0, i], w[1, i], w[2, i], w[3, i]
-            pa[i] = fma(w3, a3, fma(w2, a2, fma(w1, a1, fma(w0, a0, pa[i]))))
-            pb[i] = fma(w3, b3, fma(w2, b2, fma(w1, b1, fma(w0, b0, pb[i]))))
-            pc[i] = fma(w3, c3, fma(w2, c2, fma(w1, c1, fma(w0, c0, pc[i]))))
-            pd[i] = fma(w3, d3, fma(w2, d2, fma(w1, d1, fma(w0, d0, pd[i]))))
-        t += 4
-    for t in range(t, n):
-        _fma4(part[t], w, x[t, ca], x[t, cb], x[t, cc], x[t, cd])
-
-
-@exact_kernel(parallel=True)
-def batch_u4(out, codes, scale, offset, x):
-    """out [n_tokens, n_rows] = x W^T for 4-bit lanes weights (codes [n_chunks, n_blocks, 16, CHUNK]).
-
-    Each weight is read once for all the tokens. Token 0's products are fused into the unpacking pass (so a
-    single token costs what a plain matrix-vector product does); the others reuse the unpacked floats.
-    """
-    n_tokens = x.shape[0]
-    n_chunks, n_blocks = codes.shape[0], codes.shape[1]
-    xsum = _block_sums(x, 32)
-    for c in numba.prange(n_chunks):
-        acc = np.zeros((n_tokens, CHUNK), np.float32)
-        part = np.empty((2, n_tokens, CHUNK), np.float32)
-        w = np.empty((4, CHUNK), np.float32)
-        for b in range(n_blocks):
-            part[:] = 0.0
-            for j in range(0, 16, 2):  # two code bytes per pass: part is loaded and stored once per 4 FMAs
-                half = part[(j // 2) % 2]
-                p0 = half[0]
-                at = b * 32 + j
-                xa, xb, xc, xd = x[0, at], x[0, at + 16], x[0, at + 1], x[0, at + 17]
-                q0, q1 = codes[c, b, j], codes[c, b, j + 1]
-                for i in range(CHUNK):
-                    # Nibbles split in float (exact for 0..255): integer & and >> get widened to 64-bit lanes
-                    # by Numba's typing, which halves the vector width; this runs ~20% faster.
-                    both0, both1 = np.float32(q0[i]), np.float32(q1[i])
-                    high0, high1 = np.floor(both0 * _SIXTEENTH), np.floor(both1 * _SIXTEENTH)
-                    w0, w2 = both0 - high0 * _SIXTEEN, both1 - high1 * _SIXTEEN
-                    w[0, i], w[1, i], w[2, i], w[3, i] = w0, high0, w2, high1
-                    p0[i] = fma(high1, xd, fma(w2, xc, fma(high0, xb, fma(w0, xa, p0[i]))))
-                _tokens_times_w(half, w, x, 1, at, at + 16, at + 1, at + 17)
-            _add_block(acc, part, scale, offset, c, b, xsum)
-        _store(out, c, acc)
-
-
-@exact_kernel(parallel=True)
-def batch_q8(out, codes, scale, offset, x):
-    """out [n_tokens, n_rows] = x W^T for one-code-per-byte lanes weights (codes [n_chunks, n_blocks, group,
-    CHUNK], int8/uint8), four inputs per pass, token 0 fused into the unpacking as in batch_u4."""
-    n_tokens = x.shape[0]
-    n_chunks, n_blocks, group = codes.shape[0], codes.shape[1], codes.shape[2]
-    xsum = _block_sums(x, group)
-    for c in numba.prange(n_chunks):
-        acc = np.zeros((n_tokens, CHUNK), np.float32)
-        part = np.empty((2, n_tokens, CHUNK), np.float32)
-        w = np.empty((4, CHUNK), np.float32)
-        for b in range(n_blocks):
-            part[:] = 0.0
-            for j in range(0, group, 4):
-                half = part[(j // 4) % 2]
-                p0 = half[0]
-                at = b * group + j
-                xa, xb, xc, xd = x[0, at], x[0, at + 1], x[0, at + 2], x[0, at + 3]
-                qa, qb, qc, qd = codes[c, b, j], codes[c, b, j + 1], codes[c, b, j + 2], codes[c, b, j + 3]
-                for i in range(CHUNK):
-                    wa, wb, wc, wd = np.float32(qa[i]), np.float32(qb[i]), np.float32(qc[i]), np.float32(qd[i])
-                    w[0, i], w[1, i], w[2, i], w[3, i] = wa, wb, wc, wd
-                    p0[i] = fma(wd, xd, fma(wc, xc, fma(wb, xb, fma(wa, xa, p0[i]))))
-                _tokens_times_w(half, w, x, 1, at, at + 1, at + 2, at + 3)
-            _add_block(acc, part, scale, offset, c, b, xsum)
-        _store(out, c, acc)
-
-
 @exact_kernel(parallel=True)
 def batch_f32(out, w, x):
-    """out [n_tokens, n_rows] = x W^T for float lanes weights (w [n_chunks, n_cols, CHUNK]), four inputs per pass."""
+    """out [n_tokens, n_rows] = x W^T for float lanes weights (w [n_chunks, n_cols, CHUNK]), one fma chain per
+    row and token in input order."""
     n_tokens = x.shape[0]
     n_chunks, n_cols = w.shape[0], w.shape[1]
     for c in numba.prange(n_chunks):
         acc = np.zeros((n_tokens, CHUNK), np.float32)
         wc = w[c]
-        k = 0
-        while k + 4 <= n_cols:
-            _tokens_times_w(acc, wc[k : k + 4], x, 0, k, k + 1, k + 2, k + 3)
-            k += 4
-        for k in range(k, n_cols):  # fewer than four left (n_cols not a multiple of 4)
+        for k in range(n_cols):
+            wk = wc[k]
             for t in range(n_tokens):
-                a, xv, wk = acc[t], x[t, k], wc[k]
+                a, xv = acc[t], x[t, k]
                 for i in range(CHUNK):
                     a[i] = fma(wk[i], xv, a[i])
         _store(out, c, acc)
-
-
-@kernel
-def _block_scales(scale, offset, c, b):
-    """A block's scales and offsets for one chunk as float32 arrays (zeros where a type has no offsets)."""
-    s = np.empty(CHUNK, np.float32)
-    o = np.zeros(CHUNK, np.float32)
-    for i in range(CHUNK):
-        s[i] = as_f32(scale[c, b, i])
-    if offset.shape[1] > 0:
-        for i in range(CHUNK):
-            o[i] = as_f32(offset[c, b, i])
-    return s, o
-
-
-@kernel
-def dequant_chunk_u4(tile, codes, scale, offset, c):
-    """tile[k, r] = W[c*CHUNK + r, k] for 4-bit lanes weights (tile [n_cols, CHUNK])."""
-    for b in range(codes.shape[1]):
-        s, o = _block_scales(scale, offset, c, b)
-        for j in range(16):
-            q = codes[c, b, j]
-            lo_row, hi_row = tile[b * 32 + j], tile[b * 32 + 16 + j]
-            for i in range(CHUNK):
-                both = np.float32(q[i])  # nibbles split in float, as in batch_u4
-                high = np.floor(both * _SIXTEENTH)
-                lo_row[i] = s[i] * (both - high * _SIXTEEN) + o[i]
-                hi_row[i] = s[i] * high + o[i]
-
-
-@kernel
-def dequant_chunk_q8(tile, codes, scale, offset, c):
-    """tile[k, r] = W[c*CHUNK + r, k] for one-code-per-byte lanes weights (tile [n_cols, CHUNK])."""
-    group = codes.shape[2]
-    for b in range(codes.shape[1]):
-        s, o = _block_scales(scale, offset, c, b)
-        for j in range(group):
-            q = codes[c, b, j]
-            row = tile[b * group + j]
-            for i in range(CHUNK):
-                row[i] = s[i] * np.float32(q[i]) + o[i]
 
 
 def matvec(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> np.ndarray:
@@ -227,12 +137,11 @@ def matvec(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> np.ndarray:
 
 
 def _batch_product(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> None:
-    if w.kind == "u4":
-        batch_u4(out, w.codes, w.scale, w.offset, x)
-    elif w.kind == "q8":
-        batch_q8(out, w.codes, w.scale, w.offset, x)
-    else:
+    if w.kind == "f32":
         batch_f32(out, w.codes, x)
+        return
+    codes, scales, code_sums = quantize_activations(x, w.group)
+    batch_int8(out, w.codes, w.scale, w.offset, w.code_bias, w.group, codes.view(np.int32), scales, code_sums)
 
 
 # ------------------------------------------------------------------------------------- prefill
@@ -317,23 +226,6 @@ def _chunk_times_x(out, x, w, r0):
 
 
 @kernel(parallel=True)
-def matmul_u4(out, x, codes, scale, offset):
-    """out = x @ W.T for 4-bit lanes weights: each thread dequantizes a chunk's rows, then multiplies."""
-    for c in numba.prange(codes.shape[0]):
-        tile = np.empty((x.shape[1], CHUNK), np.float32)
-        dequant_chunk_u4(tile, codes, scale, offset, c)
-        _chunk_times_x(out, x, np.ascontiguousarray(tile.T), c * CHUNK)
-
-
-@kernel(parallel=True)
-def matmul_q8(out, x, codes, scale, offset):
-    for c in numba.prange(codes.shape[0]):
-        tile = np.empty((x.shape[1], CHUNK), np.float32)
-        dequant_chunk_q8(tile, codes, scale, offset, c)
-        _chunk_times_x(out, x, np.ascontiguousarray(tile.T), c * CHUNK)
-
-
-@kernel(parallel=True)
 def matmul_f32(out, x, w):
     for c in numba.prange(w.shape[0]):
         _chunk_times_x(out, x, np.ascontiguousarray(w[c].T), c * CHUNK)
@@ -342,49 +234,43 @@ def matmul_f32(out, x, w):
 def matmul(x: np.ndarray, w: LaneMatrix, out: np.ndarray | None = None) -> np.ndarray:
     """[n_tokens, n_cols] -> [n_tokens, n_rows].
 
-    Up to SMALL_BATCH tokens run the batch kernels, whose arithmetic per token does not depend on how many
-    tokens there are (batch invariance: a token's outputs are bit-identical alone or in any such batch).
-    More tokens (long prompts) run the prefill kernel: float rows of a chunk at a time times all the tokens.
+    Quantized weights: the integer kernel, SMALL_BATCH tokens per call. Its arithmetic per token does not
+    depend on the other tokens (batch invariance: a token's outputs are bit-identical alone or in any batch,
+    prompts included). Float weights: the batch kernel up to SMALL_BATCH tokens, else the prefill kernel.
     """
     n_tokens = x.shape[0]
     if out is None:
         out = np.empty((n_tokens, w.n_rows), np.float32)
     dense = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)  # one kernel variant
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if n_tokens <= SMALL_BATCH:
-        _batch_product(dense, w, x)
-    elif w.kind == "u4":
-        matmul_u4(dense, x, w.codes, w.scale, w.offset)
-    elif w.kind == "q8":
-        matmul_q8(dense, x, w.codes, w.scale, w.offset)
-    else:
+    if w.kind == "f32" and n_tokens > SMALL_BATCH:
         matmul_f32(dense, x, w.codes)
+    else:
+        for t in range(0, n_tokens, SMALL_BATCH):
+            _batch_product(dense[t : t + SMALL_BATCH], w, x[t : t + SMALL_BATCH])
     if dense is not out:
         out[...] = dense
     return out
 
 
 @kernel
-def _row_u4(out, codes, scale, offset, r):
+def _row(out, codes, scale, offset, code_bias, nibbles, r):
+    """Row r of quantized lanes weights as float32 (out [n_cols])."""
     c, i = r // CHUNK, r % CHUNK
+    n_quads = codes.shape[2]
+    group = 8 * n_quads if nibbles else 4 * n_quads
     for b in range(codes.shape[1]):
         s = as_f32(scale[c, b, i])
         o = as_f32(offset[c, b, i]) if offset.shape[1] > 0 else np.float32(0.0)
-        for j in range(16):
-            q = codes[c, b, j, i]
-            out[b * 32 + j] = s * np.float32(q & np.uint8(15)) + o
-            out[b * 32 + 16 + j] = s * np.float32(q >> np.uint8(4)) + o
-
-
-@kernel
-def _row_q8(out, codes, scale, offset, r):
-    c, i = r // CHUNK, r % CHUNK
-    group = codes.shape[2]
-    for b in range(codes.shape[1]):
-        s = as_f32(scale[c, b, i])
-        o = as_f32(offset[c, b, i]) if offset.shape[1] > 0 else np.float32(0.0)
-        for j in range(group):
-            out[b * group + j] = s * np.float32(codes[c, b, j, i]) + o
+        for q in range(n_quads):
+            for m in range(4):
+                code = np.int32(codes[c, b, q, i, m])
+                at = b * group + 4 * q + m
+                if nibbles:
+                    out[at] = s * np.float32(code & 15) + o
+                    out[at + 16] = s * np.float32(code >> 4) + o
+                else:
+                    out[at] = s * np.float32(code - code_bias) + o
 
 
 def gather_rows(w: LaneMatrix, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -392,10 +278,8 @@ def gather_rows(w: LaneMatrix, rows: np.ndarray, out: np.ndarray | None = None) 
     out = np.empty((len(rows), w.n_cols), np.float32) if out is None else out
     for t, r in enumerate(rows):
         r = int(r)
-        if w.kind == "u4":
-            _row_u4(out[t], w.codes, w.scale, w.offset, r)
-        elif w.kind == "q8":
-            _row_q8(out[t], w.codes, w.scale, w.offset, r)
+        if w.kind != "f32":
+            _row(out[t], w.codes, w.scale, w.offset, w.code_bias, w.kind == "u4", r)
         else:
             out[t] = w.codes[r // CHUNK, :, r % CHUNK]
     return out

@@ -7,12 +7,14 @@ the kernels' inner loops run over rows, one SIMD lane per row, with no horizonta
 contiguous run of memory, read front to back, which the prefetchers love. Every block type becomes one of:
 
 - `u4`: 4-bit codes, 32 per block, byte j holding codes j (low nibble) and j+16 (high nibble);
-  codes [n_chunks, n_blocks, 16, CHUNK] uint8;                                   (Q4_0, Q4_1, Q4_K)
-- `q8`: one code per byte, `group` (16 or 32) per block; codes [n_chunks, n_blocks, group, CHUNK];
-                                                      (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K)
+                                                                                  (Q4_0, Q4_1, Q4_K)
+- `q8`: one code per byte, `group` (16 or 32) per block;   (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K)
 - `f32`: plain floats, codes [n_chunks, n_cols, CHUNK] float32.                    (F32, F16, BF16)
 
-with weight = scale * code + offset, scale and offset [n_chunks, n_blocks, CHUNK]. The scales are ggml's own
+The code bytes of a block go in quads, the integer dot product's unit (see int8_dot): codes
+[n_chunks, n_blocks, n_quads, CHUNK, 4] uint8, quad q holding code bytes 4q..4q+3 of every row side by side.
+Codes are unsigned: signed types store code + 128 (code_bias = 128), which the kernels take back out exactly.
+Weight = scale * (code - code_bias) + offset, scale and offset [n_chunks, n_blocks, CHUNK]. The scales are ggml's own
 numbers (d, or d times the sub-block scale), so dequantizing the lanes gives ggml's values bit for bit. Where
 they are the file's float16 values (Q4_0..Q8_0) they stay float16 (as uint16 bits), and types with signed codes
 store no offsets: Q4_1, Q5_0 and Q8_0 then take exactly the file's bytes; the K-quants keep float32 scales
@@ -46,10 +48,11 @@ class LaneMatrix:
     scale: np.ndarray  # [n_chunks, n_blocks, CHUNK] float32, or float16 bits as uint16 (empty for f32)
     offset: np.ndarray  # like scale; [n_chunks, 0, CHUNK] for types without offsets
     source_type: str
+    code_bias: int = 0  # 128 where the type's codes are signed (stored as code + 128)
 
     @property
     def group(self) -> int:
-        return 32 if self.kind == "u4" else self.codes.shape[2] if self.kind == "q8" else 1
+        return 32 if self.kind == "u4" else 4 * self.codes.shape[2] if self.kind == "q8" else 1
 
     @property
     def nbytes(self) -> int:
@@ -297,7 +300,25 @@ def to_lanes(data: np.ndarray, ggml: GGMLType, n_cols: int) -> LaneMatrix:
     src = readonly(np.ascontiguousarray(data).view(np.uint8).reshape(n_rows, -1))
     fn(codes, scale, offset, src, F16_TABLE)
     scale, offset = _compact_scales(ggml.name, scale, offset)
-    return LaneMatrix(kind, n_rows, n_cols, codes, scale, offset, ggml.name)
+    bias = 128 if code_dtype == np.int8 else 0
+    return LaneMatrix(kind, n_rows, n_cols, _to_quads(codes), scale, offset, ggml.name, bias)
+
+
+def _to_quads(codes: np.ndarray) -> np.ndarray:
+    """[n_chunks, n_blocks, n_bytes, CHUNK] codes -> quads [n_chunks, n_blocks, n_bytes / 4, CHUNK, 4] uint8;
+    signed codes gain 128 (flipping the top bit of a two's complement byte adds 128)."""
+    n_chunks, n_blocks, n_bytes = codes.shape[:3]
+    quads = codes.reshape(n_chunks, n_blocks, n_bytes // 4, 4, CHUNK).transpose(0, 1, 2, 4, 3)
+    unsigned = quads.view(np.uint8) ^ np.uint8(0x80) if codes.dtype == np.int8 else quads
+    return np.ascontiguousarray(unsigned)
+
+
+def code_bytes(w: LaneMatrix) -> np.ndarray:
+    """The codes as [n_chunks, n_blocks, n_bytes, CHUNK] int16 with the bias taken out (byte j of row i of a
+    block at [.., j, i]): the layout before quads, for NumPy."""
+    n_chunks, n_blocks, n_quads = w.codes.shape[:3]
+    plain = w.codes.transpose(0, 1, 2, 4, 3).reshape(n_chunks, n_blocks, 4 * n_quads, CHUNK)
+    return plain.astype(np.int16) - w.code_bias
 
 
 # Types whose scales and offsets are the file's own float16 numbers (or exact multiples of them by a power
@@ -325,7 +346,8 @@ def lanes_to_float(w: LaneMatrix) -> np.ndarray:
     if w.kind == "f32":
         vals = w.codes  # [n_chunks, n_cols, CHUNK]
     else:
-        q = np.concatenate([w.codes & 15, w.codes >> 4], axis=2) if w.kind == "u4" else w.codes
+        plain = code_bytes(w)
+        q = np.concatenate([plain & 15, plain >> 4], axis=2) if w.kind == "u4" else plain
         vals = _scales_f32(w.scale)[:, :, None, :] * q.astype(np.float32)
         if w.offset.shape[1]:
             vals = vals + _scales_f32(w.offset)[:, :, None, :]
@@ -338,7 +360,7 @@ def concat_rows(parts: list[LaneMatrix]) -> LaneMatrix | None:
     None when they cannot share a layout (different kinds, groups or code types, or rows off the chunk grid)."""
     first = parts[0]
     compatible = all(
-        p.kind == first.kind and p.n_cols == first.n_cols and p.codes.dtype == first.codes.dtype
+        p.kind == first.kind and p.n_cols == first.n_cols and p.code_bias == first.code_bias
         and p.codes.shape[1:] == first.codes.shape[1:] and p.n_rows % CHUNK == 0
         and p.scale.dtype == first.scale.dtype and p.offset.shape[1:] == first.offset.shape[1:]
         for p in parts
@@ -349,4 +371,5 @@ def concat_rows(parts: list[LaneMatrix]) -> LaneMatrix | None:
         first.kind, sum(p.n_rows for p in parts), first.n_cols,
         np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]),
         np.concatenate([p.offset for p in parts]), "+".join(sorted({p.source_type for p in parts})),
+        first.code_bias,
     )
