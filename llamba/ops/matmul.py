@@ -95,7 +95,7 @@ def batch_int8(out, codes, scale, offset, code_bias, group, words, x_scales, x_c
                             t * row_words + b * (group // 4), row_words, n, group, n_quads)
                 for k in range(n):
                     a, dx, code_sum = acc[t + k], x_scales[t + k, b], x_code_sums[t + k, b]
-                    xs, bias = dx * np.float32(code_sum), code_bias * code_sum
+                    xs, bias = dx * np.float32(code_sum), np.int32(code_bias * code_sum)  # int32: full-width lanes
                     for i in range(CHUNK):
                         a[i] = fma(o[i], xs, fma(s[i] * dx, np.float32(sums[k * CHUNK + i] - bias), a[i]))
                 t += n
