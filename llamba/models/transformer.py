@@ -138,19 +138,21 @@ class Transformer:
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def forward(self, batch: Batch, cache) -> np.ndarray:
+    def forward(self, batch: Batch, cache, exact: bool = False) -> np.ndarray:
         """Run a batch through the model, its K/V joining the cache; returns float32 logits [n_rows, n_vocab]
         for the rows with want_logits, in batch order.
 
-        The one path for prompts, guesses and several sequences. Up to SMALL_BATCH tokens, each token's
-        logits are bit-identical to evaluating it alone (batch-invariant kernels, attention over its own
-        visibility list); longer batches (prompts) take the faster prefill kernels.
+        The one path for prompts, guesses and several sequences. The matrix kernels are batch invariant;
+        attention is too (each token walks its own visibility list), except that a single chain of more than
+        SMALL_BATCH tokens (a long prompt) takes BLAS in blocks, about 20% faster at 512 tokens, whose bits
+        depend on where the prompt was split. exact: never that path, so every token's logits are
+        bit-identical however the batches were cut (what the server promises).
         """
         hp = self.hp
         batch.validate(hp.n_vocab)
         placement = cache.place(batch)
         try:
-            x = self._layers(batch, placement, cache)
+            x = self._layers(batch, placement, cache, exact)
         except BaseException:
             cache.remove_cells(placement.cells)  # a failed pass leaves nothing behind
             raise
@@ -179,7 +181,7 @@ class Transformer:
         logits = self.forward(batch, cache)
         return logits if all_logits else logits[0]
 
-    def _layers(self, batch: Batch, placement, cache) -> np.ndarray:
+    def _layers(self, batch: Batch, placement, cache, exact: bool) -> np.ndarray:
         hp = self.hp
         x = gather_rows(self.tok_embd, batch.tokens)
         if hp.embed_scale != 1.0:
@@ -187,7 +189,7 @@ class Transformer:
         tables = {False: rope_tables(batch.positions, hp.rope)}
         if hp.rope_local is not None:
             tables[True] = rope_tables(batch.positions, hp.rope_local)
-        attend = self._attention_over(batch, placement, cache)
+        attend = self._attention_over(batch, placement, cache, exact)
         for i, layer in enumerate(self.layers):
             local = bool(hp.swa_layers and hp.swa_layers[i])
             cos, sin = tables[local and hp.rope_local is not None]
@@ -195,13 +197,13 @@ class Transformer:
             self._ffn_block(x, layer)
         return x
 
-    def _attention_over(self, batch: Batch, placement, cache):
+    def _attention_over(self, batch: Batch, placement, cache, exact: bool):
         """attend(out, q, layer, window): the attention kernel this batch takes, its visibility worked out once
         for all layers. Long prompts go through BLAS in blocks; everything else through the listed kernel."""
         hp = self.hp
         scale = np.float32(hp.attn_scale or 1.0 / math.sqrt(hp.head_dim))
         capped = np.float32(hp.attn_softcap)
-        if len(batch) > SMALL_BATCH and placement.is_chain:
+        if len(batch) > SMALL_BATCH and placement.is_chain and not exact:
             keys = placement.chain_keys()
             key_pos = cache.cell_pos[keys]
 

@@ -1,0 +1,33 @@
+"""`llamba serve`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import LlambaError
+from .common import model_options, open_llama
+
+
+@click.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("-np", "--parallel", type=int, default=4, show_default=True, help="Requests decoded together.")
+@click.option("--queue", "max_queue", type=int, default=16, show_default=True,
+              help="Requests that may wait for a slot; past it the server answers 503.")
+@click.option("--api-key", default=None, help="Require this bearer token on /v1 requests.")
+def serve(model, ctx_size, threads, chat_template, kv_type, host, port, parallel, max_queue, api_key) -> None:
+    """Serve a model over HTTP with OpenAI's API (chat, completions, streaming), several users at once."""
+    from ..server import run
+
+    if not 0 < port < 65536:
+        raise LlambaError(f"--port must be in 1..65535 (got {port})")
+    if max_queue < 0:
+        raise LlambaError(f"--queue must be >= 0 (got {max_queue})")
+    llm = open_llama(model, ctx_size, threads, chat_template, kv_type=kv_type)
+    aliases = (model,) if model else ()
+    ready = lambda url, name: click.echo(f"llamba: serving {name} at {url}/v1 ({parallel} slots)", err=True)  # noqa: E731
+    run(llm, host, port, parallel, max_queue, api_key, aliases=aliases, on_ready=ready)
+
+
+COMMANDS = [serve]

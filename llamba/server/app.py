@@ -1,0 +1,319 @@
+"""The HTTP face of the engine: OpenAI-shaped endpoints on FastAPI, request bodies checked by pydantic.
+
+Every error is an OpenAI-shaped JSON body with a 4xx status ({"error": {"message", "type", "param", "code"}}),
+including malformed JSON and out-of-range values; a full server answers 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import LlambaError
+from ..runtime.sampling import Sampler
+from .engine import Engine, Event, QueueFull, Request
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, tools, ...)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str | None = None
+    temperature: float = Field(0.8, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0, le=1)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+
+    def sampler(self) -> Sampler:
+        return Sampler(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                       frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                       seed=self.seed)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def plain(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
+    max_tokens: int = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(_Body):
+    content: str
+    add_special: bool = False
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _HTTPError(Exception):
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
+    app = FastAPI(title="llamba", docs_url=None, redoc_url=None)
+    llm, tokenizer = engine.llm, engine.tokenizer
+    known_models = {model_id, *aliases}
+    started = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return _error(400, message, param=where or None)
+
+    @app.exception_handler(_HTTPError)
+    async def http_error(_, exc: _HTTPError):
+        return exc.response
+
+    @app.middleware("http")
+    async def check_key(request: HTTPRequest, call_next):
+        if api_key and request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {api_key}":
+            return _error(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in known_models:
+            raise _HTTPError(_error(404, f"model {name!r} is not served here (serving {model_id!r})",
+                                    param="model", code="model_not_found"))
+
+    def submit(prompt_ids: list[int], body: _Sampling, max_tokens: int, top_logprobs: int | None):
+        if not prompt_ids:
+            raise _HTTPError(_error(400, "the prompt is empty", param="prompt"))
+        try:
+            sampler = body.sampler()
+            request = Request(prompt_ids, max_tokens, sampler, body.stops(), top_logprobs)
+            loop = asyncio.get_running_loop()
+            inbox: asyncio.Queue[Event] = asyncio.Queue()
+            request.deliver = lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event)
+            engine.submit(request)
+        except QueueFull as e:
+            raise _HTTPError(_error(503, str(e), kind="server_busy", headers={"Retry-After": "1"}))
+        except LlambaError as e:
+            code = "context_length_exceeded" if "context" in str(e) else None
+            raise _HTTPError(_error(400, str(e), code=code))
+        return request, inbox
+
+    async def events(request: Request, inbox: asyncio.Queue):
+        """The engine's events for one request; leaving early (a client gone) cancels the generation."""
+        try:
+            while True:
+                event = await inbox.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            request.cancel()
+
+    def usage(request: Request) -> dict:
+        n_prompt = len(request.prompt_ids)
+        return {"prompt_tokens": n_prompt, "completion_tokens": request.generated,
+                "total_tokens": n_prompt + request.generated}
+
+    def finish(event: Event) -> str:
+        if event.error:
+            return "error"
+        return event.finish_reason
+
+    def token_text(token: int) -> str:
+        return tokenizer.decode([token])
+
+    def chat_logprobs(entries: list[dict]) -> dict:
+        def one(token, logprob):
+            text = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**one(e["token"], e["logprob"]),
+                             "top_logprobs": [one(t, lp) for t, lp in e["top"]]} for e in entries]}
+
+    def completion_logprobs(entries: list[dict], offset0: int = 0) -> dict:
+        tokens, offsets, at = [], [], offset0
+        for e in entries:
+            tokens.append(token_text(e["token"]))
+            offsets.append(at)
+            at += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{token_text(t): lp for t, lp in e["top"]} for e in entries], "text_offset": offsets}
+
+    def logprob_entry(event: Event) -> dict | None:
+        return {"token": event.token, **event.logprobs} if event.logprobs is not None and event.token >= 0 else None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "slots_idle": engine.free_slots(), "slots_processing": engine.busy_slots}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "llamba"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(_prometheus(engine), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return {"tokens": llm.tokenize(body.content, add_bos=body.add_special, special=body.add_special)}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if any(not 0 <= t < len(tokenizer.tokens) for t in body.tokens):
+            return _error(400, f"token ids must be in 0..{len(tokenizer.tokens) - 1}", param="tokens")
+        return {"content": llm.detokenize(body.tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        check_model(body.model)
+        try:
+            prompt_ids = llm.chat_prompt_ids([m.plain() for m in body.messages])
+        except LlambaError as e:
+            return _error(400, str(e), param="messages")
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        n_top = (body.top_logprobs or 0) if body.logprobs else None
+        request, inbox = submit(prompt_ids, body, engine.n_ctx if limit is None else limit, n_top)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "created": int(time.time()), "model": model_id}
+        if body.stream:
+            return _sse(chat_chunks(request, inbox, meta, body))
+        text, entries, last = [], [], None
+        async for event in events(request, inbox):
+            text.append(event.text)
+            entries.append(logprob_entry(event))
+            last = event
+        if last.error:
+            return _error(500, last.error, kind="server_error")
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": finish(last),
+                  "logprobs": chat_logprobs([e for e in entries if e]) if n_top is not None else None}
+        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(request)}
+
+    async def chat_chunks(request, inbox, meta, body: ChatRequest):
+        chunk = {**meta, "object": "chat.completion.chunk"}
+        yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        async for event in events(request, inbox):
+            entry = logprob_entry(event)
+            if event.text or entry:
+                delta = {"index": 0, "delta": {"content": event.text}, "finish_reason": None,
+                         "logprobs": chat_logprobs([entry]) if entry else None}
+                yield {**chunk, "choices": [delta]}
+            if event.finish_reason is not None:
+                yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish(event)}]}
+        if body.stream_options and body.stream_options.include_usage:
+            yield {**chunk, "choices": [], "usage": usage(request)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        if isinstance(body.prompt, str):
+            prompt_ids = llm.tokenize(body.prompt)
+        else:
+            if any(not 0 <= t < len(tokenizer.tokens) for t in body.prompt):
+                return _error(400, f"token ids must be in 0..{len(tokenizer.tokens) - 1}", param="prompt")
+            prompt_ids = list(body.prompt)
+        request, inbox = submit(prompt_ids, body, body.max_tokens, body.logprobs)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "created": int(time.time()), "model": model_id}
+        if body.stream:
+            return _sse(completion_chunks(request, inbox, meta, body))
+        text, entries, last = [], [], None
+        async for event in events(request, inbox):
+            text.append(event.text)
+            entries.append(logprob_entry(event))
+            last = event
+        if last.error:
+            return _error(500, last.error, kind="server_error")
+        choice = {"index": 0, "text": "".join(text), "finish_reason": finish(last),
+                  "logprobs": completion_logprobs([e for e in entries if e]) if body.logprobs is not None else None}
+        return {**meta, "object": "text_completion", "choices": [choice], "usage": usage(request)}
+
+    async def completion_chunks(request, inbox, meta, body: CompletionRequest):
+        chunk = {**meta, "object": "text_completion"}
+        async for event in events(request, inbox):
+            entry = logprob_entry(event)
+            if event.text or entry:
+                yield {**chunk, "choices": [{"index": 0, "text": event.text, "finish_reason": None,
+                                             "logprobs": completion_logprobs([entry]) if entry else None}]}
+            if event.finish_reason is not None:
+                yield {**chunk, "choices": [{"index": 0, "text": "", "finish_reason": finish(event), "logprobs": None}]}
+        if body.stream_options and body.stream_options.include_usage:
+            yield {**chunk, "choices": [], "usage": usage(request)}
+
+    return app
+
+
+def _sse(chunks) -> StreamingResponse:
+    async def lines():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _prometheus(engine: Engine) -> str:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+
+    disable_created_metrics()
+
+    registry = CollectorRegistry()
+    for name, help_text in (("requests", "Requests accepted"), ("prompt_tokens", "Prompt tokens received"),
+                            ("evaluated_prompt_tokens", "Prompt tokens evaluated (the rest came from the cache)"),
+                            ("generated_tokens", "Tokens generated")):
+        Counter(f"llamba_{name}", help_text, registry=registry).inc(engine.counters[name])
+    for name, help_text, value in (("queue_length", "Requests waiting for a slot", len(engine.waiting)),
+                                   ("slots_processing", "Slots generating", engine.busy_slots),
+                                   ("slots_idle", "Slots free", engine.free_slots()),
+                                   ("tokens_per_second", "Tokens generated per second in the last step",
+                                    engine.tokens_per_second)):
+        Gauge(f"llamba_{name}", help_text, registry=registry).set(value)
+    return generate_latest(registry).decode()

@@ -1,0 +1,253 @@
+"""The serving engine: N slots decoded together, one forward per step over every active sequence.
+
+Each slot is a sequence of the shared KV cache (its own cells, its own sampler, its own text stream). A step
+gathers one token from every decoding slot and a piece of one waiting prompt into a single batch, so the
+weights are read once for all of them (the batch mechanism of runtime/batch.py). The kernels are batch
+invariant, so a request's tokens are the same whether it was served alone or beside others.
+
+A request that arrives when every slot is busy waits in a bounded queue; the next step after a slot frees,
+it takes the slot whose cached tokens share the longest prefix with its prompt, and only the rest of the
+prompt is evaluated (a chat's next turn runs only its new message). The engine runs in one thread; requests
+talk to it through thread-safe queues, and cancelling one frees its slot at the next step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import LlambaError
+from ..runtime.batch import MAX_SEQUENCES, Batch
+from ..runtime.generate import StopFilter
+from ..runtime.kv_cache import SPARE_CELLS, KVCache
+from ..runtime.sampling import Sampler
+
+PREFILL_CHUNK = 256  # prompt tokens per step: a long prompt never stalls the running streams for long
+
+
+class QueueFull(LlambaError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+@dataclass
+class Event:
+    """What a request hears from the engine: a token with its text, then one final event (finish_reason set,
+    or error set)."""
+
+    text: str = ""
+    token: int = -1
+    logprobs: dict | None = None  # {"logprob": float, "top": [(token, logprob), ...]}
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampler: Sampler
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best
+    events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
+    deliver: Callable[[Event], None] | None = None  # called from the engine thread; default: put in events
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_seconds: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def send(self, event: Event) -> None:
+        (self.deliver or self.events.put)(event)
+
+
+@dataclass
+class _Slot:
+    seq: int
+    cached: list[int] = field(default_factory=list)  # the tokens the cache holds for this sequence
+    request: Request | None = None
+    pending: list[int] = field(default_factory=list)  # tokens to evaluate next
+    history: list[int] = field(default_factory=list)  # prompt + generated (for penalties)
+    detok: object = None
+    stopper: StopFilter | None = None
+    last_used: float = 0.0
+
+
+class Engine:
+    def __init__(self, llm, parallel: int = 4, max_queue: int = 16):
+        if not 1 <= parallel <= MAX_SEQUENCES:
+            raise LlambaError(f"--parallel must be in 1..{MAX_SEQUENCES} (got {parallel})")
+        self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        self.n_ctx = llm.n_ctx
+        self.cache = KVCache.for_model(self.model.hp, self.n_ctx, llm.cache.kv_type,
+                                       n_cells=parallel * self.n_ctx + SPARE_CELLS)
+        self.slots = [_Slot(seq) for seq in range(parallel)]
+        self.max_queue = max_queue
+        self.waiting: deque[Request] = deque()
+        self.counters = {"requests": 0, "prompt_tokens": 0, "evaluated_prompt_tokens": 0, "generated_tokens": 0}
+        self.tokens_per_second = 0.0
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llamba-engine", daemon=True)
+
+    # ------------------------------------------------------------------------------------- outside
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def submit(self, request: Request) -> Request:
+        if len(request.prompt_ids) >= self.n_ctx:
+            raise LlambaError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.n_ctx}")
+        with self._wake:
+            if len(self.waiting) >= self.max_queue + self.free_slots():
+                raise QueueFull("the server is busy: every slot is taken and the queue is full")
+            self.waiting.append(request)
+            self.counters["requests"] += 1
+            self._wake.notify()
+        return request
+
+    def free_slots(self) -> int:
+        return sum(slot.request is None for slot in self.slots)
+
+    @property
+    def busy_slots(self) -> int:
+        return len(self.slots) - self.free_slots()
+
+    # ------------------------------------------------------------------------------------- the loop
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.waiting and not self.busy_slots:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                self._admit()
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step ends its requests, never the server
+                for slot in self.slots:
+                    if slot.request is not None:
+                        self._finish(slot, error=f"{type(e).__name__}: {e}")
+
+    def _admit(self) -> None:
+        """Give waiting requests free slots, each the one whose cache shares the longest prefix."""
+        while self.waiting:
+            request = self.waiting[0]
+            if request.cancelled.is_set():
+                self.waiting.popleft()
+                continue
+            free = [slot for slot in self.slots if slot.request is None]
+            if not free:
+                return
+            self.waiting.popleft()
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, request.prompt_ids), -s.last_used))
+            self._assign(slot, request)
+
+    def _assign(self, slot: _Slot, request: Request) -> None:
+        prompt = request.prompt_ids
+        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last token runs for its logits
+        self.cache.remove(slot.seq, keep)
+        slot.cached = slot.cached[:keep]
+        slot.request, slot.pending, slot.history = request, list(prompt[keep:]), list(prompt)
+        slot.detok, slot.stopper = self.tokenizer.streamer(), StopFilter(list(request.stop))
+        self.counters["prompt_tokens"] += len(prompt)
+        self.counters["evaluated_prompt_tokens"] += len(prompt) - keep
+
+    def _step(self) -> None:
+        """One forward: every decoding slot's next token, plus up to PREFILL_CHUNK tokens of prompts."""
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled.is_set():
+                self._finish(slot, reason="cancelled")
+        parts, owners, budget = [], [], PREFILL_CHUNK
+        for slot in self.slots:
+            if slot.request is None:
+                continue
+            if len(slot.pending) == 1:  # decoding (or a prompt down to its last token)
+                take = slot.pending
+            elif budget > 0:
+                take = slot.pending[:budget]
+                budget -= len(take)
+            else:
+                continue
+            done = len(take) == len(slot.pending)
+            parts.append(Batch.chain(take, len(slot.cached), slot.seq, logits="last" if done else "none"))
+            owners.append((slot, take, done))
+        if not parts:
+            return
+        t0 = time.perf_counter()
+        logits = self.model.forward(Batch.join(parts), self.cache, exact=True)  # same bits alone or not
+        row, produced = 0, 0
+        for slot, taken, done in owners:
+            slot.cached.extend(taken)
+            slot.pending = slot.pending[len(taken):]
+            slot.last_used = time.perf_counter()
+            if done:
+                self._emit(slot, logits[row])
+                row += 1
+                produced += 1
+        self.counters["generated_tokens"] += produced
+        self.tokens_per_second = produced / max(time.perf_counter() - t0, 1e-9)
+
+    def _emit(self, slot: _Slot, logits: np.ndarray) -> None:
+        """Sample a slot's next token and send its text; finish the request when it ends."""
+        request = slot.request
+        token = request.sampler.sample(logits, slot.history)
+        request.generated += 1
+        if request.first_token_seconds is None:
+            request.first_token_seconds = time.perf_counter() - request.submitted
+        logprobs = _logprobs(logits, token, request.top_logprobs) if request.top_logprobs is not None else None
+        if token in self.tokenizer.eog_ids:
+            return self._finish(slot, reason="stop", token=token, logprobs=logprobs)
+        text, stopped = slot.stopper.feed(slot.detok.push(token))
+        if stopped:
+            request.send(Event(text, token, logprobs))
+            return self._finish(slot, reason="stop", flush=False)
+        request.send(Event(text, token, logprobs))
+        slot.history.append(token)
+        if request.generated >= request.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
+            return self._finish(slot, reason="length")
+        slot.pending = [token]
+
+    def _finish(self, slot: _Slot, reason: str = "stop", error: str | None = None, token: int = -1,
+                logprobs: dict | None = None, flush: bool = True) -> None:
+        request = slot.request
+        tail = ""
+        if flush and error is None and slot.stopper is not None:
+            tail = slot.stopper.feed(slot.detok.flush())[0] + slot.stopper.flush()
+        if tail or token >= 0:
+            request.send(Event(tail, token, logprobs))
+        request.send(Event(finish_reason=reason if error is None else "error", error=error))
+        slot.request, slot.pending = None, []
+        if error is not None:  # the cells of a failed step may be half written: start this slot afresh
+            self.cache.remove(slot.seq, 0)
+            slot.cached = []
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _logprobs(logits: np.ndarray, token: int, n_top: int) -> dict:
+    z = logits.astype(np.float64)
+    log_total = z.max() + np.log(np.exp(z - z.max()).sum())
+    top = np.argsort(-z)[:n_top] if n_top else np.array([], np.int64)
+    return {"logprob": float(z[token] - log_total), "top": [(int(t), float(z[t] - log_total)) for t in top]}
