@@ -209,3 +209,16 @@ def test_next_chat_turn_evaluates_only_its_new_tokens(server):
     second = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1.gguf", messages=turn, max_tokens=8,
                                             temperature=0)
     assert evaluated() - before < second.usage.prompt_tokens - first.usage.prompt_tokens + 16
+
+
+def test_guessing_ahead_per_request_gives_the_same_answers(server):
+    """Prompt lookup checks its guesses in the slot's share of the batch: the same tokens, fewer steps."""
+    client = server.client()
+    code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
+    question = f"Repeat this code exactly:\n\n{code}"
+    plain = _chat(client, question, 40).choices[0].message.content
+    for decoding in ("prompt-lookup", "auto"):
+        guessed = _chat(client, question, 40, extra_body={"decoding": decoding})
+        assert guessed.choices[0].message.content == plain
+    with pytest.raises(openai.BadRequestError, match="decoding"):
+        _chat(client, question, 4, extra_body={"decoding": "draft:other.gguf"})

@@ -16,7 +16,9 @@ from .common import model_options, open_llama
 @click.option("--queue", "max_queue", type=int, default=16, show_default=True,
               help="Requests that may wait for a slot; past it the server answers 503.")
 @click.option("--api-key", default=None, help="Require this bearer token on /v1 requests.")
-def serve(model, ctx_size, threads, chat_template, kv_type, host, port, parallel, max_queue, api_key) -> None:
+@click.option("--decoding", type=click.Choice(["greedy", "prompt-lookup", "auto"]), default="greedy", show_default=True,
+              help="Guess ahead and check the guesses in the same batch (requests may choose their own).")
+def serve(model, ctx_size, threads, chat_template, kv_type, host, port, parallel, max_queue, api_key, decoding) -> None:
     """Serve a model over HTTP with OpenAI's API (chat, completions, streaming), several users at once."""
     from ..server import run
 
@@ -27,7 +29,7 @@ def serve(model, ctx_size, threads, chat_template, kv_type, host, port, parallel
     llm = open_llama(model, ctx_size, threads, chat_template, kv_type=kv_type)
     aliases = (model,) if model else ()
     ready = lambda url, name: click.echo(f"llamba: serving {name} at {url}/v1 ({parallel} slots)", err=True)  # noqa: E731
-    run(llm, host, port, parallel, max_queue, api_key, aliases=aliases, on_ready=ready)
+    run(llm, host, port, parallel, max_queue, api_key, aliases=aliases, decoding=decoding, on_ready=ready)
 
 
 COMMANDS = [serve]

@@ -43,6 +43,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+    decoding: Literal["greedy", "prompt-lookup", "auto"] | None = None  # llamba's: guess ahead (same output)
 
     def sampler(self) -> Sampler:
         return Sampler(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -101,7 +102,8 @@ class _HTTPError(Exception):
         self.response = response
 
 
-def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
+def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliases: tuple[str, ...] = (),
+               default_decoding: str = "greedy") -> FastAPI:
     app = FastAPI(title="llamba", docs_url=None, redoc_url=None)
     llm, tokenizer = engine.llm, engine.tokenizer
     known_models = {model_id, *aliases}
@@ -136,7 +138,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             raise _HTTPError(_error(400, "the prompt is empty", param="prompt"))
         try:
             sampler = body.sampler()
-            request = Request(prompt_ids, max_tokens, sampler, body.stops(), top_logprobs)
+            request = Request(prompt_ids, max_tokens, sampler, body.stops(), top_logprobs,
+                              decoding=body.decoding or default_decoding)
             loop = asyncio.get_running_loop()
             inbox: asyncio.Queue[Event] = asyncio.Queue()
             request.deliver = lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event)

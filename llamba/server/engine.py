@@ -24,6 +24,8 @@ import numpy as np
 
 from ..errors import LlambaError
 from ..runtime.batch import MAX_SEQUENCES, Batch
+from ..runtime.decoding import Speculation, make_speculation
+from ..runtime.decoding.speculative import Draft, verify_guesses
 from ..runtime.generate import StopFilter
 from ..runtime.kv_cache import SPARE_CELLS, KVCache
 from ..runtime.sampling import Sampler
@@ -54,6 +56,7 @@ class Request:
     sampler: Sampler
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best
+    decoding: str = "greedy"  # greedy | prompt-lookup | auto: guesses checked in the same batch
     events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
     deliver: Callable[[Event], None] | None = None  # called from the engine thread; default: put in events
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -77,6 +80,7 @@ class _Slot:
     history: list[int] = field(default_factory=list)  # prompt + generated (for penalties)
     detok: object = None
     stopper: StopFilter | None = None
+    speculation: Speculation | None = None
     last_used: float = 0.0
 
 
@@ -164,6 +168,9 @@ class Engine:
         slot.cached = slot.cached[:keep]
         slot.request, slot.pending, slot.history = request, list(prompt[keep:]), list(prompt)
         slot.detok, slot.stopper = self.tokenizer.streamer(), StopFilter(list(request.stop))
+        slot.speculation = make_speculation(request.decoding)
+        if slot.speculation is not None:
+            slot.speculation.drafter.reset()
         self.counters["prompt_tokens"] += len(prompt)
         self.counters["evaluated_prompt_tokens"] += len(prompt) - keep
 
@@ -176,51 +183,87 @@ class Engine:
         for slot in self.slots:
             if slot.request is None:
                 continue
+            draft = Draft([])
             if len(slot.pending) == 1:  # decoding (or a prompt down to its last token)
-                take = slot.pending
+                draft = self._guesses(slot) if slot.request.generated else draft
+                take = slot.pending + draft.tokens
             elif budget > 0:
                 take = slot.pending[:budget]
                 budget -= len(take)
             else:
                 continue
-            done = len(take) == len(slot.pending)
-            parts.append(Batch.chain(take, len(slot.cached), slot.seq, logits="last" if done else "none"))
-            owners.append((slot, take, done))
+            done = len(take) >= len(slot.pending)
+            wanted = "all" if draft.tokens else "last" if done else "none"
+            parts.append(Batch.chain(take, len(slot.cached), slot.seq, logits=wanted))
+            owners.append((slot, take, done, draft))
         if not parts:
             return
         t0 = time.perf_counter()
         logits = self.model.forward(Batch.join(parts), self.cache, exact=True)  # same bits alone or not
-        row, produced = 0, 0
-        for slot, taken, done in owners:
-            slot.cached.extend(taken)
-            slot.pending = slot.pending[len(taken):]
+        seconds = time.perf_counter() - t0
+        row = produced = 0
+        for slot, taken, done, draft in owners:
             slot.last_used = time.perf_counter()
-            if done:
-                self._emit(slot, logits[row])
-                row += 1
-                produced += 1
+            if not done:
+                slot.cached.extend(taken)
+                slot.pending = slot.pending[len(taken):]
+                continue
+            rows = logits[row : row + 1 + len(draft.tokens)]
+            row += len(rows)
+            produced += self._accept(slot, taken, draft, rows, seconds)
         self.counters["generated_tokens"] += produced
-        self.tokens_per_second = produced / max(time.perf_counter() - t0, 1e-9)
+        self.tokens_per_second = produced / max(seconds, 1e-9)
 
-    def _emit(self, slot: _Slot, logits: np.ndarray) -> None:
-        """Sample a slot's next token and send its text; finish the request when it ends."""
+    def _guesses(self, slot: _Slot) -> Draft:
+        """The tokens a slot's decoder guesses will follow its pending one (none for plain decoding)."""
+        spec, request = slot.speculation, slot.request
+        if spec is None:
+            return Draft([])
+        room = min(request.max_tokens - request.generated - 1, self.n_ctx - 2 - len(slot.cached))
+        k = spec.controller.choose(room) if room > 0 else 0
+        return spec.drafter.propose(slot.history, k, request.sampler) if k else Draft([])
+
+    def _accept(self, slot: _Slot, taken: list[int], draft: Draft, rows: np.ndarray, seconds: float) -> int:
+        """Keep the guesses the target agrees with (speculative sampling), drop the rest from the cache, and
+        send every token gained; returns how many were sent."""
         request = slot.request
-        token = request.sampler.sample(logits, slot.history)
+        if draft.tokens:
+            accepted, following = verify_guesses(rows, draft, request.sampler, slot.history)
+            slot.speculation.controller.record_forward(len(taken), seconds)
+            slot.speculation.controller.record_guesses(len(draft.tokens), len(accepted), 0.0)
+            slot.cached.extend(taken[: 1 + len(accepted)])
+            self.cache.remove(slot.seq, len(slot.cached))  # the rejected guesses
+            tokens = accepted + [following]
+        else:
+            slot.cached.extend(taken)
+            tokens = [request.sampler.sample(rows[0], slot.history)]
+        slot.pending = []
+        for sent, (token, logits) in enumerate(zip(tokens, rows), 1):
+            if not self._emit(slot, token, logits):
+                return sent
+        return len(tokens)
+
+    def _emit(self, slot: _Slot, token: int, logits: np.ndarray) -> bool:
+        """Send a slot's next token and its text; finish the request when it ends (returns False then)."""
+        request = slot.request
         request.generated += 1
         if request.first_token_seconds is None:
             request.first_token_seconds = time.perf_counter() - request.submitted
         logprobs = _logprobs(logits, token, request.top_logprobs) if request.top_logprobs is not None else None
         if token in self.tokenizer.eog_ids:
-            return self._finish(slot, reason="stop", token=token, logprobs=logprobs)
+            self._finish(slot, reason="stop", token=token, logprobs=logprobs)
+            return False
         text, stopped = slot.stopper.feed(slot.detok.push(token))
-        if stopped:
-            request.send(Event(text, token, logprobs))
-            return self._finish(slot, reason="stop", flush=False)
         request.send(Event(text, token, logprobs))
+        if stopped:
+            self._finish(slot, reason="stop", flush=False)
+            return False
         slot.history.append(token)
         if request.generated >= request.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
-            return self._finish(slot, reason="length")
+            self._finish(slot, reason="length")
+            return False
         slot.pending = [token]
+        return True
 
     def _finish(self, slot: _Slot, reason: str = "stop", error: str | None = None, token: int = -1,
                 logprobs: dict | None = None, flush: bool = True) -> None:

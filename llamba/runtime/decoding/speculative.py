@@ -146,7 +146,7 @@ def decode_tokens(model, cache, logits: np.ndarray, pos: int, history: list[int]
         t0 = time.perf_counter()
         rows = model.forward(Batch.chain([token] + draft.tokens, pos, logits="all"), cache)
         spec.controller.record_forward(1 + len(draft.tokens), time.perf_counter() - t0)
-        accepted, token = _verify(rows, draft, sampler, history)
+        accepted, token = verify_guesses(rows, draft, sampler, history)
         spec.controller.record_guesses(len(draft.tokens), len(accepted), drafted)
         spec.stats.steps += 1
         spec.stats.proposed += len(draft.tokens)
@@ -160,7 +160,7 @@ def decode_tokens(model, cache, logits: np.ndarray, pos: int, history: list[int]
             yield t
 
 
-def _verify(rows: np.ndarray, draft: Draft, sampler: Sampler, history: list[int]) -> tuple[list[int], int]:
+def verify_guesses(rows: np.ndarray, draft: Draft, sampler: Sampler, history: list[int]) -> tuple[list[int], int]:
     """(accepted guesses, the next token): speculative sampling over the batch's logits rows."""
     accepted: list[int] = []
     context = list(history)
