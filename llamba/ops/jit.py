@@ -81,7 +81,7 @@ def kernels_compiled() -> bool:
     from pathlib import Path
 
     cache_dir = Path(__file__).parent / "__pycache__"
-    return cache_dir.is_dir() and any(cache_dir.glob("matmul.batch_u4-*.nbi"))
+    return cache_dir.is_dir() and any(cache_dir.glob("matmul.batch_int8-*.nbi"))
 
 
 @intrinsic

@@ -162,6 +162,25 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         finally:
             request.cancel()
 
+    async def collect(request: Request, inbox: asyncio.Queue) -> tuple[str, list[dict], Event]:
+        """A whole answer: its text, the logprob entries of its tokens, and the final event."""
+        text, entries, last = [], [], None
+        async for event in events(request, inbox):
+            text.append(event.text)
+            entry = logprob_entry(event)
+            if entry:
+                entries.append(entry)
+            last = event
+        return "".join(text), entries, last
+
+    def bad_token_ids(ids: list[int], param: str) -> JSONResponse | None:
+        if any(not 0 <= t < len(tokenizer.tokens) for t in ids):
+            return _error(400, f"token ids must be in 0..{len(tokenizer.tokens) - 1}", param=param)
+        return None
+
+    def meta(kind: str) -> dict:
+        return {"id": f"{kind}-{uuid.uuid4().hex[:16]}", "created": int(time.time()), "model": model_id}
+
     def usage(request: Request) -> dict:
         n_prompt = len(request.prompt_ids)
         return {"prompt_tokens": n_prompt, "completion_tokens": request.generated,
@@ -213,8 +232,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        if any(not 0 <= t < len(tokenizer.tokens) for t in body.tokens):
-            return _error(400, f"token ids must be in 0..{len(tokenizer.tokens) - 1}", param="tokens")
+        bad = bad_token_ids(body.tokens, "tokens")
+        if bad:
+            return bad
         return {"content": llm.detokenize(body.tokens)}
 
     @app.post("/v1/chat/completions")
@@ -227,22 +247,17 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         n_top = (body.top_logprobs or 0) if body.logprobs else None
         request, inbox = submit(prompt_ids, body, engine.n_ctx if limit is None else limit, n_top)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "created": int(time.time()), "model": model_id}
         if body.stream:
-            return _sse(chat_chunks(request, inbox, meta, body))
-        text, entries, last = [], [], None
-        async for event in events(request, inbox):
-            text.append(event.text)
-            entries.append(logprob_entry(event))
-            last = event
+            return _sse(chat_chunks(request, inbox, meta("chatcmpl"), body))
+        text, entries, last = await collect(request, inbox)
         if last.error:
             return _error(500, last.error, kind="server_error")
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": finish(last),
-                  "logprobs": chat_logprobs([e for e in entries if e]) if n_top is not None else None}
-        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(request)}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(last),
+                  "logprobs": chat_logprobs(entries) if n_top is not None else None}
+        return {**meta("chatcmpl"), "object": "chat.completion", "choices": [choice], "usage": usage(request)}
 
-    async def chat_chunks(request, inbox, meta, body: ChatRequest):
-        chunk = {**meta, "object": "chat.completion.chunk"}
+    async def chat_chunks(request, inbox, head: dict, body: ChatRequest):
+        chunk = {**head, "object": "chat.completion.chunk"}
         yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
         async for event in events(request, inbox):
             entry = logprob_entry(event)
@@ -261,26 +276,22 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         if isinstance(body.prompt, str):
             prompt_ids = llm.tokenize(body.prompt)
         else:
-            if any(not 0 <= t < len(tokenizer.tokens) for t in body.prompt):
-                return _error(400, f"token ids must be in 0..{len(tokenizer.tokens) - 1}", param="prompt")
+            bad = bad_token_ids(body.prompt, "prompt")
+            if bad:
+                return bad
             prompt_ids = list(body.prompt)
         request, inbox = submit(prompt_ids, body, body.max_tokens, body.logprobs)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "created": int(time.time()), "model": model_id}
         if body.stream:
-            return _sse(completion_chunks(request, inbox, meta, body))
-        text, entries, last = [], [], None
-        async for event in events(request, inbox):
-            text.append(event.text)
-            entries.append(logprob_entry(event))
-            last = event
+            return _sse(completion_chunks(request, inbox, meta("cmpl"), body))
+        text, entries, last = await collect(request, inbox)
         if last.error:
             return _error(500, last.error, kind="server_error")
-        choice = {"index": 0, "text": "".join(text), "finish_reason": finish(last),
-                  "logprobs": completion_logprobs([e for e in entries if e]) if body.logprobs is not None else None}
-        return {**meta, "object": "text_completion", "choices": [choice], "usage": usage(request)}
+        choice = {"index": 0, "text": text, "finish_reason": finish(last),
+                  "logprobs": completion_logprobs(entries) if body.logprobs is not None else None}
+        return {**meta("cmpl"), "object": "text_completion", "choices": [choice], "usage": usage(request)}
 
-    async def completion_chunks(request, inbox, meta, body: CompletionRequest):
-        chunk = {**meta, "object": "text_completion"}
+    async def completion_chunks(request, inbox, head: dict, body: CompletionRequest):
+        chunk = {**head, "object": "text_completion"}
         async for event in events(request, inbox):
             entry = logprob_entry(event)
             if event.text or entry:
