@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from ..errors import UnsupportedError
+from ..errors import GGUFError, UnsupportedError
 from ..formats.gguf import GGUFFile, open_gguf
 from . import gemma3, llama, qwen2, qwen3
 from .transformer import HParams, Transformer
@@ -19,7 +19,9 @@ ARCHITECTURES: dict[str, ModuleType] = {
 }
 
 
-def architecture_module(arch: str | None, path: str = "") -> ModuleType:
+def architecture_module(arch, path: str = "") -> ModuleType:
+    if arch is not None and not isinstance(arch, str):
+        raise GGUFError(f"{path}: metadata general.architecture is not a string")
     module = ARCHITECTURES.get(arch or "")
     if module is None:
         supported = ", ".join(sorted(ARCHITECTURES))

@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from ..formats.gguf import GGUFFile
-from .transformer import HParams, read_common
+from .metadata import MAX_CONTEXT, HParams, arch_keys, read_common
 
 SWA_PATTERN = 6  # five sliding-window layers, then one global one
 LOCAL_ROPE_BASE = 10000.0
@@ -20,12 +20,13 @@ def hparams(g: GGUFFile) -> HParams:
     hp.post_norms = True
     hp.activation = "gelu"
     hp.embed_scale = math.sqrt(hp.n_embd)
-    hp.sliding_window = int(g.arch_value("attention.sliding_window", 0))
+    keys = arch_keys(g)
+    hp.sliding_window = keys.count("attention.sliding_window", 0, low=0, high=MAX_CONTEXT)
     if hp.sliding_window:
         hp.swa_layers = [i % SWA_PATTERN < SWA_PATTERN - 1 for i in range(hp.n_layer)]
         hp.rope_local = dataclasses.replace(hp.rope, base=LOCAL_ROPE_BASE, scaling="none", factor=1.0)
     else:
-        hp.final_softcap = float(g.arch_value("final_logit_softcapping", 0.0) or 0.0)
+        hp.final_softcap = keys.real("final_logit_softcapping", 0.0)
     # Gemma 3 27B scales queries by the model width per head; the others by the head size.
     hp.attn_scale = 1.0 / math.sqrt(hp.n_embd / hp.n_head if hp.n_layer == 62 else hp.head_dim)
     return hp

@@ -4,7 +4,7 @@ RoPE on adjacent pairs (NORM): llama.cpp's converter permutes Q/K rows so the pa
 """
 
 from ..formats.gguf import GGUFFile
-from .transformer import HParams, read_common
+from .metadata import HParams, read_common
 
 
 def hparams(g: GGUFFile) -> HParams:

@@ -1,7 +1,7 @@
 """Qwen2 / Qwen2.5: the llama recipe with biases on Q, K and V, and half-split (NEOX) RoPE."""
 
 from ..formats.gguf import GGUFFile
-from .transformer import HParams, read_common
+from .metadata import HParams, read_common
 
 
 def hparams(g: GGUFFile) -> HParams:

@@ -1,7 +1,7 @@
 """Qwen3: the qwen2 recipe without QKV biases, with RMSNorm on each head of Q and K before RoPE."""
 
 from ..formats.gguf import GGUFFile
-from .transformer import HParams, read_common
+from .metadata import HParams, read_common
 
 
 def hparams(g: GGUFFile) -> HParams:

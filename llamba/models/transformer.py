@@ -13,11 +13,11 @@ QKV bias, QK-norm, post-norms, GELU, sliding windows, scaled embeddings) and `Tr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LlambaError, UnsupportedError
+from ..errors import GGUFError, LlambaError, NumericalError
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize
 from ..ops.activations import geglu_tanh, softcap, swiglu
@@ -25,41 +25,9 @@ from ..ops.attention import attention_chain, attention_listed
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.norm import rmsnorm
 from ..ops.repack import LaneMatrix, concat_rows, to_lanes
-from ..ops.rope import RopeConfig, rope_inplace, rope_tables
+from ..ops.rope import rope_inplace, rope_tables
 from ..runtime.batch import Batch
-
-
-@dataclass
-class HParams:
-    arch: str
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_ctx_train: int
-    norm_eps: float
-    rope: RopeConfig
-    rope_local: RopeConfig | None = None  # sliding-window layers' own RoPE (Gemma 3)
-    sliding_window: int = 0
-    swa_layers: list[bool] = field(default_factory=list)  # True where a layer uses the sliding window
-    attn_scale: float = 0.0  # 0: 1/sqrt(head_dim)
-    embed_scale: float = 1.0
-    attn_softcap: float = 0.0
-    final_softcap: float = 0.0
-    activation: str = "silu"  # silu | gelu
-    qk_norm: bool = False
-    post_norms: bool = False
-
-    @property
-    def q_dim(self) -> int:
-        return self.n_head * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_head_kv * self.head_dim
+from .metadata import HParams
 
 
 @dataclass
@@ -83,57 +51,61 @@ class Transformer:
     def __init__(self, g: GGUFFile, hp: HParams):
         self.gguf = g
         self.hp = hp
-        self.tok_embd = self._matrix("token_embd.weight", hp.n_embd)
-        self.output_norm = self._vector("output_norm.weight")
-        self.output = self._matrix("output.weight", hp.n_embd) if "output.weight" in g.tensors else self.tok_embd
+        self.tok_embd = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
+        self.output_norm = self._vector("output_norm.weight", hp.n_embd)
+        has_output = "output.weight" in g.tensors
+        self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab) if has_output else self.tok_embd
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
         _return_freed_memory()
 
     # ------------------------------------------------------------------------------------------ loading
+    # Every tensor's whole shape is checked against the hyperparameters: the kernels trust them.
 
-    def _tensor(self, name: str):
-        try:
-            return self.gguf.tensors[name]
-        except KeyError:
-            raise LlambaError(f"{self.gguf.path}: tensor {name} is missing (is this really a {self.hp.arch} model?)") from None
+    def _tensor(self, name: str, shape: tuple[int, ...]):
+        t = self.gguf.tensors.get(name)
+        if t is None:
+            raise GGUFError(f"{self.gguf.path}: tensor {name} is missing (is this really a {self.hp.arch} model?)")
+        if tuple(t.shape) != shape:
+            raise GGUFError(f"{self.gguf.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape} "
+                            "from the metadata")
+        return t
 
-    def _vector(self, name: str) -> np.ndarray:
-        t = self._tensor(name)
+    def _vector(self, name: str, n: int) -> np.ndarray:
+        t = self._tensor(name, (n,))
         if t.type.name != "F32":
             return dequantize(t.data, t.type).reshape(-1)
         # a copy, not a view: the file's pages are released after loading and a view would fault them back
         return np.array(t.data, dtype=np.float32).reshape(-1)
 
-    def _optional_vector(self, name: str) -> np.ndarray | None:
-        return self._vector(name) if name in self.gguf.tensors else None
+    def _optional_vector(self, name: str, n: int) -> np.ndarray | None:
+        return self._vector(name, n) if name in self.gguf.tensors else None
 
-    def _matrix(self, name: str, n_cols: int) -> LaneMatrix:
-        t = self._tensor(name)
-        if len(t.shape) != 2 or t.shape[0] != n_cols:
-            raise LlambaError(f"{self.gguf.path}: tensor {name} has shape {t.shape}, expected ({n_cols}, rows)")
+    def _matrix(self, name: str, n_cols: int, n_rows: int) -> LaneMatrix:
+        t = self._tensor(name, (n_cols, n_rows))
         return to_lanes(t.data, t.type, n_cols)
 
-    def _fused(self, names: list[str], n_cols: int) -> list[LaneMatrix]:
-        parts = [self._matrix(n, n_cols) for n in names]
+    def _fused(self, shapes: list[tuple[str, int]], n_cols: int) -> list[LaneMatrix]:
+        parts = [self._matrix(name, n_cols, n_rows) for name, n_rows in shapes]
         fused = concat_rows(parts)
         return [fused] if fused is not None else parts
 
     def _layer(self, i: int) -> Layer:
         hp, p = self.hp, f"blk.{i}."
-        biases = [self._optional_vector(p + f"attn_{x}.bias") for x in "qkv"]
+        q, kv, d = hp.q_dim, hp.kv_dim, hp.head_dim
+        biases = [self._optional_vector(p + f"attn_{x}.bias", n) for x, n in (("q", q), ("k", kv), ("v", kv))]
         return Layer(
-            attn_norm=self._vector(p + "attn_norm.weight"),
-            wqkv=self._fused([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], hp.n_embd),
+            attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd),
+            wqkv=self._fused([(p + "attn_q.weight", q), (p + "attn_k.weight", kv), (p + "attn_v.weight", kv)], hp.n_embd),
             bqkv=np.concatenate(biases) if all(b is not None for b in biases) else None,
-            wo=self._matrix(p + "attn_output.weight", hp.q_dim),
-            ffn_norm=self._vector(p + "ffn_norm.weight"),
-            w_gate_up=self._fused([p + "ffn_gate.weight", p + "ffn_up.weight"], hp.n_embd),
-            w_down=self._matrix(p + "ffn_down.weight", hp.n_ff),
-            q_norm=self._optional_vector(p + "attn_q_norm.weight") if hp.qk_norm else None,
-            k_norm=self._optional_vector(p + "attn_k_norm.weight") if hp.qk_norm else None,
-            attn_post_norm=self._optional_vector(p + "post_attention_norm.weight") if hp.post_norms else None,
-            ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight") if hp.post_norms else None,
+            wo=self._matrix(p + "attn_output.weight", q, hp.n_embd),
+            ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd),
+            w_gate_up=self._fused([(p + "ffn_gate.weight", hp.n_ff), (p + "ffn_up.weight", hp.n_ff)], hp.n_embd),
+            w_down=self._matrix(p + "ffn_down.weight", hp.n_ff, hp.n_embd),
+            q_norm=self._vector(p + "attn_q_norm.weight", d) if hp.qk_norm else None,
+            k_norm=self._vector(p + "attn_k_norm.weight", d) if hp.qk_norm else None,
+            attn_post_norm=self._optional_vector(p + "post_attention_norm.weight", hp.n_embd) if hp.post_norms else None,
+            ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight", hp.n_embd) if hp.post_norms else None,
         )
 
     # ------------------------------------------------------------------------------------------ forward
@@ -162,6 +134,7 @@ class Transformer:
         logits = matmul(h, self.output)
         if hp.final_softcap:
             softcap(logits, hp.final_softcap)
+        self._check_finite(logits, "the output projection")
         return logits
 
     def forward_tokens(self, tokens, start_pos: int, cache, all_logits: bool = False, logits_from: int = 0) -> np.ndarray:
@@ -186,6 +159,7 @@ class Transformer:
         x = gather_rows(self.tok_embd, batch.tokens)
         if hp.embed_scale != 1.0:
             x *= np.float32(hp.embed_scale)
+        self._check_finite(x, "the token embeddings")
         tables = {False: rope_tables(batch.positions, hp.rope)}
         if hp.rope_local is not None:
             tables[True] = rope_tables(batch.positions, hp.rope_local)
@@ -195,7 +169,15 @@ class Transformer:
             cos, sin = tables[local and hp.rope_local is not None]
             self._attention_block(x, layer, i, placement.cells, cache, cos, sin, attend, local)
             self._ffn_block(x, layer)
+            self._check_finite(x, f"layer {i}")
         return x
+
+    def _check_finite(self, x: np.ndarray, where: str) -> None:
+        """Stop at the first NaN or inf, naming where it appeared, rather than sample from garbage.
+        A float64 sum per layer is cheap (microseconds) and non-finite exactly when an element is."""
+        if not np.isfinite(np.sum(x, dtype=np.float64)):
+            raise NumericalError(f"{self.gguf.path}: {where} gave NaN or infinite values: "
+                                 "the model's weights or hyperparameters are broken")
 
     def _attention_over(self, batch: Batch, placement, cache, exact: bool):
         """attend(out, q, layer, window): the attention kernel this batch takes, its visibility worked out once
@@ -271,63 +253,3 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def read_common(g: GGUFFile, neox: bool) -> HParams:
-    """The hyperparameters every family stores under `{arch}.*`, with llama.cpp's defaults."""
-    arch = g.architecture
-
-    def need(key: str):
-        value = g.arch_value(key)
-        if value is None:
-            raise LlambaError(f"{g.path}: metadata key {arch}.{key} is missing")
-        return value
-
-    n_embd = int(need("embedding_length"))
-    n_head = _scalar(need("attention.head_count"), "attention.head_count", g)
-    n_head_kv = _scalar(g.arch_value("attention.head_count_kv", n_head), "attention.head_count_kv", g)
-    head_dim = int(g.arch_value("attention.key_length", n_embd // n_head))
-    tokens = g.get("tokenizer.ggml.tokens")
-    n_vocab = int(g.arch_value("vocab_size", len(tokens) if tokens is not None else 0))
-    if n_vocab == 0:
-        n_vocab = g.tensors["token_embd.weight"].shape[1]
-    n_ctx_train = int(g.arch_value("context_length", 2048))
-    return HParams(
-        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(need("block_count")), n_head=n_head,
-        n_head_kv=n_head_kv, head_dim=head_dim, n_ff=_scalar(need("feed_forward_length"), "feed_forward_length", g),
-        n_ctx_train=n_ctx_train, norm_eps=float(g.arch_value("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope=read_rope(g, head_dim, neox, n_ctx_train),
-    )
-
-
-def read_rope(g: GGUFFile, head_dim: int, neox: bool, n_ctx_train: int) -> RopeConfig:
-    scaling = g.arch_value("rope.scaling.type", "none")
-    factor = float(g.arch_value("rope.scaling.factor", 1.0) or 1.0)
-    if g.arch_value("rope.freq_scale") is not None:  # older files store 1/factor
-        factor = 1.0 / float(g.arch_value("rope.freq_scale"))
-        scaling = "linear" if scaling == "none" else scaling
-    if scaling not in ("none", "linear", "yarn", "llama3"):
-        raise UnsupportedError(f"{g.path}: RoPE scaling {scaling!r} is not supported")
-    freq_factors = None
-    if "rope_freqs.weight" in g.tensors:  # llama 3.1+ ships its long-context frequency divisors
-        freq_factors = tuple(float(f) for f in np.asarray(g.tensors["rope_freqs.weight"].data).reshape(-1))
-        scaling = "none" if scaling == "llama3" else scaling
-    return RopeConfig(
-        n_rot=int(g.arch_value("rope.dimension_count", head_dim)),
-        base=float(g.arch_value("rope.freq_base", 10000.0)),
-        neox=neox,
-        scaling=scaling,
-        factor=factor,
-        n_ctx_orig=int(g.arch_value("rope.scaling.original_context_length", n_ctx_train)),
-        yarn_attn_factor=float(g.arch_value("rope.scaling.attn_factor", 1.0)),
-        freq_factors=freq_factors,
-    )
-
-
-def _scalar(value, key: str, g: GGUFFile) -> int:
-    """Some files store per-layer counts as arrays; we support only uniform ones."""
-    if isinstance(value, np.ndarray):
-        if value.size == 0 or (value != value[0]).any():
-            raise UnsupportedError(f"{g.path}: per-layer {key} values differ; not supported")
-        value = value[0]
-    return int(value)

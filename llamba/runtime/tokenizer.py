@@ -20,6 +20,7 @@ import numpy as np
 import regex
 
 from ..errors import LlambaError, UnsupportedError
+from ..formats.keys import MetadataKeys
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 SPACE = "\u2581"  # SentencePiece's visible space
+_BYTE_TOKEN = regex.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -85,33 +87,36 @@ class Tokenizer:
     """Encode text to token ids and decode them back, as the model's vocabulary defines."""
 
     def __init__(self, metadata: dict, path: str = ""):
-        get = metadata.get
-        self.model = get("tokenizer.ggml.model")
+        keys = MetadataKeys(metadata, path, "tokenizer.ggml.")
+        self.model = keys.text("model", "")
         if self.model not in ("gpt2", "llama"):
             raise UnsupportedError(f"{path}: tokenizer model {self.model!r} is not supported (supported: gpt2, llama)")
-        tokens = get("tokenizer.ggml.tokens")
-        if not tokens:
+        tokens = keys.raw("tokens", [])
+        n = len(tokens) if isinstance(tokens, (list, np.ndarray)) else 0
+        if n == 0:
             raise LlambaError(f"{path}: the file has no vocabulary (tokenizer.ggml.tokens)")
-        self.tokens: list[str] = tokens
-        n = len(tokens)
-        types = get("tokenizer.ggml.token_type")
+        self.tokens: list[str] = keys.array("tokens", n, "s")
+        types = keys.array("token_type", n, "i")
         self.token_type = np.asarray(types, dtype=np.int32) if types is not None else np.full(n, NORMAL, np.int32)
-        scores = get("tokenizer.ggml.scores")
+        scores = keys.array("scores", n, "f")
         self.scores = np.asarray(scores, dtype=np.float32) if scores is not None else np.zeros(n, np.float32)
+        if not np.isfinite(self.scores).all():
+            raise keys.fail("scores", scores, "must be finite")
         self.token_to_id = {t: i for i, t in enumerate(tokens)}
         spm = self.model == "llama"
-        self.bos_id = _opt_id(get("tokenizer.ggml.bos_token_id", 1 if spm else None))
-        self.eos_id = _opt_id(get("tokenizer.ggml.eos_token_id", 2 if spm else None))
-        self.eot_id = _opt_id(get("tokenizer.ggml.eot_token_id"))
-        self.unk_id = _opt_id(get("tokenizer.ggml.unknown_token_id", 0 if spm else None))
-        self.add_bos = bool(get("tokenizer.ggml.add_bos_token", spm))
-        self.add_eos = bool(get("tokenizer.ggml.add_eos_token", False))
-        self.add_space_prefix = bool(get("tokenizer.ggml.add_space_prefix", spm))
-        self.pre = get("tokenizer.ggml.pre", "default") or "default"
+        self.bos_id = keys.token_id("bos_token_id", n, 1 if spm else None)
+        self.eos_id = keys.token_id("eos_token_id", n, 2 if spm else None)
+        self.eot_id = keys.token_id("eot_token_id", n)
+        self.unk_id = keys.token_id("unknown_token_id", n, 0 if spm else None)
+        self.add_bos = keys.flag("add_bos_token", spm)
+        self.add_eos = keys.flag("add_eos_token", False)
+        self.add_space_prefix = keys.flag("add_space_prefix", spm)
+        self.pre = keys.text("pre", "default") or "default"
         if spm:
             self._spm_bytes = [self.token_to_id.get(f"<0x{b:02X}>") for b in range(256)]
         else:
-            self._init_bpe(get("tokenizer.ggml.merges") or [])
+            merges = keys.raw("merges", [])
+            self._init_bpe(keys.array("merges", len(merges) if isinstance(merges, list) else -1, "s", []))
         specials = [i for i in range(n) if self.token_type[i] in (CONTROL, USER_DEFINED, UNKNOWN)]
         specials.sort(key=lambda i: -len(tokens[i]))
         self._specials = [(tokens[i], i, self.token_type[i] == USER_DEFINED) for i in specials if tokens[i]]
@@ -326,7 +331,10 @@ class Tokenizer:
         if kind in (CONTROL, UNKNOWN, USER_DEFINED):
             return text.encode("utf-8")
         if kind == BYTE or (text.startswith("<0x") and len(text) == 6 and kind != NORMAL):
-            return bytes([int(text[3:5], 16)])
+            byte = _BYTE_TOKEN.fullmatch(text)
+            if byte is not None:
+                return bytes([int(byte.group(1), 16)])
+            return text.encode("utf-8")  # a byte token that names no byte: its text, as llama.cpp shows it
         if self.model == "llama":
             return text.replace(SPACE, " ").encode("utf-8")
         table = _char_to_byte()
@@ -387,10 +395,3 @@ class StreamingDetokenizer:
         """Whatever is left at the end, invalid bytes replaced."""
         rest, self._pending = self._pending, b""
         return rest.decode("utf-8", errors="replace")
-
-
-def _opt_id(value) -> int | None:
-    if value is None:
-        return None
-    value = int(value)
-    return value if value >= 0 else None
