@@ -11,3 +11,7 @@ class GGUFError(LlambaError):
 
 class UnsupportedError(LlambaError):
     """Something well-formed that llamba does not handle (a type, an architecture, a tokenizer model)."""
+
+
+class NumericalError(LlambaError):
+    """The model produced NaN or inf (broken weights or hyperparameters): the message names where it started."""

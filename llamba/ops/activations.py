@@ -17,7 +17,8 @@ _HALF, _ONE = np.float32(0.5), np.float32(1.0)
 def swiglu(out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """SiLU(gate) * up, elementwise; out must not alias gate or up."""
     np.negative(gate, out=out)
-    np.exp(out, out=out)
+    with np.errstate(over="ignore"):  # exp(-gate) overflowing to inf gives SiLU's limit 0, as it should
+        np.exp(out, out=out)
     out += _ONE
     np.divide(gate, out, out=out)
     out *= up

@@ -37,7 +37,12 @@ def quantize_activations(x, group):
             block = x[t, b * group : (b + 1) * group]
             top = np.float32(0.0)
             for j in range(group):
-                top = max(top, abs(block[j]))
+                v = abs(block[j])
+                if v > top:
+                    top = v
+                elif v != v:  # NaN: keep it in the scale, so the product is NaN and the model stops (max() drops it)
+                    top = np.float32(np.nan)
+                    break
             inverse = np.float32(127.0) / top if top > 0 else np.float32(0.0)
             code_sum = 0
             for j in range(group):
