@@ -8,7 +8,9 @@ or refuses with a clear error, by option.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -120,18 +122,17 @@ class ChatSession:
     # ----------------------------------------------------------------------------------- files
 
     def save(self, path: str | Path, with_kv: bool = False) -> Path:
-        """Write the conversation and settings as JSON; with_kv also writes the KV cache beside it."""
+        """Write the conversation and settings as JSON; with_kv also writes the KV cache beside it, marked
+        with the model, KV type and context it belongs to."""
         path = Path(path).expanduser()
-        data = {"format": FORMAT, "model": str(self.llm.model_path), "system": self.system,
-                "messages": self.messages, "max_tokens": self.settings.max_tokens,
+        data = {"format": FORMAT, "model": str(self.llm.model_path), "model_identity": model_identity(self.llm),
+                "system": self.system, "messages": self.messages, "max_tokens": self.settings.max_tokens,
                 "sampling": asdict(self.settings.sampling)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-            tmp.replace(path)  # never leave a half-written session where a good one was
+            _write_atomically(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False).encode()))
             if with_kv:
-                self._save_kv(path.with_suffix(path.suffix + ".kv.npz"))
+                self._save_kv(_kv_path(path))
         except OSError as e:
             raise LlambaError(f"{path}: cannot save ({e.strerror})") from None
         return path
@@ -140,41 +141,136 @@ class ChatSession:
         keys, values = self.llm.cache.read_seq(0)
         n = keys[0].shape[1]
         arrays = {f"k{i}": k for i, k in enumerate(keys)} | {f"v{i}": v for i, v in enumerate(values)}
-        np.savez(path, tokens=np.asarray(self.llm._tokens[:n], dtype=np.int64), **arrays)
+        marks = {"kv_type": np.array(self.llm.cache.kv_type), "identity": np.array(json.dumps(model_identity(self.llm)))}
+        _write_atomically(path, lambda f: np.savez(f, tokens=np.asarray(self.llm._tokens[:n], dtype=np.int64),
+                                                   **marks, **arrays))
 
     def load(self, path: str | Path) -> None:
-        """Replace the conversation with a saved one (and its KV cache, when saved with it)."""
+        """Replace the conversation with a saved one (and its KV cache, when saved with it and it fits this
+        model exactly). A malformed file changes nothing."""
         path = Path(path).expanduser()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise LlambaError(f"{path}: cannot read ({e.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise LlambaError(f"{path}: not a saved llamba chat session") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("messages"), list):
-            raise LlambaError(f"{path}: not a saved llamba chat session")
-        sampling = SamplingParams(**{k: v for k, v in data.get("sampling", {}).items()
-                                     if k in SamplingParams.__dataclass_fields__}).validate()
-        self.settings.sampling = sampling
-        self.settings.max_tokens = int(data.get("max_tokens", self.settings.max_tokens))
-        self.system = data.get("system")
-        self.messages = [m for m in data["messages"] if isinstance(m, dict) and "role" in m and "content" in m]
+        system, messages, max_tokens, sampling = _parse_session(data, path)
+        self.settings.sampling, self.settings.max_tokens = sampling, max_tokens
+        self.system, self.messages = system, messages
         self.llm.reset()
-        kv_path = path.with_suffix(path.suffix + ".kv.npz")
+        kv_path = _kv_path(path)
         if kv_path.is_file():
             self._load_kv(kv_path)
 
     def _load_kv(self, path: Path) -> None:
-        cache = self.llm.cache
-        with np.load(path) as kv:
-            tokens = kv["tokens"].tolist()
-            if len(tokens) > cache.n_ctx or any(f"k{i}" not in kv for i in range(len(cache.k))):
-                self.notify("the saved KV cache does not fit this model or context; it will be recomputed")
-                return
-            for i in range(len(cache.k)):
-                if kv[f"k{i}"].shape != cache.k[i][:, : len(tokens)].shape:
-                    self.notify("the saved KV cache does not fit this model; it will be recomputed")
-                    return
-            n = range(len(cache.k))
-            cache.write_seq(0, [kv[f"k{i}"] for i in n], [kv[f"v{i}"] for i in n])
+        """Restore the saved cache, or say why not (the conversation is then recomputed at the next turn)."""
+        try:
+            tokens, keys, values = _read_kv(path, self.llm)
+        except _Unusable as e:
+            self.notify(f"{path.name}: {e}; the cache will be recomputed")
+            return
+        self.llm.cache.write_seq(0, keys, values)
         self.llm._tokens = tokens
+
+
+class _Unusable(Exception):
+    """A saved KV cache that cannot be used as it is (the reason is the message)."""
+
+
+def model_identity(llm: Llama) -> dict:
+    """What a saved KV cache must match: the model file (size and a hash of its header) and its shape."""
+    hp = llm.model.hp
+    with open(llm.model_path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    return {"file_bytes": llm.model_path.stat().st_size, "header_sha256": head, "arch": hp.arch,
+            "n_layer": hp.n_layer, "n_head_kv": hp.n_head_kv, "head_dim": hp.head_dim, "n_vocab": hp.n_vocab}
+
+
+def _read_kv(path: Path, llm: Llama) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    cache = llm.cache
+    n_layer = len(cache.k)
+    try:
+        with np.load(path, allow_pickle=False) as kv:
+            if "identity" not in kv or json.loads(str(kv["identity"])) != model_identity(llm):
+                raise _Unusable("it was saved with a different model")
+            saved_type = str(kv["kv_type"])
+            tokens = kv["tokens"]
+            keys = [kv[f"k{i}"] for i in range(n_layer)]
+            values = [kv[f"v{i}"] for i in range(n_layer)]
+    except _Unusable:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError):
+        raise _Unusable("not a readable llamba KV cache") from None
+    n = len(tokens)
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu" or n == 0 or n > cache.n_ctx:
+        raise _Unusable(f"its {n} positions do not fit this context of {cache.n_ctx}")
+    if ((tokens < 0) | (tokens >= llm.model.hp.n_vocab)).any():
+        raise _Unusable("it holds token ids outside the vocabulary")
+    expected = (cache.k[0].shape[0], n, cache.k[0].shape[2])
+    if any(a.shape != expected for a in keys + values):
+        raise _Unusable("its arrays do not have this model's shape")
+    return tokens.tolist(), *_convert_kv(keys + values, saved_type, cache.kv_type, n_layer)
+
+
+def _convert_kv(arrays: list[np.ndarray], saved: str, wanted: str, n_layer: int):
+    """Saved arrays as this cache stores them: f16 widens to f32 exactly; f32 would round, so it is refused."""
+    stored = {"f32": np.float32, "f16": np.uint16}
+    if saved not in stored or any(a.dtype != stored[saved] for a in arrays):
+        raise _Unusable("its arrays are not of the KV type it names")
+    if saved != wanted:
+        if saved == "f32":
+            raise _Unusable("it holds f32 keys and values, and this session's f16 cache would round them")
+        arrays = [a.view(np.float16).astype(np.float32) for a in arrays]
+    if not all(np.isfinite(a.view(np.float16) if a.dtype == np.uint16 else a).all() for a in arrays):
+        raise _Unusable("it holds NaN or infinite values")
+    return arrays[:n_layer], arrays[n_layer:]
+
+
+def _parse_session(data, path: Path) -> tuple[str | None, list[dict], int, SamplingParams]:
+    """A saved session's fields, each checked; a bad one is a LlambaError naming it."""
+    def bad(field_name: str, why: str) -> LlambaError:
+        return LlambaError(f"{path}: saved session field {field_name!r} {why}")
+
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise LlambaError(f"{path}: not a saved llamba chat session")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise bad("messages", "must be a list of {role, content} texts")
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise bad("system", "must be text or null")
+    max_tokens = data.get("max_tokens", ChatSettings.max_tokens)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise bad("max_tokens", "must be a whole number >= 1")
+    raw = data.get("sampling", {})
+    if not isinstance(raw, dict):
+        raise bad("sampling", "must be an object")
+    fields = SamplingParams.__dataclass_fields__
+    known = {k: v for k, v in raw.items() if k in fields and k != "logit_bias"}
+    for key, value in known.items():
+        kind = int if key == "seed" or type(fields[key].default) is int else (int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise bad(f"sampling.{key}", "must be a number")
+    try:
+        sampling = SamplingParams(**known).validate()
+    except LlambaError as e:
+        raise bad("sampling", f"is out of range: {e}") from None
+    return system, [{"role": m["role"], "content": m["content"]} for m in messages], max_tokens, sampling
+
+
+def _kv_path(path: Path) -> Path:
+    return path.with_suffix(path.suffix + ".kv.npz")
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Write through a temporary file and rename, so a failure never leaves half a file where a good one was."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
