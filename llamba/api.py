@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import LlambaError
 from .models import load_transformer
+from .models.metadata import MAX_CONTEXT
 from .ops.jit import release_compiler_pages, set_threads
 from .ops.matmul import SMALL_BATCH
 from .runtime.chat_template import load_chat_template, turn_terminator
@@ -32,6 +33,7 @@ from .runtime.tokenizer import Tokenizer
 from .store import resolve_model
 
 DEFAULT_CTX = 4096
+MIN_CTX = 8
 
 _SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
 
@@ -42,6 +44,8 @@ class Llama:
     def __init__(self, model: str | os.PathLike | None = None, n_ctx: int | None = None,
                  n_threads: int | None = None, chat_template: str | None = None, kv_type: str = "f32",
                  on_status: Callable[[str], None] | None = None, decoding: str = "greedy"):
+        if n_threads is not None and n_threads < 1:
+            raise LlambaError(f"threads must be at least 1 (got {n_threads}); leave it out to use every core")
         self.n_threads = set_threads(n_threads)
         say = on_status or (lambda message: None)
         self.model_path = Path(resolve_model(model, say=say))
@@ -51,9 +55,7 @@ class Llama:
                                            self.tokenizer.bos_id, self.tokenizer.eos_id, chat_template)
         self.tokenizer.add_end_of_generation(turn_terminator(self.template))
         hp = self.model.hp
-        self.n_ctx = int(n_ctx or min(hp.n_ctx_train, DEFAULT_CTX))
-        if self.n_ctx < 8:
-            raise LlambaError(f"context size {self.n_ctx} is too small")
+        self.n_ctx = _context_size(n_ctx, hp.n_ctx_train)
         self.cache = KVCache.for_model(hp, self.n_ctx, kv_type)
         self._tokens: list[int] = []  # what the cache holds, position by position
         self.last_stats = GenerationStats()
@@ -119,16 +121,17 @@ class Llama:
         """The core loop with prefix reuse: yields Steps; `last_stats` holds the timings after."""
         if not prompt_ids:
             raise LlambaError("the prompt is empty")
-        if max_tokens < 0:
-            raise LlambaError(f"max_tokens must be >= 0 (got {max_tokens})")
-        max_tokens = min(max_tokens, self.n_ctx - len(prompt_ids))
+        if max_tokens < -1:
+            raise LlambaError(f"max_tokens must be >= 0, or -1 for no limit but the context (got {max_tokens})")
+        if max_tokens == -1:
+            max_tokens = self.n_ctx
         sampler = sampler or Sampler(**_sampling_args(sampling))
         start = self._reusable_prefix(prompt_ids)
         stats = self.last_stats = GenerationStats()
         generated: list[int] = []
         try:
             for step in generate_steps(self.model, self.tokenizer, self.cache, prompt_ids, sampler,
-                                       max(max_tokens, 1), start_pos=start, stop=stop, stats=stats,
+                                       max_tokens, start_pos=start, stop=stop, stats=stats,
                                        speculation=self.speculation(decoding)):
                 if step.token >= 0:
                     generated.append(step.token)
@@ -203,6 +206,18 @@ class Llama:
         s = self.last_stats
         return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
                 "total_tokens": s.prompt_tokens + s.generated_tokens}
+
+
+def _context_size(n_ctx: int | None, n_ctx_train: int) -> int:
+    """None: the model's context, at most DEFAULT_CTX; 0: the model's whole context (as llama.cpp)."""
+    if n_ctx is None:
+        return min(n_ctx_train, DEFAULT_CTX)
+    if n_ctx == 0:
+        return n_ctx_train
+    if not MIN_CTX <= n_ctx <= MAX_CONTEXT:
+        raise LlambaError(f"context size must be in {MIN_CTX}..{MAX_CONTEXT}, or 0 for the model's own "
+                          f"({n_ctx_train}) (got {n_ctx})")
+    return n_ctx
 
 
 def _sampling_args(options: dict[str, Any]) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from .common import open_llama
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("-p", "--n-prompt", type=int, default=128, show_default=True, help="Prompt tokens (pp test; 0: skip).")
-@click.option("-n", "--n-gen", type=int, default=64, show_default=True, help="Generated tokens (tg test; 0: skip).")
-@click.option("-r", "--repetitions", type=int, default=3, show_default=True)
-@click.option("-t", "--threads", type=int, multiple=True, help="Thread counts to test (repeatable; default: all cores).")
+@click.option("-p", "--n-prompt", type=click.IntRange(0, 4096), default=128, show_default=True, help="Prompt tokens (pp test; 0: skip).")
+@click.option("-n", "--n-gen", type=click.IntRange(0, 4096), default=64, show_default=True, help="Generated tokens (tg test; 0: skip).")
+@click.option("-r", "--repetitions", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option("-t", "--threads", type=click.IntRange(min=1), multiple=True, help="Thread counts to test (repeatable; default: all cores).")
 @click.option("--compare-llama-cpp", is_flag=True, help="Also run llama-cpp-python on the same file, interleaved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 def bench(model, n_prompt, n_gen, repetitions, threads, compare_llama_cpp, as_json) -> None:

@@ -215,7 +215,7 @@ def _setup_readline() -> None:
 @click.command()
 @model_options
 @click.option("-s", "--system", default=None, help="System prompt.")
-@click.option("-n", "--max-tokens", type=int, default=512, show_default=True, help="Longest answer in tokens.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Longest answer in tokens.")
 @click.option("--overflow", type=click.Choice(["shift", "stop"]), default="shift", show_default=True,
               help="When the context fills: drop the oldest exchanges (shift) or refuse (stop).")
 @click.option("--no-stats", is_flag=True, help="Hide the statistics line after each answer.")

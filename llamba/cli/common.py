@@ -40,7 +40,8 @@ def sampling_options(fn):
         click.option("--repeat-last-n", type=int, default=64, show_default=True, help="Window of the penalties (-1: all)."),
         click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
         click.option("--presence-penalty", type=float, default=0.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Seed for a repeatable draw."),
+        click.option("--seed", type=click.IntRange(-1, 2**64 - 1), default=None,
+                     help="Seed for a repeatable draw (-1 or none: random)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -82,8 +83,9 @@ def model_options(fn):
                       help="KV cache precision (f16 halves its memory).")(fn)
     fn = click.option("--chat-template", default=None,
                       help="A template file or a built-in style (chatml, llama2, llama3, mistral, gemma).")(fn)
-    fn = click.option("-t", "--threads", type=int, default=None, help="Threads (default: every core).")(fn)
-    fn = click.option("-c", "--ctx-size", type=int, default=None, help="Context length (default: the model's, at most 4096).")(fn)
+    fn = click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="Threads (default: every core).")(fn)
+    fn = click.option("-c", "--ctx-size", type=click.IntRange(min=0), default=None,
+                      help="Context length (default: the model's, at most 4096; 0: the model's whole context).")(fn)
     return click.argument("model", required=False)(fn)
 
 

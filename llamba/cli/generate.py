@@ -14,19 +14,23 @@ from .common import (decoding_option, model_options, open_llama, pop_sampling, r
 @model_options
 @click.option("-p", "--prompt", help="The prompt (default: standard input).")
 @click.option("-f", "--file", "path", type=click.Path(dir_okay=False), help="Read the prompt from a file.")
-@click.option("-n", "--n-predict", "max_tokens", type=int, default=128, show_default=True, help="Tokens to generate at most.")
+@click.option("-n", "--n-predict", "max_tokens", type=click.IntRange(min=-1), default=128, show_default=True,
+              help="Tokens to generate at most (0: none; -1: until the end of text or of the context).")
 @click.option("--stop", multiple=True, help="Stop when this text appears (not printed); may be repeated.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the chat template.")
+@click.option("--special/--no-special", default=True, show_default=True,
+              help="Read special tokens written in the prompt (<|im_start|>, <bos>...) as those tokens, as llama-cli "
+                   "does; --no-special treats them as plain text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and speeds.")
 @decoding_option
 @sampling_options
-def generate(model, ctx_size, threads, chat_template, kv_type, prompt, path, max_tokens, stop, chat, as_json, decoding,
-             **kwargs) -> None:
+def generate(model, ctx_size, threads, chat_template, kv_type, prompt, path, max_tokens, stop, chat, special, as_json,
+             decoding, **kwargs) -> None:
     """Continue a prompt and print the text as it is generated."""
     sampling = pop_sampling(kwargs)
     text = read_text_option(prompt, path)
     llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json, kv_type=kv_type, decoding=decoding)
-    ids = llm.chat_prompt_ids([{"role": "user", "content": text}]) if chat else llm.tokenize(text)
+    ids = llm.chat_prompt_ids([{"role": "user", "content": text}]) if chat else llm.tokenize(text, special=special)
     generated, pieces = [], []
     for step in llm.stream_tokens(ids, max_tokens=max_tokens, stop=list(stop), **sampling):
         if step.token >= 0:

@@ -11,9 +11,9 @@ from .common import model_options, open_llama
 @click.command()
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told).")
-@click.option("--port", type=int, default=8080, show_default=True)
-@click.option("-np", "--parallel", type=int, default=4, show_default=True, help="Requests decoded together.")
-@click.option("--queue", "max_queue", type=int, default=16, show_default=True,
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("-np", "--parallel", type=click.IntRange(1, 64), default=4, show_default=True, help="Requests decoded together.")
+@click.option("--queue", "max_queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait for a slot; past it the server answers 503.")
 @click.option("--api-key", default=None, help="Require this bearer token on /v1 requests.")
 @click.option("--decoding", type=click.Choice(["greedy", "prompt-lookup", "auto"]), default="greedy", show_default=True,

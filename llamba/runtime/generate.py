@@ -102,6 +102,10 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
     stats.speculation = speculation.stats if speculation is not None else None
     t0 = time.perf_counter()
     logits = model.forward_tokens(prompt_ids[start_pos:], start_pos, cache)
+    if max_tokens == 0:  # the prompt is evaluated (and cached), nothing generated
+        stats.prompt_seconds = time.perf_counter() - t0
+        stats.finish_reason = "length"
+        return
     history = list(history if history is not None else prompt_ids)
     tokens = decode_tokens(model, cache, logits, len(prompt_ids), history, sampler, speculation, max_tokens)
     detok = tokenizer.streamer()

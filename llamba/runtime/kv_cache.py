@@ -9,6 +9,7 @@ attends identically alone, among guesses, or beside other sequences.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ class KVCache:
         self.kv_type = kv_type
         self.n_cells = n_cells or n_ctx + SPARE_CELLS
         dtype = np.float32 if kv_type == "f32" else np.uint16
+        _check_fits(2 * n_layer * n_head_kv * self.n_cells * head_dim * np.dtype(dtype).itemsize, n_ctx)
         self.k = [np.zeros((n_head_kv, self.n_cells, head_dim), dtype) for _ in range(n_layer)]
         self.v = [np.zeros((n_head_kv, self.n_cells, head_dim), dtype) for _ in range(n_layer)]
         self.cell_pos = np.full(self.n_cells, -1, np.int64)
@@ -218,3 +220,14 @@ def _fill_visible(visible, counts, flat, starts, lengths, seq_index, parents, ce
             visible[t, m + d] = cells[a]
             a = parents[a]
         counts[t] = m + depth
+
+
+def _check_fits(n_bytes: int, n_ctx: int) -> None:
+    """Refuse a cache larger than the machine's memory (it is mapped lazily, so it would fail only when full)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: let the allocation decide
+        return
+    if n_bytes > memory:
+        raise LlambaError(f"a context of {n_ctx} tokens needs {n_bytes / 2**30:.1f} GiB of KV cache; this machine "
+                          f"has {memory / 2**30:.1f} GiB (use a smaller -c, or --kv-type f16)")

@@ -40,10 +40,14 @@ class SamplingParams:
             (0 < self.typical_p <= 1, f"typical_p must be in (0, 1] (got {self.typical_p})"),
             (self.repeat_penalty > 0, f"repeat_penalty must be > 0 (got {self.repeat_penalty})"),
             (self.repeat_last_n >= -1, f"repeat_last_n must be >= -1 (got {self.repeat_last_n})"),
+            (self.seed is None or -1 <= self.seed < 2**64, f"seed must be -1 (random) or in 0..2^64-1 (got {self.seed})"),
         ]
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LlambaError(f"{name} must be a finite number (got {value})")
         for ok, message in checks:
-            if not ok or any(isinstance(v, float) and math.isnan(v) for v in (self.temperature, self.top_p)):
-                raise LlambaError(message if not ok else "sampling values must not be NaN")
+            if not ok:
+                raise LlambaError(message)
         return self
 
 
@@ -57,7 +61,7 @@ class Sampler:
                 raise LlambaError(f"unknown sampling option {key!r}")
             setattr(params, key, value)
         self.params = params.validate()
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(None if params.seed == -1 else params.seed)
 
     def sample(self, logits: np.ndarray, history: list[int] | None = None) -> int:
         ids, probs = self.distribution(logits, history)
