@@ -9,6 +9,7 @@ import numpy as np
 
 from llamba.formats import quants
 from tests.blocks import random_blocks
+from tests.tiny_vocab import add_vocab
 
 N_EMBD, N_FF, N_HEAD, N_HEAD_KV, HEAD_DIM, N_VOCAB = 256, 512, 4, 2, 64, 300
 GGUF_TYPES = {t.name: t for t in gguf.GGMLQuantizationType}
@@ -29,8 +30,9 @@ def _add_matrix(w: gguf.GGUFWriter, name: str, values: np.ndarray, type_name: st
 
 
 def write_tiny_model(path: Path, arch: str, types: dict[str, str] | None = None, n_layer: int = 2,
-                     sliding_window: int = 4, seed: int = 0) -> Path:
-    """A random `arch` model; `types` maps weight roles (embd, q, k, v, o, gate, up, down) to GGML types."""
+                     sliding_window: int = 4, seed: int = 0, vocab: str | None = None) -> Path:
+    """A random `arch` model; `types` maps weight roles (embd, q, k, v, o, gate, up, down) to GGML types;
+    vocab ("bpe" or "spm") adds a vocabulary and chat template, so the file loads as a whole `Llama`."""
     types = {"embd": "Q8_0", "q": "Q4_K", "k": "Q5_0", "v": "Q8_0", "o": "Q6_K", "gate": "Q4_1",
              "up": "Q5_K", "down": "Q4_0", **(types or {})}
     rng = np.random.default_rng(seed)
@@ -45,6 +47,8 @@ def write_tiny_model(path: Path, arch: str, types: dict[str, str] | None = None,
     w.add_uint32(f"{arch}.attention.head_count_kv", N_HEAD_KV)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32(f"{arch}.rope.freq_base", 10000.0 if arch != "gemma3" else 1e6)
+    if vocab is not None:
+        add_vocab(w, vocab, N_VOCAB)
     if arch == "gemma3":
         w.add_uint32(f"{arch}.attention.key_length", HEAD_DIM)
         w.add_uint32(f"{arch}.attention.value_length", HEAD_DIM)

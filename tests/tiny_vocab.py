@@ -34,6 +34,33 @@ def write_spm_vocab(path: Path) -> Path:
 
 def _write(path, model, pre, tokens, types, scores, merges, add_bos, space_prefix=False) -> Path:
     w = gguf.GGUFWriter(str(path), arch="llama")
+    _add_vocab(w, model, pre, tokens, types, scores, merges, add_bos, space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
+
+
+def add_vocab(w: gguf.GGUFWriter, kind: str, n_tokens: int) -> None:
+    """The BPE or SPM vocabulary above, padded with plain tokens to n_tokens (a model's embedding rows), and
+    a chat template, so a tiny model can chat."""
+    if kind == "bpe":
+        tokens, types = _byte_to_char() + BPE_EXTRA, [NORMAL] * 262 + [CONTROL, USER_DEFINED]
+        scores, merges, add_bos, space_prefix, model, pre = None, BPE_MERGES, False, False, "gpt2", "smollm"
+    else:
+        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + [t for t, _ in SPM_NORMAL]
+        types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * len(SPM_NORMAL)
+        scores = [0.0] * 259 + [s for _, s in SPM_NORMAL]
+        merges, add_bos, space_prefix, model, pre = None, True, True, "llama", "default"
+    pad = n_tokens - len(tokens)
+    tokens, types = tokens + [f"<extra_{i}>" for i in range(pad)], types + [NORMAL] * pad
+    scores = scores + [-10.0] * pad if scores is not None else None
+    _add_vocab(w, model, pre, tokens, types, scores, merges, add_bos, space_prefix)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _add_vocab(w, model, pre, tokens, types, scores, merges, add_bos, space_prefix) -> None:
     w.add_tokenizer_model(model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -46,7 +73,3 @@ def _write(path, model, pre, tokens, types, scores, merges, add_bos, space_prefi
     w.add_eos_token_id(2)
     w.add_add_bos_token(add_bos)
     w.add_add_space_prefix(space_prefix)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
-    return path
