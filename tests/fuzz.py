@@ -273,12 +273,14 @@ def run_case(path: str) -> dict:
         return {"outcome": "exception", "detail": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
-def child_main() -> None:
-    """Read case paths from stdin, answer one JSON line each."""
+def child_main(warm_up: str) -> None:
+    """Run the valid seed once (compiling the kernels if this machine has not yet), say so, then read case
+    paths from stdin and answer one JSON line each."""
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
     logging.disable(logging.WARNING)
+    print(json.dumps(run_case(warm_up)), flush=True)
     for line in sys.stdin:
         result = run_case(line.strip())
         sys.stdout.write(json.dumps(result) + "\n")
@@ -286,13 +288,21 @@ def child_main() -> None:
 
 
 class Child:
-    """One worker process; restarted after a crash or a hang."""
+    """One worker process; restarted after a crash or a hang. It is ready once it has run a valid model (the
+    first start on a fresh machine compiles the kernels: that time is not a case's)."""
 
-    def __init__(self):
+    READY_CAP = 900.0
+
+    def __init__(self, warm_up: Path):
         env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz", "--child"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                                     cwd=Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz", "--child", str(warm_up)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.READY_CAP)
+        first = json.loads(self.proc.stdout.readline() or "{}") if ready else {}
+        if first.get("outcome") != "ran":
+            self.kill()
+            raise RuntimeError(f"the fuzz child could not run the valid seed model: {first or 'no answer'}")
 
     def run(self, path: Path, cap: float) -> dict:
         self.proc.stdin.write(f"{path}\n")
@@ -341,17 +351,18 @@ def fuzz(n_cases: int, seed: int = 0, real: Path | None = None, real_share: floa
     with tempfile.TemporaryDirectory(prefix="llamba-fuzz-") as tmp:
         folder = Path(tmp)
         seeds = seed_specs(folder, real)
+        warm_up = folder / "seed-llama.gguf"
 
         def worker(slot: int) -> None:
-            child = Child()
+            child = Child(warm_up)
             try:
                 for case in range(slot, n_cases, jobs):
                     name, what, path = _write_case(case, seed, seeds, real_share, folder / f"case-{slot}.gguf")
                     if not child.alive():
-                        child = Child()
+                        child = Child(warm_up)
                     result = child.run(path, TIME_CAP)
                     if result["outcome"] in ("hang", "crash"):
-                        child = Child()
+                        child = Child(warm_up)
                     with lock:
                         counts[result["outcome"]] += 1
                         if result["outcome"] in FAILURES:
@@ -395,10 +406,10 @@ def main() -> None:
     parser.add_argument("--real", type=Path, default=None, help="a real GGUF whose metadata is mutated too")
     parser.add_argument("--real-share", type=float, default=0.05)
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", metavar="WARM_UP", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child_main()
+        child_main(args.child)
         return
     report = fuzz(args.cases, args.seed, args.real, args.real_share, args.jobs)
     print(f"{args.cases} cases in {report['seconds']:.0f} s")
