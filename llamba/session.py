@@ -125,23 +125,24 @@ class ChatSession:
         """Write the conversation and settings as JSON; with_kv also writes the KV cache beside it, marked
         with the model, KV type and context it belongs to."""
         path = Path(path).expanduser()
-        data = {"format": FORMAT, "model": str(self.llm.model_path), "model_identity": model_identity(self.llm),
+        identity = model_identity(self.llm)
+        data = {"format": FORMAT, "model": str(self.llm.model_path), "model_identity": identity,
                 "system": self.system, "messages": self.messages, "max_tokens": self.settings.max_tokens,
                 "sampling": asdict(self.settings.sampling)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomically(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False).encode()))
             if with_kv:
-                self._save_kv(_kv_path(path))
+                self._save_kv(_kv_path(path), identity)
         except OSError as e:
             raise LlambaError(f"{path}: cannot save ({e.strerror})") from None
         return path
 
-    def _save_kv(self, path: Path) -> None:
+    def _save_kv(self, path: Path, identity: dict) -> None:
         keys, values = self.llm.cache.read_seq(0)
         n = keys[0].shape[1]
         arrays = {f"k{i}": k for i, k in enumerate(keys)} | {f"v{i}": v for i, v in enumerate(values)}
-        marks = {"kv_type": np.array(self.llm.cache.kv_type), "identity": np.array(json.dumps(model_identity(self.llm)))}
+        marks = {"kv_type": np.array(self.llm.cache.kv_type), "identity": np.array(json.dumps(identity))}
         _write_atomically(path, lambda f: np.savez(f, tokens=np.asarray(self.llm._tokens[:n], dtype=np.int64),
                                                    **marks, **arrays))
 
@@ -190,18 +191,19 @@ def model_identity(llm: Llama) -> dict:
 def _read_kv(path: Path, llm: Llama) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
     cache = llm.cache
     n_layer = len(cache.k)
+    expected_identity = model_identity(llm)
     try:
         with np.load(path, allow_pickle=False) as kv:
-            if "identity" not in kv or json.loads(str(kv["identity"])) != model_identity(llm):
-                raise _Unusable("it was saved with a different model")
-            saved_type = str(kv["kv_type"])
-            tokens = kv["tokens"]
-            keys = [kv[f"k{i}"] for i in range(n_layer)]
-            values = [kv[f"v{i}"] for i in range(n_layer)]
-    except _Unusable:
-        raise
+            identity = json.loads(str(kv["identity"])) if "identity" in kv.files else None
+            if identity == expected_identity:
+                saved_type = str(kv["kv_type"])
+                tokens = kv["tokens"]
+                keys = [kv[f"k{i}"] for i in range(n_layer)]
+                values = [kv[f"v{i}"] for i in range(n_layer)]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError):
         raise _Unusable("not a readable llamba KV cache") from None
+    if identity != expected_identity:
+        raise _Unusable("it was saved with a different model")
     n = len(tokens)
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu" or n == 0 or n > cache.n_ctx:
         raise _Unusable(f"its {n} positions do not fit this context of {cache.n_ctx}")

@@ -87,18 +87,19 @@ class MetadataKeys:
             return None
         return self.count(key, low=0, high=n_tokens - 1)
 
-    def array(self, key: str, n: int, kind: str, default: Any = None) -> Any:
-        """An array of n numbers of a NumPy kind ('i' whole numbers, 'f' any number), or a list of n strings
-        (kind 's'); None when absent."""
+    def strings(self, key: str, default: Any = REQUIRED) -> list[str]:
+        """A list of strings, of any length."""
         value = self.raw(key, default)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, value, "must be an array of strings")
+        return value
+
+    def numbers(self, key: str, n: int, whole: bool) -> np.ndarray | None:
+        """An array of n numbers (whole ones if asked); None when absent."""
+        value = self.raw(key, None)
         if value is None:
             return None
-        if kind == "s":
-            ok = isinstance(value, list) and len(value) == n and all(isinstance(v, str) for v in value)
-        else:
-            kinds = "iu" if kind == "i" else "iuf"
-            ok = isinstance(value, np.ndarray) and value.ndim == 1 and value.size == n and value.dtype.kind in kinds
-        if not ok:
-            what = {"s": "strings", "i": "whole numbers", "f": "numbers"}[kind]
-            raise self.fail(key, value, f"must be an array of {n} {what}")
+        kinds = "iu" if whole else "iuf"
+        if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.size == n and value.dtype.kind in kinds):
+            raise self.fail(key, value, f"must be an array of {n} {'whole numbers' if whole else 'numbers'}")
         return value

@@ -91,14 +91,13 @@ class Tokenizer:
         self.model = keys.text("model", "")
         if self.model not in ("gpt2", "llama"):
             raise UnsupportedError(f"{path}: tokenizer model {self.model!r} is not supported (supported: gpt2, llama)")
-        tokens = keys.raw("tokens", [])
-        n = len(tokens) if isinstance(tokens, (list, np.ndarray)) else 0
+        tokens = self.tokens = keys.strings("tokens", [])
+        n = len(tokens)
         if n == 0:
             raise LlambaError(f"{path}: the file has no vocabulary (tokenizer.ggml.tokens)")
-        self.tokens: list[str] = keys.array("tokens", n, "s")
-        types = keys.array("token_type", n, "i")
+        types = keys.numbers("token_type", n, whole=True)
         self.token_type = np.asarray(types, dtype=np.int32) if types is not None else np.full(n, NORMAL, np.int32)
-        scores = keys.array("scores", n, "f")
+        scores = keys.numbers("scores", n, whole=False)
         self.scores = np.asarray(scores, dtype=np.float32) if scores is not None else np.zeros(n, np.float32)
         if not np.isfinite(self.scores).all():
             raise keys.fail("scores", scores, "must be finite")
@@ -115,8 +114,7 @@ class Tokenizer:
         if spm:
             self._spm_bytes = [self.token_to_id.get(f"<0x{b:02X}>") for b in range(256)]
         else:
-            merges = keys.raw("merges", [])
-            self._init_bpe(keys.array("merges", len(merges) if isinstance(merges, list) else -1, "s", []))
+            self._init_bpe(keys.strings("merges", []))
         specials = [i for i in range(n) if self.token_type[i] in (CONTROL, USER_DEFINED, UNKNOWN)]
         specials.sort(key=lambda i: -len(tokens[i]))
         self._specials = [(tokens[i], i, self.token_type[i] == USER_DEFINED) for i in specials if tokens[i]]
