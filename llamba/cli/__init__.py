@@ -32,9 +32,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import bench, chat, generate, info, perplexity_cmd, serve, store_commands, tokenize_cmd
+    from . import bench, chat, convert_cmd, generate, info, perplexity_cmd, serve, store_commands, tokenize_cmd
 
-    for module in (chat, generate, serve, info, store_commands, tokenize_cmd, perplexity_cmd, bench):
+    for module in (chat, generate, serve, info, store_commands, tokenize_cmd, perplexity_cmd, bench, convert_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

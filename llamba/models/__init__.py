@@ -19,6 +19,15 @@ ARCHITECTURES: dict[str, ModuleType] = {
 }
 
 
+def hf_spec(model_class: str, where: str = "config.json"):
+    """The HFSpec of a Hugging Face `architectures` class name."""
+    for module in ARCHITECTURES.values():
+        if model_class in module.HF.classes:
+            return module.HF
+    supported = ", ".join(c for m in dict.fromkeys(ARCHITECTURES.values()) for c in m.HF.classes)
+    raise UnsupportedError(f"{where}: architecture {model_class!r} is not supported (supported: {supported})")
+
+
 def architecture_module(arch, path: str = "") -> ModuleType:
     if arch is not None and not isinstance(arch, str):
         raise GGUFError(f"{path}: metadata general.architecture is not a string")
@@ -36,4 +45,4 @@ def load_transformer(source: str | os.PathLike | GGUFFile) -> Transformer:
     return Transformer(g, module.hparams(g))
 
 
-__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module"]
+__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module", "hf_spec"]

@@ -1,0 +1,64 @@
+"""`llamba convert`: a Hugging Face checkpoint folder -> one GGUF file, streamed tensor by tensor.
+
+The architecture module's `HFSpec` (found by the config's class name) supplies the names, the config keys
+and the weight changes; this module only plans the file and streams the tensors through the writer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import LlambaError
+from ..formats.hf import HFCheckpoint
+from ..models import hf_spec
+from ..models.hf import generated_tensors, gguf_name, metadata_from_config, weight_to_gguf
+from .types import FILE_TYPE_IDS, check_output_type, tensor_type
+from .vocab import read_vocab
+from .writer import PlannedTensor, Progress, write_gguf
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+def _order(name: str) -> tuple:
+    """token_embd, the blocks in order, then the output tensors (llama.cpp's order)."""
+    block = _BLOCK.match(name)
+    if block:
+        return (1, int(block[1]), name)
+    return (0 if name.startswith("token_embd") else 2, 0, name)
+
+
+def convert(folder: str | os.PathLike, out: str | os.PathLike, output_type: str = "f16",
+            progress: Progress | None = None) -> Path:
+    """Convert the checkpoint in `folder` to `out` with tensors of `output_type` (see convert.types)."""
+    output_type = check_output_type(output_type)
+    checkpoint = HFCheckpoint(folder)
+    where = str(checkpoint.folder / "config.json")
+    spec = hf_spec(checkpoint.model_class, where)
+    config = checkpoint.text_config()
+    metadata = {"general.name": checkpoint.folder.name, **metadata_from_config(spec, config, where)}
+    named = {}
+    for entry in checkpoint.tensors.values():
+        name = gguf_name(spec, entry.name)
+        if name is not None:
+            named[name] = entry
+    if "token_embd.weight" not in named:
+        raise LlambaError(f"{checkpoint.folder}: no token embeddings (model.embed_tokens.weight)")
+    n_vocab = int(config.get("vocab_size") or named["token_embd.weight"].shape[0])
+    vocab, special_vocab = read_vocab(checkpoint.folder, n_vocab)
+    metadata.update(vocab)
+    metadata["general.file_type"] = FILE_TYPE_IDS[output_type]
+    metadata["general.quantization_version"] = 2
+    n_layer = metadata[f"{spec.arch}.block_count"]
+    tied = "output.weight" not in named
+    plan = []
+    for name in sorted(named, key=_order):
+        entry = named[name]
+        produce = lambda entry=entry, name=name: weight_to_gguf(spec, name, checkpoint.read(entry), metadata)  # noqa: E731
+        plan.append(PlannedTensor(name, entry.shape, tensor_type(output_type, name, entry.shape, n_layer, tied), produce))
+    for name, values in generated_tensors(config, metadata, spec.arch).items():
+        plan.append(PlannedTensor(name, values.shape, tensor_type(output_type, name, values.shape, n_layer, tied),
+                                  lambda values=values: values))
+    write_gguf(out, spec.arch, metadata, plan, special_vocab=special_vocab, progress=progress)
+    return Path(out)

@@ -1,0 +1,64 @@
+"""Which GGML type each tensor gets, for an output type or the q4_k_m preset.
+
+Plain types put every 2-D weight in that type (as llama.cpp's converter does for --outtype q8_0). The preset
+`q4_k_m` is llama.cpp's Q4_K_M mix: Q4_K throughout, Q6_K for the output projection and for the value
+projection and the feed-forward down projection of the layers `use_more_bits` picks. Norms, biases and other
+1-D tensors stay F32. A row length that is not a whole number of blocks falls back as llama.cpp falls back.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import UnsupportedError
+from ..formats.ggml_types import GGMLType, ggml_type
+
+PLAIN_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
+               "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K"}
+PRESETS = ("q4_k_m",)
+OUTPUT_TYPES = tuple(PLAIN_TYPES) + PRESETS
+
+# llama.cpp's general.file_type for each (LLAMA_FTYPE_MOSTLY_*; a lone K type is the "_S" variant)
+FILE_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 14,
+                 "q5_k": 16, "q6_k": 18, "bf16": 32, "q4_k_m": 15}
+
+# a row that is not whole super-blocks of 256: llama.cpp's replacement types
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+def use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama.cpp's choice of layers that get more bits: the first and last eighth, and every third between."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def check_output_type(name: str) -> str:
+    if name.lower() not in OUTPUT_TYPES:
+        raise UnsupportedError(f"output type {name!r} is not supported (supported: {', '.join(OUTPUT_TYPES)})")
+    return name.lower()
+
+
+def tensor_type(output: str, name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> GGMLType:
+    """The type of tensor `name` of NumPy shape `shape` in a file of output type `output`."""
+    if len(shape) < 2 or name.endswith("norm.weight") or not name.endswith(".weight"):
+        return ggml_type("F32")
+    wanted = PLAIN_TYPES.get(output) or _q4_k_m(name, n_layer, tied)
+    return _fitting(ggml_type(wanted), shape[-1])
+
+
+def _q4_k_m(name: str, n_layer: int, tied: bool) -> str:
+    is_output = name == "output.weight" or (tied and name == "token_embd.weight")
+    if is_output:
+        return "Q6_K"
+    layer = _LAYER.match(name)
+    if layer and name.endswith((".attn_v.weight", ".ffn_down.weight")) and use_more_bits(int(layer[1]), n_layer):
+        return "Q6_K"
+    return "Q4_K"
+
+
+def _fitting(t: GGMLType, row_length: int) -> GGMLType:
+    if row_length % t.block_elements == 0:
+        return t
+    fallback = ggml_type(K_FALLBACK.get(t.name, "F16"))
+    return fallback if row_length % fallback.block_elements == 0 else ggml_type("F16")

@@ -1,0 +1,201 @@
+"""Tiny random Hugging Face checkpoints (config.json, safetensors, a trained tokenizer) and a NumPy forward
+that follows Hugging Face's own conventions: halves-rotating RoPE on unpermuted Q/K, Gemma's (1 + w) norms and
+scaled embeddings. It shares nothing with the converter, so it checks the converter's renaming, permutation
+and norm shift from the outside."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog 1234 times.",
+    "Hello world! def main(): return 42  # answer",
+    "Über naïve café, 東京 and Москва; tabs\tand  spaces.",
+    "She sells sea shells by the sea shore, 3.14159 and 2718.",
+] * 20
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+# class name -> (family, config beyond the common one)
+MODELS = {
+    "LlamaForCausalLM": ("llama", {"tie_word_embeddings": False}),
+    "MistralForCausalLM": ("llama", {"tie_word_embeddings": True}),
+    "Qwen2ForCausalLM": ("qwen2", {"tie_word_embeddings": True}),
+    "Qwen3ForCausalLM": ("qwen3", {"tie_word_embeddings": True, "head_dim": 32}),
+    "Gemma3ForCausalLM": ("gemma3", {"tie_word_embeddings": True, "head_dim": 32, "num_key_value_heads": 1,
+                                     "num_hidden_layers": 7, "sliding_window": 4, "query_pre_attn_scalar": 32,
+                                     "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}),
+}
+
+
+def write_bpe_tokenizer(folder: Path) -> int:
+    """A byte-level BPE trained by the tokenizers package, with SmolLM's pre-tokenizer; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    _write_json(folder / "tokenizer_config.json", {"eos_token": "<|endoftext|>", "bos_token": "<|im_start|>",
+                                                   "add_bos_token": False, "chat_template": TEMPLATE})
+    return tok.get_vocab_size()
+
+
+def write_spm_tokenizer(folder: Path) -> int:
+    """A SentencePiece BPE model with byte fallback, trained by the sentencepiece package."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=400, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    _write_json(folder / "tokenizer_config.json", {"add_bos_token": True, "chat_template": TEMPLATE})
+    return spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=1), encoding="utf-8")
+
+
+def write_checkpoint(folder: Path, model_class: str, tokenizer: str = "bpe", seed: int = 0,
+                     dtype=np.float32, wrapped: bool = False, **settings) -> Path:
+    """A random checkpoint of `model_class`; `wrapped` writes Gemma 3 as Gemma3ForConditionalGeneration
+    (text config nested, names under language_model., a vision tensor to be left out)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n_tokens = (write_bpe_tokenizer if tokenizer == "bpe" else write_spm_tokenizer)(folder)
+    family, extra = MODELS[model_class]
+    config = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "vocab_size": n_tokens + 3, **extra, **settings}  # 3 rows beyond the tokenizer: padding
+    tensors = random_tensors(config, family, np.random.default_rng(seed))
+    if wrapped:
+        tensors = {"language_model." + k: v for k, v in tensors.items()}
+        tensors["vision_tower.patch_embedding.weight"] = np.ones((4, 4), np.float32)
+        config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                  "text_config": {**config, "model_type": "gemma3_text"}}
+    else:
+        config = {"architectures": [model_class], "model_type": family, **config}
+    _write_json(folder / "config.json", config)
+    half = len(tensors) // 2  # two shards and an index, as large checkpoints come
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, members in shards.items():
+        save_file({n: tensors[n].astype(dtype) for n in members}, folder / file)
+    _write_json(folder / "model.safetensors.index.json",
+                {"weight_map": {n: file for file, members in shards.items() for n in members}})
+    return folder
+
+
+def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
+    rand = lambda *shape, scale=0.08: (rng.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
+    d, ff, n_vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = config.get("head_dim", d // config["num_attention_heads"])
+    q_dim, kv_dim = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    norm_center = 0.0 if family == "gemma3" else 1.0  # Gemma stores w - 1
+    norm = lambda n: (norm_center + rand(n, scale=0.1)).astype(np.float32)  # noqa: E731
+    t = {"model.embed_tokens.weight": rand(n_vocab, d, scale=0.5), "model.norm.weight": norm(d)}
+    if not config["tie_word_embeddings"]:
+        t["lm_head.weight"] = rand(n_vocab, d)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d),
+              p + "self_attn.q_proj.weight": rand(q_dim, d), p + "self_attn.k_proj.weight": rand(kv_dim, d),
+              p + "self_attn.v_proj.weight": rand(kv_dim, d), p + "self_attn.o_proj.weight": rand(d, q_dim),
+              p + "mlp.gate_proj.weight": rand(ff, d), p + "mlp.up_proj.weight": rand(ff, d),
+              p + "mlp.down_proj.weight": rand(d, ff)}
+        if family == "qwen2":
+            t |= {p + f"self_attn.{x}_proj.bias": rand(n, scale=0.3) for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))}
+        if family in ("qwen3", "gemma3"):
+            t |= {p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd)}
+        if family == "gemma3":
+            t |= {p + "pre_feedforward_layernorm.weight": norm(d), p + "post_feedforward_layernorm.weight": norm(d)}
+    return t
+
+
+# ---------------------------------------------------------------------------- Hugging Face-style forward
+
+def _rmsnorm(x, w, eps, gemma):  # [n, d] -> [n, d]
+    scale = (1.0 + w) if gemma else w
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
+
+
+def _llama3_inv_freq(inv, scaling):
+    """transformers' _compute_llama3_parameters."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return np.where(medium, blended, scaled)
+
+
+def _rope_halves(x, pos, base, scaling=None):  # [n, heads, hd]: Hugging Face's rotate_half
+    hd = x.shape[-1]
+    inv = base ** (-np.arange(0, hd, 2) / hd)  # [hd/2]
+    if scaling:
+        inv = _llama3_inv_freq(inv, scaling)
+    ang = pos[:, None, None] * inv[None, None, :]
+    cos, sin = np.cos(ang), np.sin(ang)
+    a, b = x[..., : hd // 2], x[..., hd // 2:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: list[int]) -> np.ndarray:
+    """float64 logits [n, vocab] of `ids` from a checkpoint's own tensors and config."""
+    w = {k: v.astype(np.float64) for k, v in tensors.items()}
+    gemma = family == "gemma3"
+    d, n_head, n_kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    hd, eps, n = config.get("head_dim", d // n_head), config["rms_norm_eps"], len(ids)
+    pos = np.arange(n, dtype=np.float64)
+    x = w["model.embed_tokens.weight"][ids] * (math.sqrt(d) if gemma else 1.0)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sliding = gemma and (i + 1) % 6 != 0
+        h = _rmsnorm(x, w[p + "input_layernorm.weight"], eps, gemma)
+        q, k, v = (h @ w[p + f"self_attn.{s}_proj.weight"].T + w.get(p + f"self_attn.{s}_proj.bias", 0.0)
+                   for s in "qkv")
+        q, k, v = q.reshape(n, n_head, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
+        if family in ("qwen3", "gemma3"):
+            q = _rmsnorm(q, w[p + "self_attn.q_norm.weight"], eps, gemma)
+            k = _rmsnorm(k, w[p + "self_attn.k_norm.weight"], eps, gemma)
+        base = config["rope_local_base_freq"] if sliding else config["rope_theta"]
+        scaling = config.get("rope_scaling")
+        q, k = _rope_halves(q, pos, base, scaling), _rope_halves(k, pos, base, scaling)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        scale = config["query_pre_attn_scalar"] ** -0.5 if gemma else hd ** -0.5
+        scores = np.einsum("qhd,khd->hqk", q, k) * scale
+        distance = pos[:, None] - pos[None, :]
+        hidden = (distance < 0) | ((distance >= config["sliding_window"]) if sliding else False)
+        scores = np.where(hidden[None], -np.inf, scores)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n, n_head * hd) @ w[p + "self_attn.o_proj.weight"].T
+        if gemma:
+            attn = _rmsnorm(attn, w[p + "post_attention_layernorm.weight"], eps, gemma)
+        x = x + attn
+        h = _rmsnorm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")],
+                     eps, gemma)
+        gate = h @ w[p + "mlp.gate_proj.weight"].T
+        act = (0.5 * gate * (1 + np.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3))) if gemma
+               else gate / (1 + np.exp(-gate)))
+        f = (act * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        if gemma:
+            f = _rmsnorm(f, w[p + "post_feedforward_layernorm.weight"], eps, gemma)
+        x = x + f
+    x = _rmsnorm(x, w["model.norm.weight"], eps, gemma)
+    return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
