@@ -44,7 +44,7 @@ class Server:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(timeout=30)
+        assert self.process.wait(timeout=30) == 0  # SIGTERM shuts the server down cleanly
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +222,11 @@ def test_guessing_ahead_per_request_gives_the_same_answers(server):
         assert guessed.choices[0].message.content == plain
     with pytest.raises(openai.BadRequestError, match="decoding"):
         _chat(client, question, 4, extra_body={"decoding": "draft:other.gguf"})
+
+
+def test_a_taken_port_is_one_line_and_terminate_stops_cleanly(server, smollm2_path):
+    second = subprocess.run([sys.executable, "-m", "llamba", "serve", str(smollm2_path), "--port", str(server.port)],
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1
+    assert second.stderr.strip().count("\n") == 0 and "cannot serve on" in second.stderr
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200  # the first one is untouched
