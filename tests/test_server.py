@@ -230,3 +230,23 @@ def test_a_taken_port_is_one_line_and_terminate_stops_cleanly(server, smollm2_pa
     assert second.returncode == 1
     assert second.stderr.strip().count("\n") == 0 and "cannot serve on" in second.stderr
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200  # the first one is untouched
+
+
+def test_a_draft_model_guesses_for_every_slot(server, smollm2_path):
+    """--decoding draft:MODEL: the draft model is loaded once, each slot keeps its own draft cache; several
+    concurrent requests answer exactly as the greedy server does."""
+    questions = ["Tell me the capital of France.", "Name three colours.", "What is 2 + 2?"]
+    plain = [_chat(server.client(), q, 24).choices[0].message.content for q in questions]
+    drafted = Server(smollm2_path, "-np", "2", "--decoding", f"draft:{smollm2_path}")
+    try:
+        client = drafted.client()
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda q: _chat(client, q, 24).choices[0].message.content, questions))
+        assert answers == plain
+        with pytest.raises(openai.BadRequestError, match="not offered"):
+            _chat(client, questions[0], 4, extra_body={"decoding": "draft:other.gguf"})
+    finally:
+        drafted.stop()
+    bad = subprocess.run([sys.executable, "-m", "llamba", "serve", str(smollm2_path), "--decoding", "sideways"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "unknown decoding 'sideways'" in bad.stderr

@@ -16,8 +16,9 @@ from .common import model_options, open_llama
 @click.option("--queue", "max_queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait for a slot; past it the server answers 503.")
 @click.option("--api-key", default=None, help="Require this bearer token on /v1 requests.")
-@click.option("--decoding", type=click.Choice(["greedy", "prompt-lookup", "auto"]), default="greedy", show_default=True,
-              help="Guess ahead and check the guesses in the same batch (requests may choose their own).")
+@click.option("--decoding", default="greedy", show_default=True,
+              help="greedy, prompt-lookup, auto or draft:MODEL: guess ahead and check the guesses in the same batch "
+                   "(requests may choose their own; draft:MODEL loads that model for every slot).")
 def serve(model, ctx_size, threads, chat_template, kv_type, host, port, parallel, max_queue, api_key, decoding) -> None:
     """Serve a model over HTTP with OpenAI's API (chat, completions, streaming), several users at once."""
     from ..server import run

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..errors import LlambaError
 from .app import create_app
-from .engine import Engine, Event, QueueFull, Request
+from .engine import GUESSING, Engine, Event, QueueFull, Request
 
 __all__ = ["Engine", "Event", "QueueFull", "Request", "create_app", "run"]
 
@@ -19,7 +19,7 @@ def run(llm, host: str, port: int, parallel: int, max_queue: int, api_key: str |
 
     import uvicorn
 
-    engine = Engine(llm, parallel=parallel, max_queue=max_queue)
+    engine = Engine(llm, parallel=parallel, max_queue=max_queue, draft=None if decoding in GUESSING else decoding)
     model_id = llm.model_path.name
     app = create_app(engine, model_id, api_key=api_key, aliases=(llm.model_path.stem, *aliases),
                      default_decoding=decoding)

@@ -81,14 +81,21 @@ class _Slot:
     detok: object = None
     stopper: StopFilter | None = None
     speculation: Speculation | None = None
+    decoders: dict = field(default_factory=dict)  # decoding name -> this slot's Speculation (a draft's cache)
     last_used: float = 0.0
 
 
+GUESSING = ("greedy", "prompt-lookup", "auto")
+
+
 class Engine:
-    def __init__(self, llm, parallel: int = 4, max_queue: int = 16):
+    def __init__(self, llm, parallel: int = 4, max_queue: int = 16, draft: str | None = None):
+        """draft: a `draft:MODEL` decoding the server offers (its model loaded once, a cache per slot)."""
         if not 1 <= parallel <= MAX_SEQUENCES:
             raise LlambaError(f"--parallel must be in 1..{MAX_SEQUENCES} (got {parallel})")
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        self.decoders = GUESSING + ((draft,) if draft else ())
+        self._draft_model = self._load_draft(draft) if draft else None
         self.n_ctx = llm.n_ctx
         self.cache = KVCache.for_model(self.model.hp, self.n_ctx, llm.cache.kv_type,
                                        n_cells=parallel * self.n_ctx + SPARE_CELLS)
@@ -116,6 +123,8 @@ class Engine:
             self._thread.join(timeout=10)
 
     def submit(self, request: Request) -> Request:
+        if request.decoding not in self.decoders:
+            raise LlambaError(f"decoding {request.decoding!r} is not offered here (offered: {', '.join(self.decoders)})")
         if len(request.prompt_ids) >= self.n_ctx:
             raise LlambaError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.n_ctx}")
         with self._wake:
@@ -125,6 +134,21 @@ class Engine:
             self.counters["requests"] += 1
             self._wake.notify()
         return request
+
+    def _load_draft(self, decoding: str):
+        from ..models import load_transformer
+        from ..store import resolve_model
+
+        if not decoding.startswith("draft:") or not decoding[len("draft:"):]:
+            raise LlambaError(f"unknown decoding {decoding!r} (choose from greedy, prompt-lookup, auto, draft:MODEL)")
+        return load_transformer(resolve_model(decoding[len("draft:"):]))
+
+    def _speculation(self, slot: _Slot, decoding: str) -> Speculation | None:
+        """The slot's decoder for `decoding`, made once per slot: a draft model's cache stays with its slot."""
+        if decoding not in slot.decoders:
+            slot.decoders[decoding] = make_speculation(decoding, self.model, self.n_ctx, self.cache.kv_type,
+                                                       load_model=lambda _: self._draft_model)
+        return slot.decoders[decoding]
 
     def free_slots(self) -> int:
         return sum(slot.request is None for slot in self.slots)
@@ -176,7 +200,7 @@ class Engine:
         slot.cached = slot.cached[:keep]
         slot.request, slot.pending, slot.history = request, list(prompt[keep:]), list(prompt)
         slot.detok, slot.stopper = self.tokenizer.streamer(), StopFilter(list(request.stop))
-        slot.speculation = make_speculation(request.decoding)
+        slot.speculation = self._speculation(slot, request.decoding)
         if slot.speculation is not None:
             slot.speculation.drafter.reset()
         self.counters["prompt_tokens"] += len(prompt)
