@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType
 
 from llamba.cli import main
 from llamba.convert import convert, export, requantize
+from llamba.convert.vocab import identify_pre
 from llamba.errors import LlambaError, UnsupportedError
 from llamba.formats.ggml_types import ggml_type
 from llamba.formats.gguf import open_gguf
@@ -225,6 +226,9 @@ def test_exported_tokenizer_loads_in_its_library(round_trip, reference_dir):
     reference = load_reference(reference_dir, name)
     if name.startswith("smollm2"):
         from tokenizers import Tokenizer as HFTokenizer
+
+        # named by llama.cpp's own hash of SmolLM's ids, not only by the definition it was written with
+        assert identify_pre(exported / "tokenizer.json") == ("smollm", "hash")
 
         library = HFTokenizer.from_file(str(exported / "tokenizer.json"))
         encode = lambda text: library.encode(text).ids  # noqa: E731

@@ -26,6 +26,15 @@ def read_text_option(text: str | None, path: str | None) -> str:
     return sys.stdin.read()
 
 
+def status_line():
+    """One line on a terminal, rewritten in place (None when standard error is not a terminal)."""
+    import click
+
+    if sys.stderr is None or not sys.stderr.isatty():
+        return None
+    return lambda line: click.echo(f"\r{line}\033[K", nl=False, err=True)
+
+
 def sampling_options(fn):
     """The sampling flags `generate` and `chat` share (llama.cpp's names and defaults)."""
     import click

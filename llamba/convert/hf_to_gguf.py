@@ -7,25 +7,21 @@ and the weight changes; this module only plans the file and streams the tensors 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from ..errors import LlambaError
 from ..formats.hf import HFCheckpoint
 from ..models import hf_spec
 from ..models.hf import generated_tensors, gguf_name, metadata_from_config, weight_to_gguf
-from .types import FILE_TYPE_IDS, check_output_type, tensor_type
+from .types import FILE_TYPE_IDS, check_output_type, layer_of, tensor_type
 from .vocab import read_vocab
-from .writer import PlannedTensor, Progress, write_gguf
-
-_BLOCK = re.compile(r"blk\.(\d+)\.")
-
+from .writer import QUANTIZATION_VERSION, PlannedTensor, Progress, write_gguf
 
 def _order(name: str) -> tuple:
     """token_embd, the blocks in order, then the output tensors (llama.cpp's order)."""
-    block = _BLOCK.match(name)
-    if block:
-        return (1, int(block[1]), name)
+    layer = layer_of(name)
+    if layer is not None:
+        return (1, layer, name)
     return (0 if name.startswith("token_embd") else 2, 0, name)
 
 
@@ -49,7 +45,7 @@ def convert(folder: str | os.PathLike, out: str | os.PathLike, output_type: str 
     vocab, special_vocab = read_vocab(checkpoint.folder, n_vocab)
     metadata.update(vocab)
     metadata["general.file_type"] = FILE_TYPE_IDS[output_type]
-    metadata["general.quantization_version"] = 2
+    metadata["general.quantization_version"] = QUANTIZATION_VERSION
     n_layer = metadata[f"{spec.arch}.block_count"]
     tied = "output.weight" not in named
     plan = []

@@ -28,6 +28,12 @@ K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
+def layer_of(name: str) -> int | None:
+    """The block a GGUF tensor belongs to (None for token_embd, output, ...)."""
+    m = _LAYER.match(name)
+    return int(m[1]) if m else None
+
+
 def use_more_bits(i_layer: int, n_layer: int) -> bool:
     """llama.cpp's choice of layers that get more bits: the first and last eighth, and every third between."""
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
@@ -51,8 +57,8 @@ def _q4_k_m(name: str, n_layer: int, tied: bool) -> str:
     is_output = name == "output.weight" or (tied and name == "token_embd.weight")
     if is_output:
         return "Q6_K"
-    layer = _LAYER.match(name)
-    if layer and name.endswith((".attn_v.weight", ".ffn_down.weight")) and use_more_bits(int(layer[1]), n_layer):
+    layer = layer_of(name)
+    if layer is not None and name.endswith((".attn_v.weight", ".ffn_down.weight")) and use_more_bits(layer, n_layer):
         return "Q6_K"
     return "Q4_K"
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LlambaError, UnsupportedError
+from ..formats.hf import read_json, read_optional_json
 from ..runtime.tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED
 
 BYTE = 6
@@ -114,12 +115,11 @@ def identify_pre(tokenizer_json: Path) -> tuple[str, str]:
 def read_bpe(folder: Path, n_vocab: int) -> dict:
     """GGUF tokenizer keys (without merges and special ids) of a byte-level BPE tokenizer.json."""
     path = folder / "tokenizer.json"
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        model = spec["model"]
-        vocab: dict = model["vocab"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LlambaError(f"{path}: not a usable tokenizer.json ({type(e).__name__}: {e})") from None
+    spec = read_json(path)
+    model = spec.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not isinstance(vocab, dict):
+        raise LlambaError(f"{path}: not a usable tokenizer.json (no model.vocab)")
     if model.get("type") != "BPE":
         raise UnsupportedError(f"{path}: tokenizer model {model.get('type')!r} is not supported without "
                                "tokenizer.model (byte-level BPE or SentencePiece)")
@@ -163,7 +163,7 @@ def read_spm(folder: Path, n_vocab: int) -> dict:
         tokens[i], scores[i], types[i] = piece.piece, piece.score, int(piece.type)
         if types[i] == USER_DEFINED:  # matched in the raw text by llama.cpp, so written with plain spaces
             tokens[i] = tokens[i].replace(SPACE_MARK, " ")
-    config = _optional_json(folder / "tokenizer_config.json")
+    config = read_optional_json(folder / "tokenizer_config.json")
     for key, entry in (config.get("added_tokens_decoder") or {}).items():
         i = int(key)
         if 0 <= i < n_vocab and isinstance(entry, dict) and isinstance(entry.get("content"), str):
@@ -173,14 +173,6 @@ def read_spm(folder: Path, n_vocab: int) -> dict:
     return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
             "tokenizer.ggml.add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix)}
-
-
-def _optional_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise LlambaError(f"{path}: not valid JSON ({e})") from None
-    return value if isinstance(value, dict) else {}
 
 
 def read_vocab(folder: Path, n_vocab: int):
@@ -223,19 +215,18 @@ def tokenizer_config(metadata: dict) -> dict:
     return config
 
 
-def write_tokenizer(metadata: dict, folder: Path) -> list[str]:
-    """The tokenizer files of a GGUF vocabulary; returns their names."""
+def write_tokenizer(metadata: dict, folder: Path) -> None:
+    """The tokenizer files of a GGUF vocabulary."""
     model = metadata.get("tokenizer.ggml.model")
     config = tokenizer_config(metadata)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     if model == "gpt2":
         spec = bpe_tokenizer_json(metadata)
         (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-        return ["tokenizer.json", "tokenizer_config.json"]
-    if model == "llama":
+    elif model == "llama":
         (folder / "tokenizer.model").write_bytes(spm_model(metadata).SerializeToString())
-        return ["tokenizer.model", "tokenizer_config.json"]
-    raise UnsupportedError(f"tokenizer model {model!r} cannot be exported")
+    else:
+        raise UnsupportedError(f"tokenizer model {model!r} cannot be exported")
 
 
 def bpe_tokenizer_json(metadata: dict) -> dict:

@@ -39,6 +39,11 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def read_optional_json(path: Path) -> dict:
+    """read_json, or {} when the file is not there."""
+    return read_json(path) if path.is_file() else {}
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
@@ -69,10 +74,6 @@ class HFCheckpoint:
         """The language model's settings; multimodal checkpoints nest them under `text_config`."""
         nested = self.config.get("text_config")
         return {**self.config, **nested} if isinstance(nested, dict) else self.config
-
-    def optional_json(self, name: str) -> dict:
-        path = self.folder / name
-        return read_json(path) if path.is_file() else {}
 
     def _shard_files(self) -> list[Path]:
         index = self.folder / INDEX_NAME
@@ -115,36 +116,34 @@ class HFCheckpoint:
             return f.get_tensor(entry.name).astype(np.float32, copy=False)
 
 
-def write_checkpoint(folder: Path, tensors: Iterator[tuple[str, np.ndarray]], shard_bytes: int) -> list[str]:
-    """Write (name, array) pairs as safetensors shards of at most `shard_bytes` (one tensor may exceed it),
-    plus the index when there is more than one shard. Returns the shard file names."""
-    from safetensors.numpy import save_file
-
-    shards: list[dict[str, np.ndarray]] = [{}]
-    written: list[str] = []
-    weight_map: dict[str, str] = {}
-    total = 0
-
-    def flush() -> None:
-        name = f"model-{len(written) + 1:05d}.safetensors"
-        save_file(shards[0], folder / name, metadata={"format": "pt"})
-        written.append(name)
-        weight_map.update({t: name for t in shards[0]})
-        shards[0] = {}
-
+def _shards(tensors: Iterator[tuple[str, np.ndarray]], shard_bytes: int) -> Iterator[dict[str, np.ndarray]]:
+    """The tensors grouped in order into shards of at most `shard_bytes` (a larger tensor is a shard alone)."""
+    shard: dict[str, np.ndarray] = {}
     size = 0
     for name, array in tensors:
-        if shards[0] and size + array.nbytes > shard_bytes:
-            flush()
-            size = 0
-        shards[0][name] = np.ascontiguousarray(array)
+        if shard and size + array.nbytes > shard_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = np.ascontiguousarray(array)
         size += array.nbytes
-        total += array.nbytes
-    if shards[0] or not written:
-        flush()
-    if len(written) == 1:
-        os.replace(folder / written[0], folder / "model.safetensors")
-        return ["model.safetensors"]
+    yield shard
+
+
+def write_checkpoint(folder: Path, tensors: Iterator[tuple[str, np.ndarray]], shard_bytes: int) -> None:
+    """Write (name, array) pairs as `model.safetensors`, or as shards with the index Hugging Face reads when
+    they exceed `shard_bytes`. One shard is in memory at a time."""
+    from safetensors.numpy import save_file
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for number, shard in enumerate(_shards(tensors, shard_bytes), 1):
+        name = f"model-{number:05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, name)
+        total += sum(a.nbytes for a in shard.values())
+    names = sorted(set(weight_map.values())) or ["model-00001.safetensors"]
+    if len(names) == 1:
+        os.replace(folder / names[0], folder / "model.safetensors")
+        return
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2), encoding="utf-8")
-    return written

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import LlambaError
 from ..runtime.batch import MAX_SEQUENCES, Batch
-from ..runtime.decoding import Speculation, make_speculation
+from ..runtime.decoding import DECODERS, Speculation, make_speculation
 from ..runtime.decoding.speculative import Draft, verify_guesses
 from ..runtime.generate import StopFilter
 from ..runtime.kv_cache import SPARE_CELLS, KVCache
@@ -85,7 +85,7 @@ class _Slot:
     last_used: float = 0.0
 
 
-GUESSING = ("greedy", "prompt-lookup", "auto")
+GUESSING = tuple(d for d in DECODERS if not d.startswith("draft:"))  # offered without loading a model
 
 
 class Engine:
