@@ -9,8 +9,10 @@ import pytest
 from llamba.models import load_transformer
 from llamba.runtime.decoding import Controller, Speculation, make_speculation
 from llamba.runtime.decoding.draft_model import DraftModel
+from llamba.runtime.decoding.lookahead import Lookahead
 from llamba.runtime.decoding.prompt_lookup import PromptLookup
-from llamba.runtime.decoding.speculative import _accept, decode_tokens
+from llamba.runtime.decoding.self_speculation import SelfSpeculation, choose_skipped_layers
+from llamba.runtime.decoding.speculative import Draft, _accept, decode_tokens, verify_guesses
 from llamba.runtime.kv_cache import KVCache
 from llamba.runtime.sampling import Sampler
 from tests.tiny_models import write_tiny_model
@@ -47,6 +49,12 @@ def test_decoders_equal_greedy_on_tiny_models(tiny_pair):
     itself = Speculation(DraftModel(target, 128, target.hp.n_vocab), Controller(fixed_k=5))
     assert _generate(target, REPEATING, 40, itself) == plain  # a perfect draft: every guess accepted
     assert itself.stats.accepted == itself.stats.proposed > 0
+    lookahead = Speculation(Lookahead(window=3, ngram=3, candidates=2), Controller(fixed_k=4))
+    assert _generate(target, REPEATING, 40, lookahead) == plain
+    assert lookahead.stats.proposed > 0
+    self_spec = Speculation(SelfSpeculation(target, 128), Controller(fixed_k=3))
+    assert _generate(target, REPEATING, 40, self_spec) == plain
+    assert self_spec.stats.proposed > 0
 
 
 @pytest.mark.slow
@@ -57,8 +65,8 @@ def test_decoders_equal_greedy_on_real_models(model_path):
     prompt = ("Rewrite this with a docstring:\ndef area(width, height):\n    return width * height\n\n"
               "def area(width, height):\n")
     plain = llm.generate(prompt, max_tokens=48, temperature=0)
-    for decoding in ("prompt-lookup", "auto"):
-        assert llm.generate(prompt, max_tokens=48, temperature=0, decoding=decoding) == plain
+    for decoding in ("prompt-lookup", "lookahead", "self-spec", "auto"):
+        assert llm.generate(prompt, max_tokens=48, temperature=0, decoding=decoding) == plain, decoding
     assert llm.last_stats.speculation is not None
 
 
@@ -72,8 +80,7 @@ def _chi2_pvalue(counts: np.ndarray, expected: np.ndarray) -> float:
     return 0.5 * (1 - erf(z / sqrt(2)))
 
 
-@pytest.mark.parametrize("drawn", [False, True])
-def test_accept_rule_reproduces_the_target(drawn):
+def test_accept_rule_reproduces_the_target():
     rng = np.random.default_rng(5)
     ids = np.array([3, 8, 1, 9, 4])
     p = np.array([0.4, 0.25, 0.2, 0.1, 0.05])
@@ -81,8 +88,8 @@ def test_accept_rule_reproduces_the_target(drawn):
     n = 20000
     counts = {int(t): 0 for t in ids}
     for _ in range(n):
-        guess = int(rng.choice(q_ids, p=q_p)) if drawn else 8
-        ok, token = _accept(ids, p, guess, (q_ids, q_p) if drawn else None, rng)
+        guess = int(rng.choice(q_ids, p=q_p))
+        ok, token = _accept(ids, p, guess, (q_ids, q_p), rng)
         counts[guess if ok else token] += 1
     observed = np.array([counts[int(t)] for t in ids], float)
     assert _chi2_pvalue(observed, p * n) > 0.01
@@ -102,13 +109,87 @@ def test_sampling_with_guesses_matches_plain_sampling(tiny_pair):
     seen: dict[int, int] = {}
     runs = 0
     for seed in range(1500):
-        out = _generate(target, prompt, 2, spec, Sampler(**params, seed=seed))
+        out = _generate(target, prompt, 3, spec, Sampler(**params, seed=seed))  # 3: a guess is verified
         if out[0] == first:
             seen[out[1]] = seen.get(out[1], 0) + 1
             runs += 1
     observed = np.array([seen.get(int(t), 0) for t in ids], float)
-    assert observed.sum() == runs > 200
+    assert observed.sum() == runs > 200 and spec.stats.proposed >= 1500
     assert _chi2_pvalue(observed, p * runs) > 0.01
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return load_transformer(write_tiny_model(tmp_path_factory.mktemp("llama") / "t.gguf", "llama", n_layer=4))
+
+
+@pytest.mark.parametrize("decoder", ["prompt-lookup", "lookahead", "self-spec"])
+def test_each_decoder_samples_like_plain_sampling(tiny_llama, decoder):
+    """At temperature 1 the token after a forced one has the target's distribution whichever decoder guessed
+    (chi-square over many seeded runs). The forced token occurred in the prompt, so every decoder guesses."""
+    target = tiny_llama
+    prompt, forced = REPEATING[:8], REPEATING[2]
+    params = dict(temperature=1.0, top_k=5, top_p=1.0, min_p=0.0)
+    cache = KVCache.for_model(target.hp, 32)
+    ids, p = Sampler(**params).distribution(target.forward_tokens(prompt + [forced], 0, cache), prompt + [forced])
+    cache.remove(0, len(prompt))
+    first = np.full(target.hp.n_vocab, -1e9, np.float32)
+    first[forced] = 0.0
+    drafter = {"prompt-lookup": lambda: PromptLookup(), "lookahead": lambda: Lookahead(window=2, ngram=3),
+               "self-spec": lambda: SelfSpeculation(target, 32)}[decoder]()
+    spec = Speculation(drafter, Controller(fixed_k=3))
+    counts = dict.fromkeys(ids.tolist(), 0)
+    runs = 1200
+    for seed in range(runs):
+        out = list(decode_tokens(target, cache, first, len(prompt), list(prompt), Sampler(**params, seed=seed),
+                                 spec, 3))  # 3: the second token is chosen by verifying a guess
+        cache.remove(0, len(prompt))
+        assert out[0] == forced
+        counts[out[1]] += 1
+    assert spec.stats.proposed >= runs
+    assert _chi2_pvalue(np.array(list(counts.values()), float), p * runs) > 0.01
+
+
+def test_tree_verification_keeps_the_target_distribution():
+    """Two candidate lines share the root: the first token follows the root row's distribution exactly, and
+    a matching child is followed into its own row."""
+    from llamba.runtime.sampling import Sampler
+
+    n_vocab = 6
+    root = np.log(np.array([0.3, 0.25, 0.2, 0.15, 0.06, 0.04]))
+    child_rows = {1: np.log(np.array([0.05, 0.05, 0.7, 0.1, 0.05, 0.05])),
+                  3: np.log(np.array([0.1, 0.1, 0.1, 0.1, 0.1, 0.5]))}
+    draft = Draft([1, 3, 2], parents=[-1, -1, 0])  # 1 -> 2, and 3
+    rows = np.stack([root, child_rows[1], child_rows[3], np.zeros(n_vocab)]).astype(np.float32)
+    sampler = Sampler(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3)
+    firsts = np.zeros(n_vocab)
+    after_1 = np.zeros(n_vocab)
+    for _ in range(20000):
+        verdict = verify_guesses(rows, draft, sampler, [0])
+        tokens = verdict.accepted + [verdict.following]
+        firsts[tokens[0]] += 1
+        if tokens[0] == 1:
+            after_1[tokens[1]] += 1
+            assert verdict.kept[:2] == [0, 1]
+    assert _chi2_pvalue(firsts, np.exp(root) * firsts.sum()) > 0.01
+    assert _chi2_pvalue(after_1, np.exp(child_rows[1]) * after_1.sum()) > 0.01
+
+
+def test_lookahead_lays_out_its_window_as_columns():
+    drafter = Lookahead(window=3, ngram=3, candidates=2)
+    context = [4, 9, 4, 9, 7, 4]
+    draft = drafter.propose(context, 4, None)
+    # 4 was followed by (9, 4) and later by (9, 7): the newest first, their shared start merged
+    assert draft.tokens[: draft.n_guesses] == [9, 7, 4] and draft.parents[: draft.n_guesses] == [-1, 0, 0]
+    batch = draft.batch(context[-1], 10)
+    batch.validate(n_vocab=16)
+    window = batch.positions[1 + draft.n_guesses :].reshape(2, 3)  # level by column
+    assert (window == 11 + np.arange(3)[None, :] + np.arange(2)[:, None]).all()
+
+
+def test_self_speculation_measures_its_skipped_layers(tiny_llama):
+    skip = choose_skipped_layers(tiny_llama, REPEATING * 3)
+    assert 1 <= len(skip) < tiny_llama.hp.n_layer and skip <= set(range(tiny_llama.hp.n_layer))
 
 
 def test_prompt_lookup_copies_what_followed():

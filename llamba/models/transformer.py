@@ -110,7 +110,7 @@ class Transformer:
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def forward(self, batch: Batch, cache, exact: bool = False) -> np.ndarray:
+    def forward(self, batch: Batch, cache, exact: bool = False, skip: frozenset[int] = frozenset()) -> np.ndarray:
         """Run a batch through the model, its K/V joining the cache; returns float32 logits [n_rows, n_vocab]
         for the rows with want_logits, in batch order.
 
@@ -118,13 +118,14 @@ class Transformer:
         attention is too (each token walks its own visibility list), except that a single chain of more than
         SMALL_BATCH tokens (a long prompt) takes BLAS in blocks, about 20% faster at 512 tokens, whose bits
         depend on where the prompt was split. exact: never that path, so every token's logits are
-        bit-identical however the batches were cut (what the server promises).
+        bit-identical however the batches were cut (what the server promises). skip: layers left out (the
+        model as its own cheaper draft; those layers' cache cells are left unwritten).
         """
         hp = self.hp
         batch.validate(hp.n_vocab)
         placement = cache.place(batch)
         try:
-            x = self._layers(batch, placement, cache, exact)
+            x = self._layers(batch, placement, cache, exact, skip)
         except BaseException:
             cache.remove_cells(placement.cells)  # a failed pass leaves nothing behind
             raise
@@ -137,7 +138,8 @@ class Transformer:
         self._check_finite(logits, "the output projection")
         return logits
 
-    def forward_tokens(self, tokens, start_pos: int, cache, all_logits: bool = False, logits_from: int = 0) -> np.ndarray:
+    def forward_tokens(self, tokens, start_pos: int, cache, all_logits: bool = False, logits_from: int = 0,
+                       skip: frozenset[int] = frozenset()) -> np.ndarray:
         """One sequence (0): tokens at positions start_pos.., replacing whatever the cache held from there.
 
         Returns logits [n_tokens - logits_from, n_vocab] if all_logits (the output projection is the costliest
@@ -151,10 +153,10 @@ class Transformer:
         cache.remove(0, start_pos)
         batch = Batch.chain(tokens, start_pos, logits="all" if all_logits else "last")
         batch.want_logits[:logits_from] = False
-        logits = self.forward(batch, cache)
+        logits = self.forward(batch, cache, skip=skip)
         return logits if all_logits else logits[0]
 
-    def _layers(self, batch: Batch, placement, cache, exact: bool) -> np.ndarray:
+    def _layers(self, batch: Batch, placement, cache, exact: bool, skip: frozenset[int]) -> np.ndarray:
         hp = self.hp
         x = gather_rows(self.tok_embd, batch.tokens)
         if hp.embed_scale != 1.0:
@@ -165,6 +167,8 @@ class Transformer:
             tables[True] = rope_tables(batch.positions, hp.rope_local)
         attend = self._attention_over(batch, placement, cache, exact)
         for i, layer in enumerate(self.layers):
+            if i in skip:
+                continue
             local = bool(hp.swa_layers and hp.swa_layers[i])
             cos, sin = tables[local and hp.rope_local is not None]
             self._attention_block(x, layer, i, placement.cells, cache, cos, sin, attend, local)

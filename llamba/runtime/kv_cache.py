@@ -43,6 +43,7 @@ class KVCache:
         self.v = [np.zeros((n_head_kv, self.n_cells, head_dim), dtype) for _ in range(n_layer)]
         self.cell_pos = np.full(self.n_cells, -1, np.int64)
         self.cell_seqs = np.zeros(self.n_cells, np.uint64)  # bit s: the cell belongs to sequence s; 0: free
+        self.last_cells = np.zeros(0, np.int64)  # the cells the latest batch was given, in batch order
 
     @classmethod
     def for_model(cls, hp, n_ctx: int | None = None, kv_type: str = "f32", n_cells: int | None = None) -> "KVCache":
@@ -133,7 +134,8 @@ class KVCache:
             raise LlambaError(f"the KV cache has no room for {len(batch)} more tokens ({self.n_cells} cells)")
         self.cell_pos[free] = batch.positions
         self.cell_seqs[free] = np.left_shift(np.uint64(1), batch.seq_ids.astype(np.uint64))
-        return Placement(batch, free.astype(np.int64), cached)
+        self.last_cells = free.astype(np.int64)  # so a caller can free single rows (rejected guesses) after
+        return Placement(batch, self.last_cells, cached)
 
     def store(self, layer: int, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Write k, v [n_tokens, n_head_kv, head_dim] float32 into the given cells."""

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import LlambaError
 from ..runtime.batch import MAX_SEQUENCES, Batch
 from ..runtime.decoding import DECODERS, Speculation, make_speculation
-from ..runtime.decoding.speculative import Draft, verify_guesses
+from ..runtime.decoding.speculative import Draft, guess, settle
 from ..runtime.generate import StopFilter
 from ..runtime.kv_cache import SPARE_CELLS, KVCache
 from ..runtime.sampling import Sampler
@@ -202,7 +202,7 @@ class Engine:
         slot.detok, slot.stopper = self.tokenizer.streamer(), StopFilter(list(request.stop))
         slot.speculation = self._speculation(slot, request.decoding)
         if slot.speculation is not None:
-            slot.speculation.drafter.reset()
+            slot.speculation.start()
         self.counters["prompt_tokens"] += len(prompt)
         self.counters["evaluated_prompt_tokens"] += len(prompt) - keep
 
@@ -215,34 +215,36 @@ class Engine:
         for slot in self.slots:
             if slot.request is None:
                 continue
-            draft = Draft([])
-            if len(slot.pending) == 1:  # decoding (or a prompt down to its last token)
-                draft = self._guesses(slot) if slot.request.generated else draft
+            draft = None
+            if len(slot.pending) == 1 and slot.request.generated:  # decoding: the token and any guesses
+                draft = self._guesses(slot)
                 take = slot.pending + draft.tokens
-            elif budget > 0:
-                take = slot.pending[:budget]
+                parts.append(draft.batch(slot.pending[0], len(slot.cached), slot.seq))
+            elif budget > 0 or len(slot.pending) == 1:  # a prompt, a chunk at a time
+                take = slot.pending[: max(budget, 1)]
                 budget -= len(take)
+                wanted = "last" if len(take) == len(slot.pending) else "none"
+                parts.append(Batch.chain(take, len(slot.cached), slot.seq, logits=wanted))
             else:
                 continue
-            done = len(take) >= len(slot.pending)
-            wanted = "all" if draft.tokens else "last" if done else "none"
-            parts.append(Batch.chain(take, len(slot.cached), slot.seq, logits=wanted))
-            owners.append((slot, take, done, draft))
+            owners.append((slot, take, len(take) >= len(slot.pending), draft))
         if not parts:
             return
         t0 = time.perf_counter()
         logits = self.model.forward(Batch.join(parts), self.cache, exact=True)  # same bits alone or not
         seconds = time.perf_counter() - t0
-        row = produced = 0
+        cells = self.cache.last_cells
+        row = at = produced = 0
         for slot, taken, done, draft in owners:
             slot.last_used = time.perf_counter()
+            at += len(taken)
             if not done:
                 slot.cached.extend(taken)
                 slot.pending = slot.pending[len(taken):]
                 continue
-            rows = logits[row : row + 1 + len(draft.tokens)]
+            rows = logits[row : row + len(taken) if draft is not None else row + 1]
             row += len(rows)
-            produced += self._accept(slot, taken, draft, rows, seconds)
+            produced += self._accept(slot, taken, draft, rows, cells[at - len(taken) : at], seconds)
         self.counters["generated_tokens"] += produced
         self.tokens_per_second = produced / max(seconds, 1e-9)
 
@@ -252,20 +254,18 @@ class Engine:
         if spec is None:
             return Draft([])
         room = min(request.max_tokens - request.generated - 1, self.n_ctx - 2 - len(slot.cached))
-        k = spec.controller.choose(room) if room > 0 else 0
-        return spec.drafter.propose(slot.history, k, request.sampler) if k else Draft([])
+        return guess(spec, slot.history, room, request.sampler)
 
-    def _accept(self, slot: _Slot, taken: list[int], draft: Draft, rows: np.ndarray, seconds: float) -> int:
+    def _accept(self, slot: _Slot, taken: list[int], draft: Draft | None, rows: np.ndarray, cells: np.ndarray,
+                seconds: float) -> int:
         """Keep the guesses the target agrees with (speculative sampling), drop the rest from the cache, and
         send every token gained; returns how many were sent."""
         request = slot.request
-        if draft.tokens:
-            accepted, following = verify_guesses(rows, draft, request.sampler, slot.history)
-            slot.speculation.controller.record_forward(len(taken), seconds)
-            slot.speculation.controller.record_guesses(len(draft.tokens), len(accepted), 0.0)
-            slot.cached.extend(taken[: 1 + len(accepted)])
-            self.cache.remove(slot.seq, len(slot.cached))  # the rejected guesses
-            tokens = accepted + [following]
+        if slot.speculation is not None and draft is not None:
+            verdict = settle(slot.speculation, self.cache, cells, draft, rows, request.sampler, slot.history,
+                             seconds)
+            slot.cached.extend(taken[i] for i in verdict.kept)
+            tokens, rows = verdict.accepted + [verdict.following], rows[verdict.kept]
         else:
             slot.cached.extend(taken)
             tokens = [request.sampler.sample(rows[0], slot.history)]

@@ -10,7 +10,7 @@ from ...errors import LlambaError
 from .prompt_lookup import PromptLookup
 from .speculative import Controller, Speculation, SpeculationStats, decode_tokens
 
-DECODERS = ("greedy", "prompt-lookup", "draft:MODEL", "auto")
+DECODERS = ("greedy", "prompt-lookup", "lookahead", "draft:MODEL", "self-spec", "auto")
 
 
 def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: str = "f32",
@@ -21,6 +21,16 @@ def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: 
         return None
     if spec in ("prompt-lookup", "auto"):  # auto: prompt lookup, its guess count chosen step by step
         return Speculation(PromptLookup(), Controller(max_k=8))
+    if spec == "lookahead":
+        from .lookahead import Lookahead
+
+        return Speculation(Lookahead(), Controller(max_k=8))
+    if spec == "self-spec":
+        from .self_speculation import SelfSpeculation
+
+        if target is None:
+            raise LlambaError("self-speculative decoding needs the model")
+        return Speculation(SelfSpeculation(target, n_ctx, kv_type), Controller(max_k=6))
     if spec.startswith("draft:"):
         from .draft_model import DraftModel
 

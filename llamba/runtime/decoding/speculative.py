@@ -22,11 +22,47 @@ from ..sampling import Sampler
 
 @dataclass
 class Draft:
-    """A line of guesses; probs[i] = (ids, probabilities) of the distribution guess i was drawn from, or None
-    for guesses that were not drawn (copied from earlier text, or a greedy draft)."""
+    """Guesses for what follows the token being evaluated (the root), as a tree.
+
+    tokens[i] continues parents[i] (-1: the root; else an earlier index), so one guessed line is a chain and
+    several candidate lines share their common start. The first n_guesses nodes are guesses to verify; any
+    after them are rows the drafter wants evaluated for itself (lookahead's Jacobi window), never accepted.
+    probs[i] = (ids, probabilities) of the distribution guess i was drawn from (a chain), or None for guesses
+    that were not drawn (copied from earlier text, greedy drafts, a pool of n-grams).
+    """
 
     tokens: list[int]
     probs: list[tuple[np.ndarray, np.ndarray]] | None = None
+    parents: list[int] | None = None  # None: a chain
+    n_guesses: int | None = None  # None: every node is a guess
+
+    def __post_init__(self):
+        if self.parents is None:
+            self.parents = list(range(-1, len(self.tokens) - 1))
+        if self.n_guesses is None:
+            self.n_guesses = len(self.tokens)
+
+    def cut(self, k: int) -> "Draft":
+        """At most k guesses (a chain's first k; a tree keeps its first k nodes, parents come first)."""
+        if self.n_guesses <= k:
+            return self
+        keep = [i for i in range(len(self.tokens)) if i < k or i >= self.n_guesses]
+        extra = len(self.tokens) - self.n_guesses
+        remap = {old: new for new, old in enumerate(keep)}
+        parents = [remap.get(self.parents[i], -1) if self.parents[i] >= 0 else -1 for i in keep]
+        return Draft([self.tokens[i] for i in keep], self.probs[:k] if self.probs else None, parents,
+                     len(keep) - extra)
+
+    def batch(self, root: int, pos: int, seq: int = 0) -> Batch:
+        """The root at pos and every node after it, as one batch wanting every row's logits."""
+        parents = np.array([-1] + [p + 1 if p >= 0 else 0 for p in self.parents], np.int64)
+        positions = np.empty(len(parents), np.int64)
+        positions[0] = pos
+        for i in range(1, len(parents)):
+            positions[i] = positions[parents[i]] + 1
+        n = len(parents)
+        return Batch(np.array([root] + self.tokens, np.int64), positions, np.full(n, seq, np.int64), parents,
+                     np.ones(n, bool))
 
 
 class Drafter(Protocol):
@@ -69,15 +105,19 @@ class Controller:
         self.draft_cost = 0.0  # seconds per proposed guess
         self._since_probe = 0
 
-    def choose(self, available: int) -> int:
+    def choose(self, available: int, extra_rows: int = 0) -> int:
+        """How many guesses to check next (0: a plain step); extra_rows: rows the drafter adds to any step
+        that guesses (lookahead's window)."""
         limit = min(self.max_k, available)
         if self.fixed_k is not None:
             return min(self.fixed_k, limit)
+        if 1 not in self.forward_cost:  # first a plain step: every choice is measured against its cost
+            return 0
         best_k, best_rate = 0, 1.0 / self._cost(1)
         for k in range(1, limit + 1):
             a = self.accept_rate
             expected = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
-            rate = expected / (self._cost(k + 1) + k * self.draft_cost)
+            rate = expected / (self._cost(k + 1 + extra_rows) + k * self.draft_cost)
             if rate > best_rate * 1.02:  # a guess must pay for itself clearly
                 best_k, best_rate = k, rate
         if best_k == 0 and limit > 0:
@@ -103,13 +143,16 @@ class Controller:
         old = self.forward_cost.get(n)
         self.forward_cost[n] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def record_guesses(self, proposed: int, accepted: int, seconds: float) -> None:
+    def record_draft(self, proposed: int, seconds: float) -> None:
+        if proposed:
+            self.draft_cost = 0.8 * self.draft_cost + 0.2 * seconds / proposed
+
+    def record_guesses(self, proposed: int, accepted: int) -> None:
         if proposed:
             # acceptance of a guess given its predecessors were accepted: accepted of the ones checked
             checked = min(proposed, accepted + 1)
             rate = accepted / checked
             self.accept_rate = min(0.98, max(0.02, 0.85 * self.accept_rate + 0.15 * rate))
-            self.draft_cost = 0.8 * self.draft_cost + 0.2 * seconds / proposed
 
 
 @dataclass
@@ -119,6 +162,13 @@ class Speculation:
     drafter: Drafter | None
     controller: Controller = field(default_factory=Controller)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
+    fresh: bool = True  # the next guess is a generation's first (its drafter may prepare: not timed)
+
+    def start(self) -> None:
+        """A new generation begins."""
+        if self.drafter is not None:
+            self.drafter.reset()
+        self.fresh = True
 
 
 def decode_tokens(model, cache, logits: np.ndarray, pos: int, history: list[int], sampler: Sampler,
@@ -127,73 +177,107 @@ def decode_tokens(model, cache, logits: np.ndarray, pos: int, history: list[int]
     so far and grows as tokens are yielded. The caller may stop at any token; the cache then holds at most
     the tokens yielded so far (possibly fewer: the last one yielded is never evaluated)."""
     spec = speculation or Speculation(None)
-    drafter = spec.drafter
-    if drafter is not None:
-        drafter.reset()
+    spec.start()
     token = sampler.sample(logits, history)
     history.append(token)
     produced = 1
     yield token
     while produced < max_new and pos < cache.n_ctx:
         room = min(max_new - produced - 1, cache.n_ctx - 1 - pos)
-        k = spec.controller.choose(room) if drafter is not None and room > 0 else 0
-        draft, drafted = Draft([]), 0.0
-        if k:
-            t0 = time.perf_counter()
-            draft = drafter.propose(history, k, sampler)
-            draft.tokens = draft.tokens[:k]
-            drafted = time.perf_counter() - t0
+        draft = guess(spec, history, room, sampler)
         t0 = time.perf_counter()
-        rows = model.forward(Batch.chain([token] + draft.tokens, pos, logits="all"), cache)
-        spec.controller.record_forward(1 + len(draft.tokens), time.perf_counter() - t0)
-        accepted, token = verify_guesses(rows, draft, sampler, history)
-        spec.controller.record_guesses(len(draft.tokens), len(accepted), drafted)
-        spec.stats.steps += 1
-        spec.stats.proposed += len(draft.tokens)
-        spec.stats.accepted += len(accepted)
-        pos += 1 + len(accepted)
-        if len(accepted) < len(draft.tokens):
-            cache.remove(0, pos)  # the rejected guesses
-        for t in accepted + [token]:
+        rows = model.forward(draft.batch(token, pos), cache)
+        verdict = settle(spec, cache, cache.last_cells, draft, rows, sampler, history, time.perf_counter() - t0)
+        pos += 1 + len(verdict.accepted)
+        for t in verdict.accepted + [verdict.following]:
             history.append(t)
             produced += 1
             yield t
+        token = verdict.following
 
 
-def verify_guesses(rows: np.ndarray, draft: Draft, sampler: Sampler, history: list[int]) -> tuple[list[int], int]:
-    """(accepted guesses, the next token): speculative sampling over the batch's logits rows."""
-    accepted: list[int] = []
-    context = list(history)
-    for i, guess in enumerate(draft.tokens):
-        ids, p = sampler.distribution(rows[i], context)
-        q = draft.probs[i] if draft.probs is not None else None
-        ok, replacement = _accept(ids, p, guess, q, sampler.rng)
-        if not ok:
-            return accepted, replacement
-        accepted.append(guess)
-        context.append(guess)
-    return accepted, sampler.sample(rows[len(draft.tokens)], context)
+def guess(spec: Speculation, history: list[int], room: int, sampler: Sampler) -> Draft:
+    """The drafter's guesses after history (whose last token is being evaluated), as many as the controller
+    thinks pay for themselves within room; none for plain decoding."""
+    drafter = spec.drafter
+    extra = getattr(drafter, "extra_rows", 0)
+    k = spec.controller.choose(room, extra) if drafter is not None and room > 0 else 0
+    if not k:
+        return Draft([])
+    t0 = time.perf_counter()
+    draft = drafter.propose(history, k, sampler).cut(k)
+    if not spec.fresh:  # a first guess also reads the whole prompt (a draft model's cache): not a guess's cost
+        spec.controller.record_draft(draft.n_guesses, time.perf_counter() - t0)
+    spec.fresh = False
+    return draft
 
 
-def _accept(ids: np.ndarray, p: np.ndarray, guess: int, q, rng) -> tuple[bool, int]:
-    """Accept guess with probability min(1, p/q) (q = 1 for a guess that was not drawn); on rejection, draw
-    from the residual max(0, p - q), normalized. The result is distributed exactly as p."""
+@dataclass
+class Verdict:
+    accepted: list[int]  # guesses that became output
+    following: int  # the token sampled after them (evaluated by the next step)
+    kept: list[int]  # batch rows whose cells stay: the root and the accepted guesses
+
+
+def settle(spec: Speculation, cache, cells: np.ndarray, draft: Draft, rows: np.ndarray, sampler: Sampler,
+           history: list[int], seconds: float) -> Verdict:
+    """After the forward of draft.batch(...), which went to these cells: verify the guesses, free the cells
+    of every other row, let the drafter see its rows, and keep the statistics."""
+    verdict = verify_guesses(rows, draft, sampler, history)
+    dropped = np.setdiff1d(np.arange(len(rows)), verdict.kept)
+    if len(dropped):
+        cache.remove_cells(cells[dropped])
+    if spec.drafter is not None and hasattr(spec.drafter, "observe"):
+        spec.drafter.observe(draft, rows)
+    spec.controller.record_forward(len(rows), seconds)
+    spec.controller.record_guesses(draft.n_guesses, len(verdict.accepted))
+    spec.stats.steps += 1
+    spec.stats.proposed += draft.n_guesses
+    spec.stats.accepted += len(verdict.accepted)
+    return verdict
+
+
+def verify_guesses(rows: np.ndarray, draft: Draft, sampler: Sampler, history: list[int]) -> Verdict:
+    """Walk the tree of guesses from the root (row 0): sample each row's token from the target's distribution
+    and follow the child guess that matches it. Drawn guesses (a chain with probs) are accepted by speculative
+    sampling instead. Either way the tokens are distributed exactly as plain sampling from the target."""
+    accepted, kept, context = [], [0], list(history)
+    node = -1
+    while True:
+        row = rows[node + 1]
+        children = [i for i in range(draft.n_guesses) if draft.parents[i] == node]
+        if draft.probs is not None and children:
+            child = children[0]
+            ids, p = sampler.distribution(row, context)
+            ok, token = _accept(ids, p, draft.tokens[child], draft.probs[child], sampler.rng)
+            if not ok:
+                return Verdict(accepted, token, kept)
+        else:
+            token = sampler.sample(row, context)
+            child = next((i for i in children if draft.tokens[i] == token), None)
+            if child is None:
+                return Verdict(accepted, token, kept)
+        accepted.append(token)
+        kept.append(child + 1)
+        context.append(token)
+        node = child
+
+
+def _accept(ids: np.ndarray, p: np.ndarray, guess: int, q: tuple[np.ndarray, np.ndarray], rng) -> tuple[bool, int]:
+    """Accept a guess drawn from q with probability min(1, p/q); on rejection, draw from the residual
+    max(0, p - q), normalized. The result is distributed exactly as p."""
     if len(ids) == 1:  # greedy: the argmax or nothing
         return int(ids[0]) == guess, int(ids[0])
     p_guess = float(p[ids == guess].sum())
-    q_guess = 1.0 if q is None else float(q[1][q[0] == guess].sum())
+    q_guess = float(q[1][q[0] == guess].sum())
     if q_guess > 0 and rng.random() < min(1.0, p_guess / q_guess):
         return True, guess
-    residual = p.copy()
-    if q is None:
-        residual[ids == guess] = 0.0
-    else:
-        q_on_ids = np.zeros_like(p)
-        where = {int(t): j for j, t in enumerate(ids)}
-        for t, prob in zip(q[0], q[1]):
-            if int(t) in where:
-                q_on_ids[where[int(t)]] = prob
-        residual = np.maximum(0.0, p - q_on_ids)
+    q_on_ids = np.zeros_like(p)
+    where = {int(t): j for j, t in enumerate(ids)}
+    for t, prob in zip(q[0], q[1]):
+        if int(t) in where:
+            q_on_ids[where[int(t)]] = prob
+    residual = np.maximum(0.0, p - q_on_ids)
     total = residual.sum()
     if total <= 0:  # p and q agree where p lives: any draw from p is right
         residual, total = p, p.sum()
