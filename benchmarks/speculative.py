@@ -39,7 +39,7 @@ WORKLOADS = {
     "chat": "What are three good habits for staying healthy while working at a desk? Explain each briefly.",
     "story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 }
-DECODERS = ["prompt-lookup", "auto"]
+DECODERS = ["prompt-lookup", "lookahead", "self-spec", "auto"]
 
 
 def batch_costs(llm: Llama, sizes=(1, 2, 4, 8, 16), repeats: int = 9) -> dict[int, float]:
@@ -68,28 +68,50 @@ def run_decoder(llm: Llama, prompt_ids: list[int], n: int, decoding: str) -> tup
     return tokens, llm.last_stats.generate_seconds, llm.last_stats.tokens_per_step
 
 
+def warm_up(llm: Llama, prompt_ids: list[int]) -> dict[str, float]:
+    """Run every decoder once (self-spec measures its layers at its first guess); seconds each took."""
+    took = {}
+    for decoding in ["greedy"] + DECODERS:
+        t0 = time.perf_counter()
+        run_decoder(llm, prompt_ids, 16, decoding)
+        took[decoding] = time.perf_counter() - t0
+    return took
+
+
 @click.command()
 @click.option("--model", "models", multiple=True, default=["smollm2-135m", "gemma3-270m"])
 @click.option("-n", "n_tokens", default=256, show_default=True)
 @click.option("-t", "threads", default=2, show_default=True)
-def main(models, n_tokens, threads) -> None:
-    cost_rows, rows = [], []
+@click.option("-r", "repeats", default=3, show_default=True, help="runs per decoder, interleaved; the median counts")
+def main(models, n_tokens, threads, repeats) -> None:
+    cost_rows, rows, warm = [], [], []
     for name in models:
         llm = Llama(name, n_ctx=2048, n_threads=threads)
         costs = batch_costs(llm)
         cost_rows.append((name, costs))
+        first = llm.chat_prompt_ids([{"role": "user", "content": next(iter(WORKLOADS.values()))}])
+        warm.append((name, warm_up(llm, first)))
         for workload, text in WORKLOADS.items():
             ids = llm.chat_prompt_ids([{"role": "user", "content": text}])
-            plain, plain_s, _ = run_decoder(llm, ids, n_tokens, "greedy")
+            runs = {d: [] for d in ["greedy"] + DECODERS}
+            for _ in range(repeats):  # interleaved, so a noisy moment hits every decoder alike
+                for decoding in runs:
+                    runs[decoding].append(run_decoder(llm, ids, n_tokens, decoding))
+            plain = runs["greedy"][0][0]
+            plain_s = float(np.median([r[1] for r in runs["greedy"]]))
             for decoding in DECODERS:
-                tokens, seconds, per_step = run_decoder(llm, ids, n_tokens, decoding)
-                rows.append((name, workload, decoding, per_step, plain_s / seconds if seconds else 0.0,
-                             "yes" if tokens == plain else "NO", len(plain)))
+                seconds = float(np.median([r[1] for r in runs[decoding]]))
+                same = all(r[0] == plain for r in runs[decoding] + runs["greedy"])
+                rows.append((name, workload, decoding, runs[decoding][0][2], plain_s / seconds if seconds else 0.0,
+                             "yes" if same else "NO", len(plain)))
     click.echo("\n| model | " + " | ".join(f"{k} tokens" for k in cost_rows[0][1]) + " |")
     click.echo("| --- |" + " ---: |" * len(cost_rows[0][1]))
     for name, costs in cost_rows:
         one = costs[1]
         click.echo(f"| {name} | " + " | ".join(f"{c * 1e3:.1f} ms ({c / one:.2f}x)" for c in costs.values()) + " |")
+    click.echo("\nFirst 16-token run of each decoder (self-spec measures which layers to skip then):")
+    for name, took in warm:
+        click.echo(f"  {name}: " + ", ".join(f"{d} {s:.2f} s" for d, s in took.items()))
     click.echo("\n| model | workload | decoder | tokens per step | speed-up over greedy | identical | tokens |")
     click.echo("| --- | --- | --- | ---: | ---: | --- | ---: |")
     for name, workload, decoding, per_step, speedup, same, n in rows:

@@ -25,7 +25,7 @@ from .models.metadata import MAX_CONTEXT
 from .ops.jit import release_compiler_pages, set_threads
 from .ops.matmul import SMALL_BATCH
 from .runtime.chat_template import load_chat_template, turn_terminator
-from .runtime.decoding import Speculation, make_speculation
+from .runtime.decoding import DEFAULT_DECODING, Speculation, make_speculation
 from .runtime.generate import GenerationStats, Step, generate_steps
 from .runtime.kv_cache import KVCache
 from .runtime.sampling import Sampler, SamplingParams
@@ -43,7 +43,7 @@ class Llama:
 
     def __init__(self, model: str | os.PathLike | None = None, n_ctx: int | None = None,
                  n_threads: int | None = None, chat_template: str | None = None, kv_type: str = "f32",
-                 on_status: Callable[[str], None] | None = None, decoding: str = "greedy"):
+                 on_status: Callable[[str], None] | None = None, decoding: str | None = None):
         if n_threads is not None and n_threads < 1:
             raise LlambaError(f"threads must be at least 1 (got {n_threads}); leave it out to use every core")
         self.n_threads = set_threads(n_threads)
@@ -59,7 +59,7 @@ class Llama:
         self.cache = KVCache.for_model(hp, self.n_ctx, kv_type)
         self._tokens: list[int] = []  # what the cache holds, position by position
         self.last_stats = GenerationStats()
-        self.decoding = decoding
+        self.decoding = decoding or DEFAULT_DECODING
         self._speculations: dict[str, Speculation | None] = {}
         self.speculation(decoding)  # a bad name or draft model fails now, not at the first generation
         self.warm_up()

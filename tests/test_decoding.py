@@ -179,8 +179,8 @@ def test_lookahead_lays_out_its_window_as_columns():
     drafter = Lookahead(window=3, ngram=3, candidates=2)
     context = [4, 9, 4, 9, 7, 4]
     draft = drafter.propose(context, 4, None)
-    # 4 was followed by (9, 4) and later by (9, 7): the newest first, their shared start merged
-    assert draft.tokens[: draft.n_guesses] == [9, 7, 4] and draft.parents[: draft.n_guesses] == [-1, 0, 0]
+    # prompt lookup copies what followed the last 4 (9, 7, 4); the pool adds 4 -> (9, 7), (9, 4): one tree
+    assert draft.tokens[: draft.n_guesses] == [9, 7, 4, 4] and draft.parents[: draft.n_guesses] == [-1, 0, 1, 0]
     batch = draft.batch(context[-1], 10)
     batch.validate(n_vocab=16)
     window = batch.positions[1 + draft.n_guesses :].reshape(2, 3)  # level by column

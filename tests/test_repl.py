@@ -24,7 +24,7 @@ def test_chat_streams_answers_with_stats(repl):
     child, _ = repl
     child.sendline("Tell me the capital of France.")
     child.expect(r"Paris")
-    child.expect(r"\[\d+ tokens, [\d.]+ tok/s, first token after [\d.]+ s")
+    child.expect(r"\[\d+ tokens, [\d.]+ tok/s, [\d.]+ tokens per step, first token after [\d.]+ s")  # auto guesses
     child.expect_exact(PROMPT)
     child.sendline("/stats")
     child.expect("statistics off")

@@ -212,16 +212,18 @@ def test_next_chat_turn_evaluates_only_its_new_tokens(server):
 
 
 def test_guessing_ahead_per_request_gives_the_same_answers(server):
-    """Prompt lookup checks its guesses in the slot's share of the batch: the same tokens, fewer steps."""
-    client = server.client()
+    """Each decoder checks its guesses (lookahead: a tree and its window) in the slot's share of the batch,
+    beside other requests: the same tokens as plain decoding."""
+    client = server.client(timeout=300)
     code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
-    question = f"Repeat this code exactly:\n\n{code}"
-    plain = _chat(client, question, 40).choices[0].message.content
-    for decoding in ("prompt-lookup", "auto"):
-        guessed = _chat(client, question, 40, extra_body={"decoding": decoding})
-        assert guessed.choices[0].message.content == plain
+    questions = [f"Repeat this code exactly:\n\n{code}", QUESTIONS[0], QUESTIONS[2]]
+    plain = [_chat(client, q, 40).choices[0].message.content for q in questions]
+    for decoding in ("prompt-lookup", "lookahead", "self-spec", "auto"):
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            guessed = list(pool.map(lambda q: _chat(client, q, 40, extra_body={"decoding": decoding}), questions))
+        assert [g.choices[0].message.content for g in guessed] == plain, decoding
     with pytest.raises(openai.BadRequestError, match="decoding"):
-        _chat(client, question, 4, extra_body={"decoding": "draft:other.gguf"})
+        _chat(client, questions[0], 4, extra_body={"decoding": "draft:other.gguf"})
 
 
 def test_a_taken_port_is_one_line_and_terminate_stops_cleanly(server, smollm2_path):

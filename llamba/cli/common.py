@@ -69,9 +69,9 @@ def decoding_option(fn):
     """--decoding: how generation guesses ahead (the output is the same; only the speed changes)."""
     import click
 
-    from ..runtime.decoding import DECODERS
+    from ..runtime.decoding import DECODERS, DEFAULT_DECODING
 
-    return click.option("--decoding", default="greedy", show_default=True, metavar="NAME",
+    return click.option("--decoding", default=DEFAULT_DECODING, show_default=True, metavar="NAME",
                         help=f"Guess ahead and verify in one batch: {' | '.join(DECODERS)} "
                              "(draft:MODEL takes a smaller GGUF with the same vocabulary).")(fn)
 
@@ -99,7 +99,7 @@ def model_options(fn):
 
 
 def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_type: str = "f32",
-               decoding: str = "greedy"):
+               decoding: str | None = None):
     """Load a model for a command, telling the user about downloads and first-run kernel compilation."""
     import click
 

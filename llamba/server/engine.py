@@ -56,7 +56,7 @@ class Request:
     sampler: Sampler
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best
-    decoding: str = "greedy"  # greedy | prompt-lookup | auto: guesses checked in the same batch
+    decoding: str = "greedy"  # a name from runtime/decoding: guesses checked in the same batch
     events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
     deliver: Callable[[Event], None] | None = None  # called from the engine thread; default: put in events
     cancelled: threading.Event = field(default_factory=threading.Event)

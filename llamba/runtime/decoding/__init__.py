@@ -11,6 +11,9 @@ from .prompt_lookup import PromptLookup
 from .speculative import Controller, Speculation, SpeculationStats, decode_tokens
 
 DECODERS = ("greedy", "prompt-lookup", "lookahead", "draft:MODEL", "self-spec", "auto")
+# auto: never slower than plain decoding in benchmarks/speculative.py (both test models, four kinds of work), and
+# much faster where text repeats. The server keeps greedy: its batch is already shared by several requests.
+DEFAULT_DECODING = "auto"
 
 
 def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: str = "f32",
@@ -42,4 +45,4 @@ def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: 
     raise LlambaError(f"unknown decoding {spec!r} (choose from {', '.join(DECODERS)})")
 
 
-__all__ = ["DECODERS", "Controller", "Speculation", "SpeculationStats", "decode_tokens", "make_speculation"]
+__all__ = ["DECODERS", "DEFAULT_DECODING", "Controller", "Speculation", "SpeculationStats", "decode_tokens", "make_speculation"]

@@ -9,8 +9,8 @@ top level close one N-gram per column (column i plus its prediction), which join
 top level while the bottom one drops off (one Jacobi step). The pool is seeded from the prompt and fed by the
 text as it is accepted, so it also knows what was said before.
 
-Guesses are the pool's most recent continuations of the root (up to G of them, N - 1 tokens each), merged into
-a tree where they share a start. They are copied, not drawn, so verification is exact at any temperature.
+Guesses are the line prompt lookup would copy (the longest recent n-gram seen before) and the pool's most recent
+continuations of the root (up to G of them, N - 1 tokens each), merged into a tree where they share a start. They are copied, not drawn, so verification is exact at any temperature.
 On a CPU every row costs compute, so the window is small: see the benchmark for what it buys.
 """
 
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .prompt_lookup import PromptLookup
 from .speculative import Draft
 
-WINDOW, NGRAM, CANDIDATES = 3, 4, 3  # W, N, G
+WINDOW, NGRAM, CANDIDATES = 2, 3, 3  # W, N, G: the smallest window (every row costs compute on a CPU)
 
 
 class Lookahead:
@@ -33,13 +34,15 @@ class Lookahead:
         self._pool: dict[int, list[tuple[int, ...]]] = {}  # first token -> continuations, newest last
         self._seen: list[int] = []
         self._levels: list[list[int]] | None = None  # [N - 1][W] window tokens, level 0 first
+        self._copier = PromptLookup()
 
     def reset(self) -> None:
         self._levels = None  # a new generation starts a new window; the pool keeps what it learnt
 
     def propose(self, context: list[int], k: int, sampler=None) -> Draft:
         self._learn(context)
-        tokens, parents = self._guess_tree(context[-1], k)
+        lines = [self._copier.propose(context, k).tokens] + self._pool.get(context[-1], [])[::-1][: self.candidates]
+        tokens, parents = _tree(lines, k)
         n_guesses = len(tokens)
         if self._levels is None:  # start the iteration from tokens of the text itself
             self._levels = [list(self._rng.choice(context, self.window)) for _ in range(self.ngram - 1)]
@@ -83,20 +86,23 @@ class Lookahead:
         if len(grams) > 4 * self.candidates:
             del grams[0]
 
-    def _guess_tree(self, root: int, k: int) -> tuple[list[int], list[int]]:
-        """The newest G continuations of root as a tree of at most k nodes (shared starts merged)."""
-        tokens: list[int] = []
-        parents: list[int] = []
-        children: dict[tuple[int, int], int] = {}  # (parent, token) -> node
-        for rest in reversed(self._pool.get(root, [])[-self.candidates :]):
-            node = -1
-            for token in rest:
-                nxt = children.get((node, token))
-                if nxt is None:
-                    if len(tokens) >= k:
-                        break
-                    nxt = children[(node, token)] = len(tokens)
-                    tokens.append(token)
-                    parents.append(node)
-                node = nxt
-        return tokens, parents
+
+
+def _tree(lines: list, k: int) -> tuple[list[int], list[int]]:
+    """Lines of guesses as one tree of at most k nodes (tokens, parents), shared starts merged, earlier lines
+    first."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    children: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    for line in lines:
+        node = -1
+        for token in line:
+            nxt = children.get((node, token))
+            if nxt is None:
+                if len(tokens) >= k:
+                    break
+                nxt = children[(node, token)] = len(tokens)
+                tokens.append(token)
+                parents.append(node)
+            node = nxt
+    return tokens, parents

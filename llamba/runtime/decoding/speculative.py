@@ -10,6 +10,7 @@ cache. With no drafter, or no guesses, a step is plain decoding.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
@@ -96,6 +97,7 @@ class Controller:
     """
 
     PROBE_EVERY = 8
+    PROBE_BUDGET = 0.05
 
     def __init__(self, max_k: int = 8, fixed_k: int | None = None):
         self.max_k = max_k
@@ -122,10 +124,16 @@ class Controller:
                 best_k, best_rate = k, rate
         if best_k == 0 and limit > 0:
             self._since_probe += 1
-            if self._since_probe >= self.PROBE_EVERY:
+            if self._since_probe >= self._probe_interval(extra_rows):
                 self._since_probe = 0
                 return 1
         return best_k
+
+    def _probe_interval(self, extra_rows: int) -> int:
+        """Plain steps between probes: a probe may cost several plain steps (lookahead's window, a draft
+        catching up), so it comes rarely enough to cost at most PROBE_BUDGET of the time."""
+        probe = self._cost(2 + extra_rows) + self.draft_cost
+        return max(self.PROBE_EVERY, math.ceil((probe / self._cost(1) - 1) / self.PROBE_BUDGET))
 
     def _cost(self, n: int) -> float:
         if n in self.forward_cost:
