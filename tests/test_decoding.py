@@ -153,8 +153,6 @@ def test_each_decoder_samples_like_plain_sampling(tiny_llama, decoder):
 def test_tree_verification_keeps_the_target_distribution():
     """Two candidate lines share the root: the first token follows the root row's distribution exactly, and
     a matching child is followed into its own row."""
-    from llamba.runtime.sampling import Sampler
-
     n_vocab = 6
     root = np.log(np.array([0.3, 0.25, 0.2, 0.15, 0.06, 0.04]))
     child_rows = {1: np.log(np.array([0.05, 0.05, 0.7, 0.1, 0.05, 0.05])),

@@ -10,8 +10,9 @@ top level while the bottom one drops off (one Jacobi step). The pool is seeded f
 text as it is accepted, so it also knows what was said before.
 
 Guesses are the line prompt lookup would copy (the longest recent n-gram seen before) and the pool's most recent
-continuations of the root (up to G of them, N - 1 tokens each), merged into a tree where they share a start. They are copied, not drawn, so verification is exact at any temperature.
-On a CPU every row costs compute, so the window is small: see the benchmark for what it buys.
+continuations of the root (up to G of them, N - 1 tokens each), merged into a tree where they share a start.
+They are copied, not drawn, so verification is exact at any temperature. On a CPU every row costs compute, so
+the window is small: see the benchmark for what it buys.
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ class Lookahead:
         grams.append(rest)
         if len(grams) > 4 * self.candidates:
             del grams[0]
-
 
 
 def _tree(lines: list, k: int) -> tuple[list[int], list[int]]:

@@ -52,8 +52,7 @@ def choose_skipped_layers(model, tokens: list[int]) -> frozenset[int]:
         return frozenset()
     cache = KVCache.for_model(model.hp, len(tokens))
 
-    def choices(skip: frozenset[int]) -> np.ndarray:
-        cache.clear()
+    def choices(skip: frozenset[int]) -> np.ndarray:  # forward_tokens from 0 replaces what the cache held
         return np.argmax(model.forward_tokens(tokens, 0, cache, all_logits=True, skip=skip), axis=1)
 
     reference = choices(frozenset())

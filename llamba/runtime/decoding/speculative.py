@@ -43,17 +43,6 @@ class Draft:
         if self.n_guesses is None:
             self.n_guesses = len(self.tokens)
 
-    def cut(self, k: int) -> "Draft":
-        """At most k guesses (a chain's first k; a tree keeps its first k nodes, parents come first)."""
-        if self.n_guesses <= k:
-            return self
-        keep = [i for i in range(len(self.tokens)) if i < k or i >= self.n_guesses]
-        extra = len(self.tokens) - self.n_guesses
-        remap = {old: new for new, old in enumerate(keep)}
-        parents = [remap.get(self.parents[i], -1) if self.parents[i] >= 0 else -1 for i in keep]
-        return Draft([self.tokens[i] for i in keep], self.probs[:k] if self.probs else None, parents,
-                     len(keep) - extra)
-
     def batch(self, root: int, pos: int, seq: int = 0) -> Batch:
         """The root at pos and every node after it, as one batch wanting every row's logits."""
         parents = np.array([-1] + [p + 1 if p >= 0 else 0 for p in self.parents], np.int64)
@@ -70,10 +59,13 @@ class Drafter(Protocol):
     name: str
 
     def propose(self, context: list[int], k: int, sampler: Sampler) -> Draft:
-        """Up to k guesses for what follows context (context ends with the token being evaluated)."""
+        """At most k guesses for what follows context (context ends with the token being evaluated)."""
 
     def reset(self) -> None:
         """A new generation starts (forget per-generation state; a pool of seen text may stay)."""
+
+    # Optional: `extra_rows` (int), rows of its own the drafter adds to every guessing step, and
+    # `observe(draft, rows)`, called with the logits of every row after the step's forward (lookahead has both).
 
 
 @dataclass
@@ -213,7 +205,7 @@ def guess(spec: Speculation, history: list[int], room: int, sampler: Sampler) ->
     if not k:
         return Draft([])
     t0 = time.perf_counter()
-    draft = drafter.propose(history, k, sampler).cut(k)
+    draft = drafter.propose(history, k, sampler)
     if not spec.fresh:  # a first guess also reads the whole prompt (a draft model's cache): not a guess's cost
         spec.controller.record_draft(draft.n_guesses, time.perf_counter() - t0)
     spec.fresh = False
