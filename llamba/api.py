@@ -22,7 +22,8 @@ import numpy as np
 from .errors import LlambaError
 from .models import load_transformer
 from .models.metadata import MAX_CONTEXT
-from .ops.jit import release_compiler_pages, set_threads
+from .ops.jit import release_compiler_pages
+from .ops.threads import set_threads
 from .ops.matmul import SMALL_BATCH
 from .runtime.chat_template import load_chat_template, turn_terminator
 from .runtime.decoding import DEFAULT_DECODING, Speculation, make_speculation
@@ -78,6 +79,7 @@ class Llama:
         scratch = KVCache.for_model(self.model.hp, SMALL_BATCH + 8, self.cache.kv_type)
         self.model.forward_tokens([0] * (SMALL_BATCH + 1), 0, scratch)  # the prefill path
         self.model.forward_tokens([0], SMALL_BATCH + 1, scratch)  # the batch path
+        self.model.threads.reset()  # those timings included compiling
         release_compiler_pages()
 
     # ------------------------------------------------------------------------------------- tokens

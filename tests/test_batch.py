@@ -3,11 +3,13 @@ beside other sequences; rejected guesses leave the cache as if they had never be
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
 from llamba.errors import LlambaError
 from llamba.models import load_transformer
+from llamba.ops.threads import ThreadGovernor
 from llamba.runtime.batch import Batch
 from llamba.runtime.kv_cache import KVCache
 from tests.tiny_models import write_tiny_model
@@ -94,3 +96,24 @@ def test_real_models_are_batch_invariant(model_path):
     prompt = [int(t) for t in np.random.default_rng(1).integers(100, 5000, 40)]
     guesses = [int(t) for t in np.random.default_rng(2).integers(100, 5000, 17)]
     _check_invariance(model, prompt, guesses)
+    _check_thread_invariance(model, prompt * 2, guesses)
+
+
+def test_logits_do_not_depend_on_the_thread_count(tiny):
+    _check_thread_invariance(tiny, PROMPT * 7, GUESSES)  # 77 tokens: the prefill path too
+
+
+def _check_thread_invariance(model, prompt, guesses):
+    """The thread governor may change the count at any forward: each output is computed in one thread in a
+    fixed order, so prompts, single tokens and trees give the same bits at 1 thread and at 2."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core")
+    results = []
+    for threads in (1, 2):
+        model.threads = ThreadGovernor(fixed=threads)
+        cache = KVCache.for_model(model.hp, 256)
+        prompt_logits = model.forward_tokens(prompt, 0, cache, all_logits=True)
+        tree = model.forward(_tree(len(prompt), [guesses, guesses[:3][::-1]]), cache)
+        results.append((prompt_logits, tree))
+    model.threads = ThreadGovernor()
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])

@@ -21,7 +21,7 @@ from .common import open_llama
 def bench(model, n_prompt, n_gen, repetitions, threads, compare_llama_cpp, as_json) -> None:
     """Tokens per second for pp (prompt processing) and tg (generation), llama-bench style."""
     from ..errors import LlambaError
-    from ..ops.jit import set_threads
+    from ..ops.threads import set_threads
 
     if repetitions < 1 or n_prompt < 0 or n_gen < 0 or n_prompt + n_gen > 1000:
         raise LlambaError("need -r >= 1 and 0 <= -p, -n with -p + -n <= 1000")

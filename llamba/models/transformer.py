@@ -26,6 +26,7 @@ from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.norm import rmsnorm
 from ..ops.repack import LaneMatrix, concat_rows, to_lanes
 from ..ops.rope import rope_inplace, rope_tables
+from ..ops.threads import ThreadGovernor
 from ..runtime.batch import Batch
 from .metadata import HParams
 
@@ -56,6 +57,7 @@ class Transformer:
         has_output = "output.weight" in g.tensors
         self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab) if has_output else self.tok_embd
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
+        self.threads = ThreadGovernor()  # how many threads each forward uses, by measurement
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
         _return_freed_memory()
 
@@ -121,8 +123,12 @@ class Transformer:
         bit-identical however the batches were cut (what the server promises). skip: layers left out (the
         model as its own cheaper draft; those layers' cache cells are left unwritten).
         """
+        batch.validate(self.hp.n_vocab)
+        with self.threads.run(len(batch), variant=len(skip)):
+            return self._forward(batch, cache, exact, skip)
+
+    def _forward(self, batch: Batch, cache, exact: bool, skip: frozenset[int]) -> np.ndarray:
         hp = self.hp
-        batch.validate(hp.n_vocab)
         placement = cache.place(batch)
         try:
             x = self._layers(batch, placement, cache, exact, skip)

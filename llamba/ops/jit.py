@@ -1,12 +1,10 @@
-"""The one place that sets Numba policy: caching, fast-math flags, threads.
+"""The one place that sets Numba policy: caching and fast-math flags (threads: see threads.py).
 
 Fast-math is on for reassociation and contraction (what lets loops vectorize) but without `nnan`/`ninf`:
 attention masks are -inf and must survive arithmetic.
 """
 
 from __future__ import annotations
-
-import os
 
 import numba
 import numpy as np
@@ -42,23 +40,6 @@ def exact_kernel(fn=None, *, parallel: bool = False, inline: bool = False):
                           inline="always" if inline else "never")(f)
 
     return wrap(fn) if fn is not None else wrap
-
-
-def set_threads(n: int | None) -> int:
-    """Use n threads for the kernels (default: every core); returns the count in force.
-
-    BLAS stays on one thread: it only runs prefill attention's small products, where its threads would spin
-    against Numba's and cost more than they give."""
-    n = n or os.cpu_count() or 1
-    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1, user_api="blas")
-    except ImportError:  # BLAS keeps its own default
-        pass
-    return n
 
 
 def readonly(a: np.ndarray) -> np.ndarray:

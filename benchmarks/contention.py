@@ -1,0 +1,108 @@
+"""Decode speed on a busy machine: tg64 in fresh processes of llamba and of llama-cpp-python, with 0, 1 and 2
+background processes keeping cores busy, at 1 and 2 threads; min / median / max over the runs.
+
+    python benchmarks/contention.py [--model smollm2-135m] [--runs 10] [--loads 0,1,2] [--threads 1,2]
+
+A laptop is never idle: the slowest run is what a user feels. Every run is a new process (thread placement,
+memory layout and the threading layer's start-up differ between processes), and the engines alternate run by
+run, so a noisy moment hits both alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import click
+
+N_GEN = 64
+# One run: load, warm up with 8 tokens, then time 64 tokens of plain decoding one at a time (llama-bench's tg).
+LLAMBA_RUN = """
+import time, numpy as np
+from llamba import Llama
+from llamba.runtime.kv_cache import KVCache
+llm = Llama({model!r}, n_threads={threads})
+ids = np.random.default_rng(0).integers(100, llm.model.hp.n_vocab, {n}).tolist()
+cache = KVCache.for_model(llm.model.hp, 256)
+for pos, token in enumerate(ids[:8]):
+    llm.model.forward_tokens([token], pos, cache)
+cache.trim(0)
+started = time.perf_counter()
+for pos, token in enumerate(ids):
+    llm.model.forward_tokens([token], pos, cache)
+print({n} / (time.perf_counter() - started))
+"""
+LLAMA_CPP_RUN = """
+import time, numpy as np
+from llama_cpp import Llama
+from llamba.store import resolve_model
+llm = Llama(str(resolve_model({model!r})), n_ctx=256, n_threads={threads}, n_threads_batch={threads}, verbose=False)
+ids = np.random.default_rng(0).integers(100, llm.n_vocab(), {n}).tolist()
+for token in ids[:8]:
+    llm.eval([token])
+llm.reset()
+started = time.perf_counter()
+for token in ids:
+    llm.eval([token])
+print({n} / (time.perf_counter() - started))
+"""
+ENGINES = {"llamba": LLAMBA_RUN, "llama.cpp": LLAMA_CPP_RUN}
+BUSY = "while True: pass"  # a core kept busy, as a build or a browser tab would
+
+
+@contextmanager
+def background_load(n_busy: int):
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n_busy)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def one_run(engine: str, model: str, threads: int, timeout: float = 600) -> float:
+    code = ENGINES[engine].format(model=model, threads=threads, n=N_GEN)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise click.ClickException(f"{engine} run failed: {out.stderr.strip().splitlines()[-1:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+@click.command()
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--runs", default=10, show_default=True, help="fresh processes per engine, load and thread count")
+@click.option("--loads", default="0,1,2", show_default=True, help="busy background processes, comma-separated")
+@click.option("--threads", "thread_counts", default="1,2", show_default=True)
+@click.option("--engines", default="llamba,llama.cpp", show_default=True)
+def main(model, runs, loads, thread_counts, engines) -> None:
+    engines = engines.split(",")
+    rows = []
+    for n_busy in map(int, loads.split(",")):
+        with background_load(n_busy):
+            for threads in map(int, thread_counts.split(",")):
+                rates = {engine: [] for engine in engines}
+                for run in range(runs):
+                    for engine in engines:
+                        rates[engine].append(one_run(engine, model, threads))
+                        click.echo(f"busy {n_busy} threads {threads} {engine} run {run + 1}: "
+                                   f"{rates[engine][-1]:.1f} tok/s", err=True)
+                rows.append((n_busy, threads, rates))
+    click.echo(f"\n{model}, tg{N_GEN}, {runs} fresh processes each: tokens per second min / median / max")
+    head = "| busy | threads | " + " | ".join(engines) + " |"
+    extra = " slowest llamba / median llama.cpp | slowest llamba / own median |" if len(engines) > 1 else ""
+    click.echo(head + extra)
+    click.echo("| ---: | ---: |" + " ---: |" * (len(engines) + (2 if extra else 0)))
+    for n_busy, threads, rates in rows:
+        cells = [f"{min(r):.1f} / {statistics.median(r):.1f} / {max(r):.1f}" for r in rates.values()]
+        line = f"| {n_busy} | {threads} | " + " | ".join(cells) + " |"
+        if extra:
+            ours, theirs = rates["llamba"], rates["llama.cpp"]
+            line += f" {min(ours) / statistics.median(theirs):.2f} | {min(ours) / statistics.median(ours):.2f} |"
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()
