@@ -88,9 +88,15 @@ class Transformer:
         return to_lanes(t.data, t.type, n_cols)
 
     def _fused(self, shapes: list[tuple[str, int]], n_cols: int) -> list[LaneMatrix]:
-        parts = [self._matrix(name, n_cols, n_rows) for name, n_rows in shapes]
-        fused = concat_rows(parts)
-        return [fused] if fused is not None else parts
+        """The matrices as few as possible: each run of neighbours that share a layout stacked into one."""
+        fused: list[LaneMatrix] = []
+        for part in (self._matrix(name, n_cols, n_rows) for name, n_rows in shapes):
+            joined = concat_rows([fused[-1], part]) if fused else None
+            if joined is not None:
+                fused[-1] = joined
+            else:
+                fused.append(part)
+        return fused
 
     def _layer(self, i: int) -> Layer:
         hp, p = self.hp, f"blk.{i}."

@@ -49,23 +49,46 @@ def _broadcast(builder, word):
     return builder.bitcast(v, _BYTES)
 
 
-def _emit_block(builder, sums_ptr, codes_ptr, x_ptr, x_row, n_tokens: int, n_quads: int, nibbles: bool):
+def _bytes(value: int):
+    return ir.Constant(_BYTES, [value] * 64)
+
+
+def _load_quad(builder, codes_ptr, q: int) -> list:
+    """Quad q of a block: ROW_VECTORS vectors of 16 rows x 4 code bytes."""
+    words = []
+    for v in range(ROW_VECTORS):
+        at = builder.gep(codes_ptr, [ir.Constant(_I64, q * QUAD_BYTES + v * 64)])
+        words.append(builder.load(builder.bitcast(at, _BYTES.as_pointer()), align=1))
+    return words
+
+
+def _fifth_bit(builder, high, bit: int):
+    """Bit `bit` of each byte of the high-bit quad, moved to bit 4 (value 16), the fifth bit of a code."""
+    moved = builder.shl(high, _bytes(4 - bit)) if bit <= 4 else builder.lshr(high, _bytes(bit - 4))
+    return builder.and_(moved, _bytes(16))
+
+
+def _emit_block(builder, sums_ptr, codes_ptr, x_ptr, x_row, n_tokens: int, n_quads: int, nibbles: bool,
+                high_bits: bool):
     """Straight-line IR: sums[t, r] = the block's integer dot product of row r with token t's activations.
 
     nibbles: each code byte holds two 4-bit codes, columns j (low) and j + 16 (high) of a 32-column block,
-    so quad q's low nibbles meet activation word q and its high nibbles word q + 4."""
+    so quad q's low nibbles meet activation word q and its high nibbles word q + 4.
+    high_bits: 5-bit codes; a fifth quad after the nibbles holds their top bits, byte m of a row with bit 2q
+    for column 4q + m and bit 2q + 1 for column 4q + m + 16."""
     zero = ir.Constant(_LANES, [0] * 16)
     acc = [[zero] * ROW_VECTORS for _ in range(n_tokens)]
-    low_mask, four = ir.Constant(_BYTES, [15] * 64), ir.Constant(_BYTES, [4] * 64)
-    x_words = [[None] * (2 * n_quads if nibbles else n_quads) for _ in range(n_tokens)]
+    high = _load_quad(builder, codes_ptr, n_quads) if high_bits else None
     for q in range(n_quads):
-        words = []
-        for v in range(ROW_VECTORS):
-            at = builder.gep(codes_ptr, [ir.Constant(_I64, q * QUAD_BYTES + v * 64)])
-            words.append(builder.load(builder.bitcast(at, _BYTES.as_pointer()), align=1))
+        words = _load_quad(builder, codes_ptr, q)
         passes = [(words, q)]
         if nibbles:
-            passes = [([builder.and_(w, low_mask) for w in words], q), ([builder.lshr(w, four) for w in words], q + 4)]
+            low = [builder.and_(w, _bytes(15)) for w in words]
+            top = [builder.lshr(w, _bytes(4)) for w in words]
+            if high_bits:
+                low = [builder.or_(c, _fifth_bit(builder, h, 2 * q)) for c, h in zip(low, high)]
+                top = [builder.or_(c, _fifth_bit(builder, h, 2 * q + 1)) for c, h in zip(top, high)]
+            passes = [(low, q), (top, q + 4)]
         for w, xi in passes:
             for t in range(n_tokens):
                 at = builder.add(builder.mul(x_row, ir.Constant(_I64, t)), ir.Constant(_I64, xi))
@@ -78,7 +101,7 @@ def _emit_block(builder, sums_ptr, codes_ptr, x_ptr, x_row, n_tokens: int, n_qua
             builder.store(acc[t][v], builder.bitcast(at, _LANES.as_pointer()), align=4)
 
 
-def _block_dots(n_quads: int, nibbles: bool):
+def _block_dots(n_quads: int, nibbles: bool, high_bits: bool = False):
     """An intrinsic block_dots(sums, codes, codes_at, words, words_at, row_words, n_tokens) for one layout:
     sums [NT * 64] int32 <- one block of a chunk (codes flat uint8 from codes_at) times n_tokens (1..NT) tokens'
     activations (words flat int32: 4 bytes each, token t's block from words_at + t * row_words)."""
@@ -99,7 +122,7 @@ def _block_dots(n_quads: int, nibbles: bool):
                 body = builder.function.append_basic_block(f"block_dots.tokens{k}")
                 switch.add_case(ir.Constant(_I64, k), body)
                 builder.position_at_end(body)
-                _emit_block(builder, sums_ptr, codes_ptr, x_ptr, row_words, k, n_quads, nibbles)
+                _emit_block(builder, sums_ptr, codes_ptr, x_ptr, row_words, k, n_quads, nibbles, high_bits)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()
@@ -110,5 +133,6 @@ def _block_dots(n_quads: int, nibbles: bool):
 
 
 block_dots_u4 = _block_dots(4, nibbles=True)  # 32 columns of 4-bit codes
+block_dots_u5 = _block_dots(4, nibbles=True, high_bits=True)  # 32 columns of 5-bit codes (Q5_0, Q5_1, Q5_K)
 block_dots_q8_32 = _block_dots(8, nibbles=False)  # 32 columns of byte codes
 block_dots_q8_16 = _block_dots(4, nibbles=False)  # 16 columns of byte codes (Q6_K, Q2_K, Q3_K)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .int8_dot import NT, QUAD_BYTES, block_dots_q8_16, block_dots_q8_32, block_dots_u4
+from .int8_dot import NT, QUAD_BYTES, block_dots_q8_16, block_dots_q8_32, block_dots_u4, block_dots_u5
 from .jit import as_f32, exact_kernel, fma, kernel
 from .repack import CHUNK, LaneMatrix
 
@@ -65,7 +65,9 @@ def _block_scales(scale, offset, c, b, s, o):
 
 @exact_kernel
 def _block_dots(sums, flat_codes, codes_at, words, words_at, row_words, n, group, n_quads):
-    if group == 8 * n_quads:
+    if n_quads == 5:
+        block_dots_u5(sums, flat_codes, codes_at, words, words_at, row_words, n)
+    elif group == 8 * n_quads:
         block_dots_u4(sums, flat_codes, codes_at, words, words_at, row_words, n)
     elif n_quads == 8:
         block_dots_q8_32(sums, flat_codes, codes_at, words, words_at, row_words, n)
@@ -74,10 +76,11 @@ def _block_dots(sums, flat_codes, codes_at, words, words_at, row_words, n, group
 
 
 @exact_kernel(parallel=True)
-def batch_int8(out, codes, scale, offset, code_bias, group, words, x_scales, x_code_sums):
+def batch_int8(out, codes, scale, offset, code_bias, group, words, x_scales, x_code_sums, n_threads):
     """out [n_tokens, n_rows] = x W^T from the activations' int8 codes (words: 4 per int32) and quantized weights.
 
-    Each thread takes a chunk of rows and keeps a float accumulator per row and token. Per block, the integer
+    Each thread takes an even share of the chunks of rows (its scratch arrays allocated once, not per chunk:
+    7-30% faster decoding) and keeps a float accumulator per row and token. Per block, the integer
     dot products of up to NT tokens at a time (int8_dot) are scaled into the accumulators:
     sum_k (s (q_k - bias) + o) dx c_k = s dx (sum_k q_k c_k - bias sum_k c_k) + o dx sum_k c_k,
     with c the activation codes and dx their scale: exactly the product with the quantized inputs, up to
@@ -87,24 +90,27 @@ def batch_int8(out, codes, scale, offset, code_bias, group, words, x_scales, x_c
     n_chunks, n_blocks, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
     flat_codes, flat_words = codes.reshape(-1), words.reshape(-1)
     block_bytes = n_quads * QUAD_BYTES
-    for c in numba.prange(n_chunks):
-        acc = np.zeros((n_tokens, CHUNK), np.float32)
+    n_parts = min(n_threads, n_chunks)  # n_threads from the caller: numba.get_num_threads() here defeats caching
+    for part in numba.prange(n_parts):
+        acc = np.empty((n_tokens, CHUNK), np.float32)
         sums = np.empty(NT * CHUNK, np.int32)
         s, o = np.empty(CHUNK, np.float32), np.zeros(CHUNK, np.float32)
-        for b in range(n_blocks):
-            _block_scales(scale, offset, c, b, s, o)
-            t = 0
-            while t < n_tokens:
-                n = min(NT, n_tokens - t)
-                _block_dots(sums, flat_codes, (c * n_blocks + b) * block_bytes, flat_words,
-                            t * row_words + b * (group // 4), row_words, n, group, n_quads)
-                for k in range(n):
-                    a, dx, code_sum = acc[t + k], x_scales[t + k, b], x_code_sums[t + k, b]
-                    xs, bias = dx * np.float32(code_sum), np.int32(code_bias * code_sum)  # int32: full-width lanes
-                    for i in range(CHUNK):
-                        a[i] = fma(o[i], xs, fma(s[i] * dx, np.float32(sums[k * CHUNK + i] - bias), a[i]))
-                t += n
-        _store(out, c, acc)
+        for c in range(part * n_chunks // n_parts, (part + 1) * n_chunks // n_parts):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                _block_scales(scale, offset, c, b, s, o)
+                t = 0
+                while t < n_tokens:
+                    n = min(NT, n_tokens - t)
+                    _block_dots(sums, flat_codes, (c * n_blocks + b) * block_bytes, flat_words,
+                                t * row_words + b * (group // 4), row_words, n, group, n_quads)
+                    for k in range(n):
+                        a, dx, code_sum = acc[t + k], x_scales[t + k, b], x_code_sums[t + k, b]
+                        xs, bias = dx * np.float32(code_sum), np.int32(code_bias * code_sum)  # int32: full-width lanes
+                        for i in range(CHUNK):
+                            a[i] = fma(o[i], xs, fma(s[i] * dx, np.float32(sums[k * CHUNK + i] - bias), a[i]))
+                    t += n
+            _store(out, c, acc)
 
 
 @exact_kernel
@@ -146,7 +152,8 @@ def _batch_product(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> None:
         batch_f32(out, w.codes, x)
         return
     codes, scales, code_sums = quantize_activations(x, w.group)
-    batch_int8(out, w.codes, w.scale, w.offset, w.code_bias, w.group, codes.view(np.int32), scales, code_sums)
+    batch_int8(out, w.codes, w.scale, w.offset, w.code_bias, w.group, codes.view(np.int32), scales, code_sums,
+               numba.get_num_threads())
 
 
 # ------------------------------------------------------------------------------------- prefill
@@ -260,10 +267,12 @@ def matmul(x: np.ndarray, w: LaneMatrix, out: np.ndarray | None = None) -> np.nd
 
 @kernel
 def _row(out, codes, scale, offset, code_bias, nibbles, r):
-    """Row r of quantized lanes weights as float32 (out [n_cols])."""
+    """Row r of quantized lanes weights as float32 (out [n_cols]). nibbles: 4-bit codes (u4), or 5-bit with
+    a fifth quad of top bits (u5)."""
     c, i = r // CHUNK, r % CHUNK
-    n_quads = codes.shape[2]
+    n_quads = min(codes.shape[2], 4) if nibbles else codes.shape[2]
     group = 8 * n_quads if nibbles else 4 * n_quads
+    high_bits = nibbles and codes.shape[2] == 5
     for b in range(codes.shape[1]):
         s = as_f32(scale[c, b, i])
         o = as_f32(offset[c, b, i]) if offset.shape[1] > 0 else np.float32(0.0)
@@ -272,8 +281,13 @@ def _row(out, codes, scale, offset, code_bias, nibbles, r):
                 code = np.int32(codes[c, b, q, i, m])
                 at = b * group + 4 * q + m
                 if nibbles:
-                    out[at] = s * np.float32(code & 15) + o
-                    out[at + 16] = s * np.float32(code >> 4) + o
+                    low, top = code & 15, code >> 4
+                    if high_bits:
+                        h = np.int32(codes[c, b, 4, i, m])
+                        low |= ((h >> (2 * q)) & 1) << 4
+                        top |= ((h >> (2 * q + 1)) & 1) << 4
+                    out[at] = s * np.float32(low - code_bias) + o
+                    out[at + 16] = s * np.float32(top - code_bias) + o
                 else:
                     out[at] = s * np.float32(code - code_bias) + o
 
@@ -284,7 +298,7 @@ def gather_rows(w: LaneMatrix, rows: np.ndarray, out: np.ndarray | None = None) 
     for t, r in enumerate(rows):
         r = int(r)
         if w.kind != "f32":
-            _row(out[t], w.codes, w.scale, w.offset, w.code_bias, w.kind == "u4", r)
+            _row(out[t], w.codes, w.scale, w.offset, w.code_bias, w.kind in ("u4", "u5"), r)
         else:
             out[t] = w.codes[r // CHUNK, :, r % CHUNK]
     return out

@@ -8,7 +8,9 @@ contiguous run of memory, read front to back, which the prefetchers love. Every 
 
 - `u4`: 4-bit codes, 32 per block, byte j holding codes j (low nibble) and j+16 (high nibble);
                                                                                   (Q4_0, Q4_1, Q4_K)
-- `q8`: one code per byte, `group` (16 or 32) per block;   (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K)
+- `u5`: 5-bit codes, 32 per block: the nibbles as u4, then 4 bytes of top bits (see _pack_u5);
+                                                                                  (Q5_0, Q5_1, Q5_K)
+- `q8`: one code per byte, `group` (16 or 32) per block;                  (Q6_K, Q8_0, Q2_K, Q3_K)
 - `f32`: plain floats, codes [n_chunks, n_cols, CHUNK] float32.                    (F32, F16, BF16)
 
 The code bytes of a block go in quads, the integer dot product's unit (see int8_dot): codes
@@ -17,8 +19,8 @@ Codes are unsigned: signed types store code + 128 (code_bias = 128), which the k
 Weight = scale * (code - code_bias) + offset, scale and offset [n_chunks, n_blocks, CHUNK]. The scales are ggml's own
 numbers (d, or d times the sub-block scale), so dequantizing the lanes gives ggml's values bit for bit. Where
 they are the file's float16 values (Q4_0..Q8_0) they stay float16 (as uint16 bits), and types with signed codes
-store no offsets: Q4_1, Q5_0 and Q8_0 then take exactly the file's bytes; the K-quants keep float32 scales
-(products that float16 cannot hold exactly) and take about 1.3x. Rows past n_rows in the last chunk are zero.
+store no offsets: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 then take exactly the file's bytes; the K-quants keep float32
+scales (products that float16 cannot hold exactly) and take about 1.3x. Rows past n_rows in the last chunk are zero.
 The layout is built once at load, in parallel.
 """
 
@@ -41,7 +43,7 @@ CHUNK = 64  # output rows per chunk: the lanes a kernel's inner loop runs over
 class LaneMatrix:
     """A weight matrix [n_rows, n_cols] (y = W x maps n_cols inputs to n_rows outputs) in lanes layout."""
 
-    kind: str  # "u4", "q8" or "f32"
+    kind: str  # "u4", "u5", "q8" or "f32"
     n_rows: int
     n_cols: int
     codes: np.ndarray
@@ -52,7 +54,7 @@ class LaneMatrix:
 
     @property
     def group(self) -> int:
-        return 32 if self.kind == "u4" else 4 * self.codes.shape[2] if self.kind == "q8" else 1
+        return 32 if self.kind in ("u4", "u5") else 4 * self.codes.shape[2] if self.kind == "q8" else 1
 
     @property
     def nbytes(self) -> int:
@@ -74,9 +76,7 @@ def _repack_q4_0(codes, scale, offset, src, table):
         c, i = r // CHUNK, r % CHUNK
         for b in range(n_blocks):
             at = b * 18
-            d = _f16(src, r, at, table)
-            scale[c, b, i] = d
-            offset[c, b, i] = np.float32(-8.0) * d
+            scale[c, b, i] = _f16(src, r, at, table)  # weight d * (code - 8): the code bias, no offset
             for j in range(16):
                 codes[c, b, j, i] = src[r, at + 2 + j]
 
@@ -149,8 +149,8 @@ def _repack_q5_0(codes, scale, offset, src, table):
             qh = _u32(src, r, at + 2)
             for j in range(16):
                 q = src[r, at + 6 + j]
-                codes[c, b, j, i] = np.int8(np.int32((q & 15) | (((qh >> j) & 1) << 4)) - 16)
-                codes[c, b, j + 16, i] = np.int8(np.int32((q >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16)
+                codes[c, b, j, i] = (q & 15) | (((qh >> j) & 1) << 4)  # code - 16 is the signed value
+                codes[c, b, j + 16, i] = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
 
 
 @kernel(parallel=True)
@@ -262,18 +262,18 @@ def _repack_q3_k(codes, scale, offset, src, table):
                 codes[c, sb * 16 + e // 16, e % 16, i] = np.int8(q)
 
 
-# type -> (kernel, kind, group, code dtype)
+# type -> (kernel, kind, group, code dtype, code bias): signed (int8) codes are stored + 128
 _REPACKERS = {
-    "Q4_0": (_repack_q4_0, "u4", 32, np.uint8),
-    "Q4_1": (_repack_q4_1, "u4", 32, np.uint8),
-    "Q4_K": (_repack_q4_k, "u4", 32, np.uint8),
-    "Q5_0": (_repack_q5_0, "q8", 32, np.int8),
-    "Q5_1": (_repack_q5_1, "q8", 32, np.uint8),
-    "Q5_K": (_repack_q5_k, "q8", 32, np.uint8),
-    "Q6_K": (_repack_q6_k, "q8", 16, np.int8),
-    "Q8_0": (_repack_q8_0, "q8", 32, np.int8),
-    "Q2_K": (_repack_q2_k, "q8", 16, np.uint8),
-    "Q3_K": (_repack_q3_k, "q8", 16, np.int8),
+    "Q4_0": (_repack_q4_0, "u4", 32, np.uint8, 8),
+    "Q4_1": (_repack_q4_1, "u4", 32, np.uint8, 0),
+    "Q4_K": (_repack_q4_k, "u4", 32, np.uint8, 0),
+    "Q5_0": (_repack_q5_0, "u5", 32, np.uint8, 16),
+    "Q5_1": (_repack_q5_1, "u5", 32, np.uint8, 0),
+    "Q5_K": (_repack_q5_k, "u5", 32, np.uint8, 0),
+    "Q6_K": (_repack_q6_k, "q8", 16, np.int8, 128),
+    "Q8_0": (_repack_q8_0, "q8", 32, np.int8, 128),
+    "Q2_K": (_repack_q2_k, "q8", 16, np.uint8, 0),
+    "Q3_K": (_repack_q3_k, "q8", 16, np.int8, 128),
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPPORTED = tuple(_REPACKERS) + FLOAT_TYPES
@@ -292,7 +292,7 @@ def to_lanes(data: np.ndarray, ggml: GGMLType, n_cols: int) -> LaneMatrix:
     entry = _REPACKERS.get(ggml.name)
     if entry is None:
         raise UnsupportedError(f"weights of type {ggml.name} are not supported (supported: {', '.join(SUPPORTED)})")
-    fn, kind, group, code_dtype = entry
+    fn, kind, group, code_dtype, bias = entry
     n_blocks = n_cols // group
     codes = np.zeros((n_chunks, n_blocks, 16 if kind == "u4" else group, CHUNK), code_dtype)
     scale = np.zeros((n_chunks, n_blocks, CHUNK), np.float32)
@@ -300,8 +300,22 @@ def to_lanes(data: np.ndarray, ggml: GGMLType, n_cols: int) -> LaneMatrix:
     src = readonly(np.ascontiguousarray(data).view(np.uint8).reshape(n_rows, -1))
     fn(codes, scale, offset, src, F16_TABLE)
     scale, offset = _compact_scales(ggml.name, scale, offset)
-    bias = 128 if code_dtype == np.int8 else 0
+    if kind == "u5":
+        codes = _pack_u5(codes)
     return LaneMatrix(kind, n_rows, n_cols, _to_quads(codes), scale, offset, ggml.name, bias)
+
+
+def _pack_u5(codes: np.ndarray) -> np.ndarray:
+    """5-bit codes [.., 32, CHUNK] (0..31) -> 20 bytes per row and block: 16 bytes of nibbles as u4 (byte j:
+    codes j and j + 16), then 4 bytes of top bits, byte m holding bit 2q for code 4q + m and bit 2q + 1 for
+    code 4q + m + 16 (q = 0..3). As quads: four of nibbles and one of top bits, which the kernel merges in
+    registers (int8_dot)."""
+    n_chunks, n_blocks = codes.shape[:2]
+    nibbles = (codes[:, :, :16] & 15) | ((codes[:, :, 16:] & 15) << 4)
+    top = (codes >> 4).reshape(n_chunks, n_blocks, 2, 4, 4, CHUNK)  # [half, q, m, row]
+    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).T  # [half, q]: bit 2q + half
+    high = (top << shifts[None, None, :, :, None, None].astype(np.uint8)).sum(axis=(2, 3), dtype=np.uint8)
+    return np.concatenate([nibbles, high], axis=2)
 
 
 def _to_quads(codes: np.ndarray) -> np.ndarray:
@@ -313,18 +327,25 @@ def _to_quads(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(unsigned)
 
 
-def code_bytes(w: LaneMatrix) -> np.ndarray:
-    """The codes as [n_chunks, n_blocks, n_bytes, CHUNK] int16 with the bias taken out (byte j of row i of a
-    block at [.., j, i]): the layout before quads, for NumPy."""
+def block_codes(w: LaneMatrix) -> np.ndarray:
+    """The codes as [n_chunks, n_blocks, group, CHUNK] int16 with the bias taken out (code j of row i of a
+    block at [.., j, i]), nibbles and top bits unpacked: for NumPy."""
     n_chunks, n_blocks, n_quads = w.codes.shape[:3]
-    plain = w.codes.transpose(0, 1, 2, 4, 3).reshape(n_chunks, n_blocks, 4 * n_quads, CHUNK)
-    return plain.astype(np.int16) - w.code_bias
+    plain = w.codes.transpose(0, 1, 2, 4, 3).reshape(n_chunks, n_blocks, 4 * n_quads, CHUNK).astype(np.int16)
+    if w.kind in ("u4", "u5"):
+        nibbles = plain[:, :, :16]
+        plain = np.concatenate([nibbles & 15, nibbles >> 4], axis=2)
+        if w.kind == "u5":
+            high = w.codes[:, :, 4].transpose(0, 1, 3, 2).astype(np.int16)  # [.., m, row]
+            bit = 2 * (np.arange(32) % 16 // 4) + np.arange(32) // 16  # code j's bit: 2q + half
+            plain |= ((high[:, :, np.arange(32) % 4] >> bit[None, None, :, None]) & 1) << 4
+    return plain - w.code_bias
 
 
 # Types whose scales and offsets are the file's own float16 numbers (or exact multiples of them by a power
 # of two): stored as float16 bits they take half the bytes, and decoding is memory-bound.
 _F16_SCALES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
-_NO_OFFSETS = {"Q5_0", "Q8_0", "Q6_K", "Q3_K"}  # signed codes: every offset is zero
+_NO_OFFSETS = {"Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q3_K"}  # signed codes: every offset is zero
 
 
 def _compact_scales(type_name: str, scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -346,9 +367,7 @@ def lanes_to_float(w: LaneMatrix) -> np.ndarray:
     if w.kind == "f32":
         vals = w.codes  # [n_chunks, n_cols, CHUNK]
     else:
-        plain = code_bytes(w)
-        q = np.concatenate([plain & 15, plain >> 4], axis=2) if w.kind == "u4" else plain
-        vals = _scales_f32(w.scale)[:, :, None, :] * q.astype(np.float32)
+        vals = _scales_f32(w.scale)[:, :, None, :] * block_codes(w).astype(np.float32)
         if w.offset.shape[1]:
             vals = vals + _scales_f32(w.offset)[:, :, None, :]
         vals = vals.reshape(vals.shape[0], -1, CHUNK)
