@@ -50,7 +50,7 @@ def test_it_follows_background_load_as_it_comes_and_goes(four_cores):
 def test_batch_sizes_are_measured_apart(four_cores):
     governor = ThreadGovernor()
     _run(governor, BUSY, 50, n_tokens=1)
-    _, used = _run(governor, {4: 0.001, 2: 0.002, 1: 0.004}, 50, n_tokens=128)  # a prompt: threads pay
+    _, used = _run(governor, {4: 0.001, 2: 0.002, 1: 0.004}, 400, n_tokens=128)  # prompts: threads pay
     assert used[-20:].count(4) >= 18
     assert governor.choose(1) == 1
 
@@ -59,3 +59,14 @@ def test_fixed_and_single_thread(four_cores, monkeypatch):
     assert ThreadGovernor(fixed=2).choose(1) == 2
     monkeypatch.setattr(threads_module, "_limit", 1)
     assert ThreadGovernor().choose(1) == 1
+
+
+def test_a_long_prompt_starts_from_what_smaller_batches_measured(four_cores):
+    governor = ThreadGovernor()
+    _run(governor, QUIET, 20)  # decoding: 4 threads are fastest
+    _, used = _run(governor, QUIET, 10, n_tokens=200)
+    assert used == [4] * 10  # no prompt is spent trying fewer threads that decoding measured slower
+    loaded = ThreadGovernor()
+    _run(loaded, BUSY, 20)
+    _, used = _run(loaded, BUSY, 10, n_tokens=200)
+    assert used[0] == 1 and used[-5:] == [1] * 5  # under load the first prompt already takes one thread

@@ -5,8 +5,9 @@ another at its closing barrier while the core one of them needs runs something e
 regions per token, a token that takes 10 ms on a quiet machine then takes 100-200 ms. One thread has no one
 to wait for: with one busy background process a token at one thread took 8.5 ms where two threads took
 15.6 ms (median) and up to 185 ms. So every model keeps a `ThreadGovernor` that measures what a forward
-costs at each thread count it may use (the limit, then halves down to 1), per size of batch, takes the
-cheapest, and now and then tries the others again, spending at most PROBE_SHARE of the time on those tries,
+costs at each thread count it may use (the limit, then halves down to 1), per size of batch (a size not
+yet measured starts from what the nearest measured size found), takes the cheapest, and now and then tries
+the others again, spending at most PROBE_SHARE of the time on those tries,
 so that a machine that has quietened down gets its cores back.
 
 Every kernel computes each output in one thread in a fixed order, so the thread count changes speed only,
@@ -44,6 +45,9 @@ def set_threads(n: int | None) -> int:
 
 def thread_limit() -> int:
     return _limit
+
+
+SMALL_CLASS = 4  # batch classes up to 16 tokens: decoding and checking guesses
 
 
 def _batch_class(n_tokens: int, variant: int) -> tuple[int, int]:
@@ -87,15 +91,34 @@ class ThreadGovernor:
         group = _batch_class(n_tokens, variant)
         candidates = _candidates(limit)
         cost = self._cost.setdefault(group, {})
+        if not cost:  # start where the nearest measured batch size is fastest
+            reference = self._nearest(group, candidates)
+            return min(candidates, key=reference.__getitem__) if reference else limit
+        expected = {n: cost[n] if n in cost else self._estimate(group, n, cost) for n in candidates}
+        best = min(candidates, key=expected.__getitem__)
+        if best not in cost:  # expected to be faster and never tried here: try it
+            return best
         idle = self._idle.setdefault(group, {})
-        unmeasured = [n for n in candidates if n not in cost]
-        if unmeasured:  # the limit first, then one try of each smaller count
-            return unmeasured[0]
-        best = min(candidates, key=cost.__getitem__)
         for n in candidates:  # a try of a slower count comes rarely enough to cost at most PROBE_SHARE
-            if n != best and (idle.get(n, 0) * cost[best] * self.PROBE_SHARE >= cost[n] or idle.get(n, 0) >= self.MAX_WAIT):
+            waited = idle.get(n, 0)
+            if n != best and (waited * expected[best] * self.PROBE_SHARE >= expected[n] or waited >= self.MAX_WAIT):
                 return n
         return best
+
+    def _nearest(self, group: tuple[int, int], counts: list[int]) -> dict[int, float] | None:
+        """The measured costs of the batch class nearest in size that has measured all of these counts."""
+        known = [g for g, cost in self._cost.items() if g != group and all(n in cost for n in counts)]
+        return self._cost[min(known, key=lambda g: abs(g[0] - group[0]))] if known else None
+
+    def _estimate(self, group: tuple[int, int], n: int, cost: dict[int, float]) -> float:
+        """What n threads would cost in this batch class, from a count measured here and how the two compared
+        in the nearest class that measured both. Without one, a small batch (decoding, guesses) tries n at
+        once, and a large one (a long prompt, which threads suit) assumes they scale perfectly."""
+        known = min(cost, key=cost.__getitem__)
+        reference = self._nearest(group, [n, known])
+        if reference:
+            return cost[known] * reference[n] / reference[known]
+        return 0.0 if group[0] <= SMALL_CLASS else cost[known] * known / n
 
     def record(self, n_tokens: int, threads: int, seconds: float, variant: int = 0) -> None:
         """What a forward of n_tokens at this many threads took."""
@@ -108,7 +131,7 @@ class ThreadGovernor:
             cost[threads] += self.SMOOTHING * (per_token - cost[threads])
         else:  # new, or tried again after a while: what it cost before says little about now
             cost[threads] = per_token
-        for n in cost:
+        for n in _candidates(thread_limit()):
             idle[n] = 0 if n == threads else idle.get(n, 0) + 1
 
 
