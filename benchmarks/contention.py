@@ -18,37 +18,25 @@ from contextlib import contextmanager
 import click
 
 N_GEN = 64
-# One run: load, warm up with 8 tokens, then time 64 tokens of plain decoding one at a time (llama-bench's tg).
-LLAMBA_RUN = """
+# One run: load, warm up with 8 tokens, then time 64 tokens of plain decoding one at a time (llama-bench's tg),
+# with `llamba bench`'s runners.
+RUN = """
 import time, numpy as np
-from llamba import Llama
-from llamba.runtime.kv_cache import KVCache
-llm = Llama({model!r}, n_threads={threads})
-ids = np.random.default_rng(0).integers(100, llm.model.hp.n_vocab, {n}).tolist()
-cache = KVCache.for_model(llm.model.hp, 256)
-for pos, token in enumerate(ids[:8]):
-    llm.model.forward_tokens([token], pos, cache)
-cache.trim(0)
-started = time.perf_counter()
-for pos, token in enumerate(ids):
-    llm.model.forward_tokens([token], pos, cache)
-print({n} / (time.perf_counter() - started))
-"""
-LLAMA_CPP_RUN = """
-import time, numpy as np
-from llama_cpp import Llama
+from llamba.bench import LlamaCppRunner, LlambaRunner
 from llamba.store import resolve_model
-llm = Llama(str(resolve_model({model!r})), n_ctx=256, n_threads={threads}, n_threads_batch={threads}, verbose=False)
-ids = np.random.default_rng(0).integers(100, llm.n_vocab(), {n}).tolist()
-for token in ids[:8]:
-    llm.eval([token])
-llm.reset()
+if {engine!r} == "llamba":
+    from llamba import Llama
+    runner = LlambaRunner(Llama({model!r}, n_threads={threads}))
+    n_vocab = runner.model.hp.n_vocab
+else:
+    runner = LlamaCppRunner(resolve_model({model!r}), {threads})
+    n_vocab = runner.llm.n_vocab()
+ids = np.random.default_rng(0).integers(100, n_vocab, {n}).tolist()
+runner.generate(ids[:8])
 started = time.perf_counter()
-for token in ids:
-    llm.eval([token])
+runner.generate(ids)
 print({n} / (time.perf_counter() - started))
 """
-ENGINES = {"llamba": LLAMBA_RUN, "llama.cpp": LLAMA_CPP_RUN}
 BUSY = "while True: pass"  # a core kept busy, as a build or a browser tab would
 
 
@@ -64,7 +52,7 @@ def background_load(n_busy: int):
 
 
 def one_run(engine: str, model: str, threads: int, timeout: float = 600) -> float:
-    code = ENGINES[engine].format(model=model, threads=threads, n=N_GEN)
+    code = RUN.format(model=model, threads=threads, n=N_GEN, engine=engine)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise click.ClickException(f"{engine} run failed: {out.stderr.strip().splitlines()[-1:]}")

@@ -23,8 +23,8 @@ def bench(model, n_prompt, n_gen, repetitions, threads, compare_llama_cpp, as_js
     from ..errors import LlambaError
     from ..ops.threads import set_threads
 
-    if repetitions < 1 or n_prompt < 0 or n_gen < 0 or n_prompt + n_gen > 1000:
-        raise LlambaError("need -r >= 1 and 0 <= -p, -n with -p + -n <= 1000")
+    if n_prompt + n_gen > 1000:  # each range is checked by its option
+        raise LlambaError(f"-p + -n must be at most 1000 (got {n_prompt + n_gen})")
     llm = open_llama(model, 1024, threads[0] if threads else None, None, quiet=as_json)
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     records, tables = [], []

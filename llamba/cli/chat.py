@@ -219,7 +219,7 @@ def _setup_readline() -> None:
 @click.option("--overflow", type=click.Choice(["shift", "stop"]), default="shift", show_default=True,
               help="When the context fills: drop the oldest exchanges (shift) or refuse (stop).")
 @click.option("--no-stats", is_flag=True, help="Hide the statistics line after each answer.")
-@decoding_option
+@decoding_option()
 @sampling_options
 def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, decoding,
          **kwargs) -> None:

@@ -65,15 +65,14 @@ def pop_sampling(kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in SAMPLING_KEYS}
 
 
-def decoding_option(fn):
+def decoding_option(default: str | None = None, note: str = "draft:MODEL takes a smaller GGUF with the same vocabulary"):
     """--decoding: how generation guesses ahead (the output is the same; only the speed changes)."""
     import click
 
     from ..runtime.decoding import DECODERS, DEFAULT_DECODING
 
-    return click.option("--decoding", default=DEFAULT_DECODING, show_default=True, metavar="NAME",
-                        help=f"Guess ahead and verify in one batch: {' | '.join(DECODERS)} "
-                             "(draft:MODEL takes a smaller GGUF with the same vocabulary).")(fn)
+    return click.option("--decoding", default=default or DEFAULT_DECODING, show_default=True, metavar="NAME",
+                        help=f"Guess ahead and verify in one batch: {' | '.join(DECODERS)} ({note}).")
 
 
 def speed_line(s) -> str:

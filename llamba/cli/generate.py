@@ -22,7 +22,7 @@ from .common import (decoding_option, model_options, open_llama, pop_sampling, r
               help="Read special tokens written in the prompt (<|im_start|>, <bos>...) as those tokens, as llama-cli "
                    "does; --no-special treats them as plain text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and speeds.")
-@decoding_option
+@decoding_option()
 @sampling_options
 def generate(model, ctx_size, threads, chat_template, kv_type, prompt, path, max_tokens, stop, chat, special, as_json,
              decoding, **kwargs) -> None:

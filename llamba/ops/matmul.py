@@ -298,7 +298,7 @@ def gather_rows(w: LaneMatrix, rows: np.ndarray, out: np.ndarray | None = None) 
     for t, r in enumerate(rows):
         r = int(r)
         if w.kind != "f32":
-            _row(out[t], w.codes, w.scale, w.offset, w.code_bias, w.kind in ("u4", "u5"), r)
+            _row(out[t], w.codes, w.scale, w.offset, w.code_bias, w.nibbles, r)
         else:
             out[t] = w.codes[r // CHUNK, :, r % CHUNK]
     return out

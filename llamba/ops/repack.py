@@ -53,8 +53,13 @@ class LaneMatrix:
     code_bias: int = 0  # 128 where the type's codes are signed (stored as code + 128)
 
     @property
+    def nibbles(self) -> bool:
+        """Codes packed two to a byte (u4, and u5 with its quad of top bits)."""
+        return self.kind in ("u4", "u5")
+
+    @property
     def group(self) -> int:
-        return 32 if self.kind in ("u4", "u5") else 4 * self.codes.shape[2] if self.kind == "q8" else 1
+        return 32 if self.nibbles else 4 * self.codes.shape[2] if self.kind == "q8" else 1
 
     @property
     def nbytes(self) -> int:
@@ -332,7 +337,7 @@ def block_codes(w: LaneMatrix) -> np.ndarray:
     block at [.., j, i]), nibbles and top bits unpacked: for NumPy."""
     n_chunks, n_blocks, n_quads = w.codes.shape[:3]
     plain = w.codes.transpose(0, 1, 2, 4, 3).reshape(n_chunks, n_blocks, 4 * n_quads, CHUNK).astype(np.int16)
-    if w.kind in ("u4", "u5"):
+    if w.nibbles:
         nibbles = plain[:, :, :16]
         plain = np.concatenate([nibbles & 15, nibbles >> 4], axis=2)
         if w.kind == "u5":

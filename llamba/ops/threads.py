@@ -7,8 +7,8 @@ to wait for: with one busy background process a token at one thread took 8.5 ms 
 15.6 ms (median) and up to 185 ms. So every model keeps a `ThreadGovernor` that measures what a forward
 costs at each thread count it may use (the limit, then halves down to 1), per size of batch (a size not
 yet measured starts from what the nearest measured size found), takes the cheapest, and now and then tries
-the others again, spending at most PROBE_SHARE of the time on those tries,
-so that a machine that has quietened down gets its cores back.
+the others again, spending at most PROBE_SHARE of the time on those tries, so that a machine that has
+quietened down gets its cores back.
 
 Every kernel computes each output in one thread in a fixed order, so the thread count changes speed only,
 never a bit of the results (tested).

@@ -140,7 +140,7 @@ class Engine:
         from ..store import resolve_model
 
         if not decoding.startswith("draft:") or not decoding[len("draft:"):]:
-            raise LlambaError(f"unknown decoding {decoding!r} (choose from greedy, prompt-lookup, auto, draft:MODEL)")
+            raise LlambaError(f"unknown decoding {decoding!r} (choose from {', '.join(DECODERS)})")
         return load_transformer(resolve_model(decoding[len("draft:"):]))
 
     def _speculation(self, slot: _Slot, decoding: str) -> Speculation | None:
