@@ -5,11 +5,13 @@ row's 4 codes side by side, so 16 rows' quads fill one 64-byte vector. One `vpdp
 multiplies 16 rows x 4 columns of unsigned codes by 4 signed activation bytes broadcast to every lane, adding
 the sums of 4 into 16 int32 lanes: 64 multiply-adds per instruction, four times the float32 FMA's 16.
 
-Numba cannot reach that instruction, so `block_dots_*` are intrinsics that emit the LLVM IR of one block for up
-to NT tokens, with every accumulator in a register. Where the CPU lacks VNNI they emit the same sums as plain
-integer vector arithmetic (LLVM picks the best instructions it has): the results are the same integers.
-Integer sums are exact, so whatever tokens share a call, each token's sums are the same: the batch invariance
-the decoders and the server rely on comes for free.
+Numba cannot reach that instruction, so `chunk_product_*` are intrinsics that emit the LLVM IR of a whole
+chunk for up to NT tokens: a loop over the blocks whose integer sums and float accumulators (one per token and
+row vector) all stay in registers, each block's sums scaled into the floats as the loop goes. (One call per
+block, with the sums and accumulators going through memory, ran at a third of this speed.) Where the CPU lacks
+VNNI they emit the same sums as plain integer vector arithmetic (LLVM picks the best instructions it has): the
+results are the same integers. Integer sums are exact and each token's float arithmetic is the same whatever
+tokens share a call: the batch invariance the decoders and the server rely on.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-HAS_VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
-NT = 4  # tokens per call: 4 tokens x 4 row vectors of int32 sums, plus the unpacked weights, fill the registers
-ROW_VECTORS = 4  # a chunk's 64 rows are 4 vectors of 16 int32 lanes
-QUAD_BYTES = 256  # one quad of a chunk: 64 rows x 4 codes
+from .repack import CHUNK
 
-_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-_BYTES, _LANES = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
+HAS_VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
+NT = 4  # tokens per call: NT x ROW_VECTORS integer sums and as many float accumulators, plus the unpacked
+#        weights and scales, fill AVX-512's 32 registers
+ROW_VECTORS = CHUNK // 16  # a chunk's rows are vectors of 16 int32 lanes
+QUAD_BYTES = 4 * CHUNK  # one quad of a chunk: every row's 4 codes
+
+_I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_BYTES, _LANES, _FLOATS = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
 
 
 def _dot4(builder, acc, w, x):
@@ -44,22 +49,11 @@ def _dot4(builder, acc, w, x):
 
 def _broadcast(builder, word):
     """An int32 (4 activation bytes) in every lane, as 64 bytes."""
-    v = builder.insert_element(ir.Constant(_LANES, ir.Undefined), word, ir.Constant(_I32, 0))
-    v = builder.shuffle_vector(v, ir.Constant(_LANES, ir.Undefined), ir.Constant(_LANES, [0] * 16))
-    return builder.bitcast(v, _BYTES)
+    return builder.bitcast(_splat(builder, word, _LANES), _BYTES)
 
 
 def _bytes(value: int):
     return ir.Constant(_BYTES, [value] * 64)
-
-
-def _load_quad(builder, codes_ptr, q: int) -> list:
-    """Quad q of a block: ROW_VECTORS vectors of 16 rows x 4 code bytes."""
-    words = []
-    for v in range(ROW_VECTORS):
-        at = builder.gep(codes_ptr, [ir.Constant(_I64, q * QUAD_BYTES + v * 64)])
-        words.append(builder.load(builder.bitcast(at, _BYTES.as_pointer()), align=1))
-    return words
 
 
 def _fifth_bit(builder, high, bit: int):
@@ -68,71 +62,176 @@ def _fifth_bit(builder, high, bit: int):
     return builder.and_(moved, _bytes(16))
 
 
-def _emit_block(builder, sums_ptr, codes_ptr, x_ptr, x_row, n_tokens: int, n_quads: int, nibbles: bool,
-                high_bits: bool):
-    """Straight-line IR: sums[t, r] = the block's integer dot product of row r with token t's activations.
+def _splat(builder, scalar, vector_type):
+    """A scalar in all 16 lanes."""
+    v = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vector_type, ir.Undefined), ir.Constant(_LANES, [0] * 16))
 
-    nibbles: each code byte holds two 4-bit codes, columns j (low) and j + 16 (high) of a 32-column block,
-    so quad q's low nibbles meet activation word q and its high nibbles word q + 4.
-    high_bits: 5-bit codes; a fifth quad after the nibbles holds their top bits, byte m of a row with bit 2q
-    for column 4q + m and bit 2q + 1 for column 4q + m + 16."""
-    zero = ir.Constant(_LANES, [0] * 16)
-    acc = [[zero] * ROW_VECTORS for _ in range(n_tokens)]
-    high = _load_quad(builder, codes_ptr, n_quads) if high_bits else None
-    for q in range(n_quads):
-        words = _load_quad(builder, codes_ptr, q)
-        passes = [(words, q)]
-        if nibbles:
-            low = [builder.and_(w, _bytes(15)) for w in words]
-            top = [builder.lshr(w, _bytes(4)) for w in words]
-            if high_bits:
-                low = [builder.or_(c, _fifth_bit(builder, h, 2 * q)) for c, h in zip(low, high)]
-                top = [builder.or_(c, _fifth_bit(builder, h, 2 * q + 1)) for c, h in zip(top, high)]
-            passes = [(low, q), (top, q + 4)]
-        for w, xi in passes:
-            for t in range(n_tokens):
-                at = builder.add(builder.mul(x_row, ir.Constant(_I64, t)), ir.Constant(_I64, xi))
-                x = _broadcast(builder, builder.load(builder.gep(x_ptr, [at])))
-                for v in range(ROW_VECTORS):
-                    acc[t][v] = _dot4(builder, acc[t][v], w[v], x)
+
+def _fma(builder, a, b, c):
+    """a * b + c with one rounding, lane by lane."""
+    fn = builder.module.declare_intrinsic("llvm.fma.v16f32", (), ir.FunctionType(_FLOATS, [_FLOATS] * 3))
+    return builder.call(fn, [a, b, c])
+
+
+class _Layout:
+    """How a block's codes sit: n_quads quads of code bytes, as nibbles (two codes a byte) or not, with or
+    without a fifth quad of top bits; group columns per block."""
+
+    def __init__(self, n_quads: int, nibbles: bool, high_bits: bool = False):
+        self.n_quads, self.nibbles, self.high_bits = n_quads, nibbles, high_bits
+        self.group = 8 * n_quads if nibbles else 4 * n_quads
+        self.block_bytes = (n_quads + high_bits) * QUAD_BYTES
+
+    def weights(self, builder, codes_ptr, v: int) -> list:
+        """Row vector v's weights of one block as (16 rows x 4 codes, activation word) pairs."""
+        load = lambda q: builder.load(builder.bitcast(
+            builder.gep(codes_ptr, [ir.Constant(_I64, q * QUAD_BYTES + v * 64)]), _BYTES.as_pointer()), align=1)
+        high = load(self.n_quads) if self.high_bits else None
+        pairs = []
+        for q in range(self.n_quads):
+            w = load(q)
+            if not self.nibbles:
+                pairs.append((w, q))
+                continue
+            low, top = builder.and_(w, _bytes(15)), builder.lshr(w, _bytes(4))
+            if high is not None:
+                low = builder.or_(low, _fifth_bit(builder, high, 2 * q))
+                top = builder.or_(top, _fifth_bit(builder, high, 2 * q + 1))
+            pairs += [(low, q), (top, q + 4)]
+        return pairs
+
+
+class _Args:
+    """The chunk kernel's arguments as LLVM values (pointers already advanced to this chunk and token group)."""
+
+    def __init__(self, context, builder, signature, args):
+        data = lambda i: context.make_array(signature.args[i])(context, builder, args[i]).data
+        (_, _, codes_at, _, words_at, self.row_words, _, scale_at, _, _, _, xs_at, code_bias, self.n_blocks,
+         self.n_tokens, self.has_offset) = args
+        self.acc = data(0)
+        self.codes = builder.gep(data(1), [codes_at])
+        self.words = builder.gep(data(3), [words_at])
+        self.scale = builder.gep(data(6), [scale_at])
+        self.offset = builder.gep(data(8), [scale_at])
+        self.scale_half = signature.args[6].dtype == types.uint16
+        self.x_scales = builder.gep(data(9), [xs_at])
+        self.x_code_sums = builder.gep(data(10), [xs_at])
+        self.code_bias = builder.trunc(code_bias, _I32)
+
+
+def _load_scales(builder, ptr, at, half: bool):
+    """16 rows' scales (or offsets) as float32, from float32 or float16 (exact either way)."""
+    kind = ir.VectorType(ir.HalfType(), 16) if half else _FLOATS
+    v = builder.load(builder.bitcast(builder.gep(ptr, [at]), kind.as_pointer()), align=2 if half else 4)
+    return builder.fpext(v, _FLOATS) if half else v
+
+
+def _emit_chunk(builder, a: _Args, layout: _Layout, n_tokens: int, offsets: bool):
+    """The chunk for n_tokens tokens: a loop over blocks with one float accumulator per token and row vector
+    in a register, each block's integer sums scaled into it; then the accumulators stored to a.acc."""
+    entry = builder.block
+    loop = builder.function.append_basic_block("chunk.blocks")
+    done = builder.function.append_basic_block("chunk.stored")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    b = builder.phi(_I64)
+    b.add_incoming(ir.Constant(_I64, 0), entry)
+    acc = [[builder.phi(_FLOATS) for _ in range(ROW_VECTORS)] for _ in range(n_tokens)]
+    for p in (p for row in acc for p in row):
+        p.add_incoming(ir.Constant(_FLOATS, [0.0] * 16), entry)
+    sums = _block_sums(builder, a, layout, b, n_tokens)
+    new = _scaled_into(builder, a, b, sums, acc, offsets)
+    b_next = builder.add(b, ir.Constant(_I64, 1))
+    b.add_incoming(b_next, builder.block)
     for t in range(n_tokens):
         for v in range(ROW_VECTORS):
-            at = builder.gep(sums_ptr, [ir.Constant(_I64, (t * ROW_VECTORS + v) * 16)])
-            builder.store(acc[t][v], builder.bitcast(at, _LANES.as_pointer()), align=4)
+            acc[t][v].add_incoming(new[t][v], builder.block)
+    builder.cbranch(builder.icmp_signed("<", b_next, a.n_blocks), loop, done)
+    builder.position_at_end(done)
+    for t in range(n_tokens):
+        for v in range(ROW_VECTORS):
+            at = builder.gep(a.acc, [ir.Constant(_I64, (t * ROW_VECTORS + v) * 16)])
+            builder.store(new[t][v], builder.bitcast(at, _FLOATS.as_pointer()), align=4)
 
 
-def _block_dots(n_quads: int, nibbles: bool, high_bits: bool = False):
-    """An intrinsic block_dots(sums, codes, codes_at, words, words_at, row_words, n_tokens) for one layout:
-    sums [NT * 64] int32 <- one block of a chunk (codes flat uint8 from codes_at) times n_tokens (1..NT) tokens'
-    activations (words flat int32: 4 bytes each, token t's block from words_at + t * row_words)."""
+def _block_sums(builder, a: _Args, layout: _Layout, b, n_tokens: int) -> list:
+    """Block b's integer dot products, [token][row vector] of 16 int32 lanes."""
+    codes = builder.gep(a.codes, [builder.mul(b, ir.Constant(_I64, layout.block_bytes))])
+    words = builder.gep(a.words, [builder.mul(b, ir.Constant(_I64, layout.group // 4))])
+    sums = [[ir.Constant(_LANES, [0] * 16)] * ROW_VECTORS for _ in range(n_tokens)]
+    for v in range(ROW_VECTORS):
+        for w, xi in layout.weights(builder, codes, v):
+            for t in range(n_tokens):
+                at = builder.add(builder.mul(a.row_words, ir.Constant(_I64, t)), ir.Constant(_I64, xi))
+                sums[t][v] = _dot4(builder, sums[t][v], w, _broadcast(builder, builder.load(builder.gep(words, [at]))))
+    return sums
+
+
+def _scaled_into(builder, a: _Args, b, sums: list, acc: list, offsets: bool) -> list:
+    """acc + block b's sums scaled: fma(o, dx sum c, fma(s dx, sum q c - bias sum c, acc)), per token and row
+    vector, the same operations whatever the token count."""
+    at = [builder.add(builder.mul(b, ir.Constant(_I64, CHUNK)), ir.Constant(_I64, 16 * v)) for v in range(ROW_VECTORS)]
+    scales = [_load_scales(builder, a.scale, i, a.scale_half) for i in at]
+    offs = [_load_scales(builder, a.offset, i, a.scale_half) for i in at] if offsets else None
+    new = []
+    for t, (token_sums, token_acc) in enumerate(zip(sums, acc)):
+        i = builder.add(builder.mul(a.n_blocks, ir.Constant(_I64, t)), b)
+        dx = builder.load(builder.gep(a.x_scales, [i]))
+        code_sum = builder.load(builder.gep(a.x_code_sums, [i]))
+        bias = _splat(builder, builder.mul(a.code_bias, code_sum), _LANES)
+        xs = _splat(builder, builder.fmul(dx, builder.sitofp(code_sum, _F32)), _FLOATS)
+        dxv = _splat(builder, dx, _FLOATS)
+        row = []
+        for v in range(ROW_VECTORS):
+            exact = builder.sitofp(builder.sub(token_sums[v], bias), _FLOATS)
+            value = _fma(builder, builder.fmul(scales[v], dxv), exact, token_acc[v])
+            row.append(_fma(builder, offs[v], xs, value) if offsets else value)
+        new.append(row)
+    return new
+
+
+def _chunk_product(layout: _Layout):
+    """An intrinsic chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset,
+    x_scales, x_code_sums, xs_at, code_bias, n_blocks, n_tokens, has_offset):
+    acc [NT * CHUNK] float32 <- one chunk's rows times n_tokens (1..NT) tokens' activations, summed over
+    all n_blocks blocks: per block, integer dot products scaled by the block's weight and activation scales,
+    sum_k (s (q_k - bias) + o) dx c_k = s dx (sum_k q_k c_k - bias sum_k c_k) + o dx sum_k c_k,
+    with float accumulators kept in registers across the blocks."""
 
     @intrinsic
-    def block_dots(typingctx, sums, codes, codes_at, words, words_at, row_words, n_tokens):
-        sig = types.void(sums, codes, types.int64, words, types.int64, types.int64, types.int64)
+    def chunk_product(typingctx, acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset,
+                      x_scales, x_code_sums, xs_at, code_bias, n_blocks, n_tokens, has_offset):
+        i64 = types.int64
+        sig = types.void(acc, codes, i64, words, i64, i64, scale, i64, offset, x_scales, x_code_sums, i64,
+                         i64, i64, i64, types.boolean)
 
         def codegen(context, builder, signature, args):
-            sums_a, codes_a, codes_at, words_a, words_at, row_words, n = args
-            array = lambda i, value: context.make_array(signature.args[i])(context, builder, value).data
-            sums_ptr = array(0, sums_a)
-            codes_ptr = builder.gep(array(1, codes_a), [codes_at])
-            x_ptr = builder.gep(array(3, words_a), [words_at])
-            done = builder.function.append_basic_block("block_dots.done")
-            switch = builder.switch(n, done)
-            for k in range(1, NT + 1):  # one straight-line body per token count: registers, no loops
-                body = builder.function.append_basic_block(f"block_dots.tokens{k}")
-                switch.add_case(ir.Constant(_I64, k), body)
-                builder.position_at_end(body)
-                _emit_block(builder, sums_ptr, codes_ptr, x_ptr, row_words, k, n_quads, nibbles, high_bits)
-                builder.branch(done)
+            a = _Args(context, builder, signature, args)
+            done = builder.function.append_basic_block("chunk.done")
+            with_offsets = builder.function.append_basic_block("chunk.with_offsets")
+            without = builder.function.append_basic_block("chunk.without_offsets")
+            flag = builder.icmp_unsigned("!=", a.has_offset, ir.Constant(a.has_offset.type, 0))
+            builder.cbranch(flag, with_offsets, without)
+            for offsets, start in ((True, with_offsets), (False, without)):
+                builder.position_at_end(start)
+                cases = builder.switch(a.n_tokens, done)
+                for k in range(1, NT + 1):  # one body per token count: registers, no inner loops
+                    body = builder.function.append_basic_block(f"chunk.tokens{k}")
+                    cases.add_case(ir.Constant(_I64, k), body)
+                    builder.position_at_end(body)
+                    _emit_chunk(builder, a, layout, k, offsets)
+                    builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    return block_dots
+    return chunk_product
 
 
-block_dots_u4 = _block_dots(4, nibbles=True)  # 32 columns of 4-bit codes
-block_dots_u5 = _block_dots(4, nibbles=True, high_bits=True)  # 32 columns of 5-bit codes (Q5_0, Q5_1, Q5_K)
-block_dots_q8_32 = _block_dots(8, nibbles=False)  # 32 columns of byte codes
-block_dots_q8_16 = _block_dots(4, nibbles=False)  # 16 columns of byte codes (Q6_K, Q2_K, Q3_K)
+U4, U5, Q8_32, Q8_16 = _Layout(4, True), _Layout(4, True, True), _Layout(8, False), _Layout(4, False)
+chunk_product_u4 = _chunk_product(U4)  # 32 columns of 4-bit codes
+chunk_product_u5 = _chunk_product(U5)  # 32 columns of 5-bit codes (Q5_0, Q5_1, Q5_K)
+chunk_product_q8_32 = _chunk_product(Q8_32)  # 32 columns of byte codes
+chunk_product_q8_16 = _chunk_product(Q8_16)  # 16 columns of byte codes (Q6_K, Q2_K, Q3_K)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .int8_dot import NT, QUAD_BYTES, block_dots_q8_16, block_dots_q8_32, block_dots_u4, block_dots_u5
+from .int8_dot import NT, chunk_product_q8_16, chunk_product_q8_32, chunk_product_u4, chunk_product_u5
 from .jit import as_f32, exact_kernel, fma, kernel
 from .repack import CHUNK, LaneMatrix
 
@@ -54,73 +54,56 @@ def quantize_activations(x, group):
 
 
 @exact_kernel
-def _block_scales(scale, offset, c, b, s, o):
-    """A block's scales and offsets for one chunk into float32 s and o (o stays zero where a type has none)."""
-    for i in range(CHUNK):
-        s[i] = as_f32(scale[c, b, i])
-    if offset.shape[1] > 0:
-        for i in range(CHUNK):
-            o[i] = as_f32(offset[c, b, i])
-
-
-@exact_kernel
-def _block_dots(sums, flat_codes, codes_at, words, words_at, row_words, n, group, n_quads):
+def _chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset, x_scales,
+                   x_code_sums, xs_at, code_bias, n_blocks, n, group, n_quads):
+    args = (acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset, x_scales, x_code_sums,
+            xs_at, code_bias, n_blocks, n, offset.size > 0)
     if n_quads == 5:
-        block_dots_u5(sums, flat_codes, codes_at, words, words_at, row_words, n)
+        chunk_product_u5(*args)
     elif group == 8 * n_quads:
-        block_dots_u4(sums, flat_codes, codes_at, words, words_at, row_words, n)
+        chunk_product_u4(*args)
     elif n_quads == 8:
-        block_dots_q8_32(sums, flat_codes, codes_at, words, words_at, row_words, n)
+        chunk_product_q8_32(*args)
     else:
-        block_dots_q8_16(sums, flat_codes, codes_at, words, words_at, row_words, n)
+        chunk_product_q8_16(*args)
 
 
 @exact_kernel(parallel=True)
 def batch_int8(out, codes, scale, offset, code_bias, group, words, x_scales, x_code_sums, n_threads):
     """out [n_tokens, n_rows] = x W^T from the activations' int8 codes (words: 4 per int32) and quantized weights.
 
-    Each thread takes an even share of the chunks of rows (its scratch arrays allocated once, not per chunk:
-    7-30% faster decoding) and keeps a float accumulator per row and token. Per block, the integer
-    dot products of up to NT tokens at a time (int8_dot) are scaled into the accumulators:
-    sum_k (s (q_k - bias) + o) dx c_k = s dx (sum_k q_k c_k - bias sum_k c_k) + o dx sum_k c_k,
-    with c the activation codes and dx their scale: exactly the product with the quantized inputs, up to
-    float rounding. Every token's arithmetic is the same whatever else is in
-    the batch, so its outputs are bit-identical alone or in any batch."""
+    Each thread takes an even share of the chunks of rows; per chunk, up to NT tokens at a time go through
+    int8_dot's chunk product, which keeps a float accumulator per row and token in registers over all the
+    blocks. Every token's arithmetic is the same whatever else is in the batch, so its outputs are
+    bit-identical alone or in any batch."""
     n_tokens, row_words = words.shape
     n_chunks, n_blocks, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
     flat_codes, flat_words = codes.reshape(-1), words.reshape(-1)
-    block_bytes = n_quads * QUAD_BYTES
+    flat_scale, flat_offset = scale.reshape(-1), offset.reshape(-1)
+    flat_x_scales, flat_x_sums = x_scales.reshape(-1), x_code_sums.reshape(-1)
+    chunk_bytes = codes[0].size
     n_parts = min(n_threads, n_chunks)  # n_threads from the caller: numba.get_num_threads() here defeats caching
     for part in numba.prange(n_parts):
-        acc = np.empty((n_tokens, CHUNK), np.float32)
-        sums = np.empty(NT * CHUNK, np.int32)
-        s, o = np.empty(CHUNK, np.float32), np.zeros(CHUNK, np.float32)
+        acc = np.empty((NT, CHUNK), np.float32)
         for c in range(part * n_chunks // n_parts, (part + 1) * n_chunks // n_parts):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                _block_scales(scale, offset, c, b, s, o)
-                t = 0
-                while t < n_tokens:
-                    n = min(NT, n_tokens - t)
-                    _block_dots(sums, flat_codes, (c * n_blocks + b) * block_bytes, flat_words,
-                                t * row_words + b * (group // 4), row_words, n, group, n_quads)
-                    for k in range(n):
-                        a, dx, code_sum = acc[t + k], x_scales[t + k, b], x_code_sums[t + k, b]
-                        xs, bias = dx * np.float32(code_sum), np.int32(code_bias * code_sum)  # int32: full-width lanes
-                        for i in range(CHUNK):
-                            a[i] = fma(o[i], xs, fma(s[i] * dx, np.float32(sums[k * CHUNK + i] - bias), a[i]))
-                    t += n
-            _store(out, c, acc)
+            t = 0
+            while t < n_tokens:
+                n = min(NT, n_tokens - t)
+                _chunk_product(acc.reshape(-1), flat_codes, c * chunk_bytes, flat_words, t * row_words, row_words,
+                               flat_scale, c * n_blocks * CHUNK, flat_offset, flat_x_scales, flat_x_sums,
+                               t * n_blocks, code_bias, n_blocks, n, group, n_quads)
+                _store(out, c, t, n, acc)
+                t += n
 
 
 @exact_kernel
-def _store(out, c, acc):
-    """Write a chunk's accumulators [n_tokens, CHUNK] to out, leaving out the padding rows past the end."""
+def _store(out, c, t0, n_tokens, acc):
+    """Write tokens t0.. of a chunk's accumulators [n_tokens, CHUNK] to out, leaving out the padding rows."""
     lo = c * CHUNK
     n = min(CHUNK, out.shape[1] - lo)
-    for t in range(out.shape[0]):
+    for t in range(n_tokens):
         for i in range(n):
-            out[t, lo + i] = acc[t, i]
+            out[t0 + t, lo + i] = acc[t, i]
 
 
 @exact_kernel(parallel=True)
@@ -138,7 +121,7 @@ def batch_f32(out, w, x):
                 a, xv = acc[t], x[t, k]
                 for i in range(CHUNK):
                     a[i] = fma(wk[i], xv, a[i])
-        _store(out, c, acc)
+        _store(out, c, 0, n_tokens, acc)
 
 
 def matvec(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from ..formats.ggml_types import GGMLType
 from ..formats.quants import dequantize
 from .jit import F16_TABLE, kernel, readonly
 
-CHUNK = 64  # output rows per chunk: the lanes a kernel's inner loop runs over
+CHUNK = 32  # output rows per chunk: the lanes a kernel's inner loop runs over
 
 
 @dataclass
