@@ -69,13 +69,16 @@ def _chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scal
 
 
 @exact_kernel(parallel=True)
-def batch_int8(out, codes, scale, offset, code_bias, group, words, x_scales, x_code_sums, n_threads):
-    """out [n_tokens, n_rows] = x W^T from the activations' int8 codes (words: 4 per int32) and quantized weights.
+def batch_int8(out, codes, scale, offset, code_bias, group, x, n_threads):
+    """out [n_tokens, n_rows] = x W^T for quantized weights, the inputs x quantized to 8 bits here (one call,
+    not two: a call costs microseconds, and decoding makes over a hundred per token).
 
     Each thread takes an even share of the chunks of rows; per chunk, up to NT tokens at a time go through
     int8_dot's chunk product, which keeps a float accumulator per row and token in registers over all the
     blocks. Every token's arithmetic is the same whatever else is in the batch, so its outputs are
     bit-identical alone or in any batch."""
+    x_codes, x_scales, x_code_sums = quantize_activations(x, group)
+    words = x_codes.view(np.int32)  # 4 activation codes per int32
     n_tokens, row_words = words.shape
     n_chunks, n_blocks, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
     flat_codes, flat_words = codes.reshape(-1), words.reshape(-1)
@@ -134,9 +137,7 @@ def _batch_product(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> None:
     if w.kind == "f32":
         batch_f32(out, w.codes, x)
         return
-    codes, scales, code_sums = quantize_activations(x, w.group)
-    batch_int8(out, w.codes, w.scale, w.offset, w.code_bias, w.group, codes.view(np.int32), scales, code_sums,
-               numba.get_num_threads())
+    batch_int8(out, w.codes, w.scale, w.offset, w.code_bias, w.group, x, numba.get_num_threads())
 
 
 # ------------------------------------------------------------------------------------- prefill
