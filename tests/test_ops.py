@@ -12,7 +12,7 @@ from llamba.formats.quants import dequantize
 from llamba.ops import activations
 from llamba.ops.attention import attention_chain, attention_listed
 from llamba.ops.matmul import SMALL_BATCH, gather_rows, matmul, matvec
-from llamba.ops.norm import rmsnorm
+from llamba.ops.norm import all_finite, rmsnorm
 from llamba.ops.repack import SUPPORTED, concat_rows, lanes_to_float, to_lanes
 from llamba.ops.rope import RopeConfig, rope_inplace, rope_tables
 from tests import reference
@@ -91,6 +91,16 @@ def test_rmsnorm():
     out = np.empty_like(x)
     rmsnorm(out, x, w, 1e-6)
     np.testing.assert_allclose(out, reference.rmsnorm(x.astype(np.float64), w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_all_finite_agrees_with_numpy():
+    x = (RNG.standard_normal((3, 640)) * 1e37).astype(np.float32)  # huge but finite: no overflow in the check
+    assert all_finite(x) and np.isfinite(x).all()
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in ((0, 0), (1, 321), (2, 639)):
+            y = x.copy()
+            y[where] = bad
+            assert not all_finite(y)
 
 
 @pytest.mark.parametrize("neox", [False, True])

@@ -22,6 +22,15 @@ KV_TYPES = ("f32", "f16")
 SPARE_CELLS = 64  # beyond n_ctx: a tree of guesses can hold several tokens at one position
 
 
+@kernel
+def _write_cells(dst, cells, src):
+    """dst[h, cells[t]] = src[t, h] (a loop: NumPy's fancy-index assignment costs several microseconds a
+    call, and decoding makes two per layer per token)."""
+    for t in range(src.shape[0]):
+        for h in range(src.shape[1]):
+            dst[h, cells[t]] = src[t, h]
+
+
 class KVCache:
     """Keys and values [n_layer][n_head_kv, n_cells, head_dim] with per-cell position and sequence mask.
 
@@ -139,8 +148,8 @@ class KVCache:
 
     def store(self, layer: int, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Write k, v [n_tokens, n_head_kv, head_dim] float32 into the given cells."""
-        self.k[layer][:, cells] = self._stored(k.transpose(1, 0, 2))
-        self.v[layer][:, cells] = self._stored(v.transpose(1, 0, 2))
+        _write_cells(self.k[layer], cells, self._stored(k))
+        _write_cells(self.v[layer], cells, self._stored(v))
 
     def _stored(self, x: np.ndarray) -> np.ndarray:
         return x if self.kv_type == "f32" else x.astype(np.float16).view(np.uint16)
