@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import pytest
 
@@ -91,6 +92,17 @@ def test_rmsnorm():
     out = np.empty_like(x)
     rmsnorm(out, x, w, 1e-6)
     np.testing.assert_allclose(out, reference.rmsnorm(x.astype(np.float64), w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_exp_is_within_a_few_ulps_of_numpy():
+    from llamba.ops.jit import softmax_exp
+
+    exp = numba.njit(lambda a: np.array([softmax_exp(v) for v in a], np.float32))
+    x = np.concatenate([-np.logspace(-8, np.log10(86.9), 20000), [0.0, -0.0]]).astype(np.float32)
+    expected = np.exp(x.astype(np.float64))
+    assert (np.abs(exp(x) - expected) <= 3e-7 * expected).all()
+    tail = exp(np.float32([-87.5, -1000, -np.inf, np.nan]))
+    assert (tail[:3] < 2e-38).all() and np.isnan(tail[3])  # nothing against the largest score's exp(0) = 1
 
 
 def test_all_finite_agrees_with_numpy():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .jit import as_f32, kernel
+from .jit import as_f32, kernel, softmax_exp
 
 QUERY_BLOCK = 32  # prefill queries per BLAS call: a block skips the keys none of its queries can see
 
@@ -49,7 +49,7 @@ def attention_listed(out, q, k_cache, v_cache, visible, counts, cell_pos, q_pos,
             best = max(best, s)
         total = np.float32(0.0)
         for j in range(n_keys):
-            scores[j] = np.exp(scores[j] - best)
+            scores[j] = softmax_exp(scores[j] - best)
             total += scores[j]
         acc = np.zeros(head_dim, np.float32)
         for j in range(n_keys):
