@@ -3,7 +3,8 @@
 Each query comes with the list of cells it sees, in position order (see `runtime/kv_cache.py`). Small batches
 (decoding, verifying guesses, several sequences) run one Numba kernel, parallel over (query, head); a query's
 arithmetic depends only on its own list, so it is the same alone or in any batch. Long prompts run blocks of
-queries through BLAS per KV head: scores = Q K^T over the keys the block can see, masked, softmaxed, times V.
+queries per head through matmul's register-blocked float loop: scores = Q K^T over the keys the block can see,
+masked, softmaxed, times V, in parallel over blocks and heads.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import numba
 import numpy as np
 
 from .jit import as_f32, kernel, softmax_exp
+from .matmul import _chunk_times_x
+from .repack import CHUNK
 
-QUERY_BLOCK = 32  # prefill queries per BLAS call: a block skips the keys none of its queries can see
+QUERY_BLOCK = 32  # prefill queries per block: a block skips the keys none of its queries can see
 
 
 @kernel(parallel=True)
@@ -64,42 +67,66 @@ def attention_chain(out, q, k_cache, v_cache, keys: np.ndarray, key_pos: np.ndar
                     scale, window: int, softcap) -> np.ndarray:
     """Long prompts: queries that each see the cells `keys` (in position order) up to their own position.
 
-    keys [n_keys] are the sequence's cached cells followed by the batch's own; key_pos their positions."""
-    contiguous = len(keys) and keys[-1] - keys[0] + 1 == len(keys) and (np.diff(keys) == 1).all()
-    if contiguous:  # a view, no copy: the usual case of one conversation
-        k_rows, v_rows = k_cache[:, keys[0] : keys[-1] + 1], v_cache[:, keys[0] : keys[-1] + 1]
-    else:
-        k_rows, v_rows = k_cache[:, keys], v_cache[:, keys]
-    for t0 in range(0, q.shape[0], QUERY_BLOCK):
-        t1 = min(q.shape[0], t0 + QUERY_BLOCK)
-        _attend_block(out, q, k_rows, v_rows, key_pos, q_pos, t0, t1, scale, window, softcap)
+    keys [n_keys] are the sequence's cached cells followed by the batch's own; key_pos their positions.
+    The keys (and the values, transposed) are copied out once as float32, padded to whole chunks, so that
+    each block of queries is two register-blocked products (matmul's prefill loop), in parallel over
+    blocks and heads."""
+    n_kv, head_dim = k_cache.shape[0], k_cache.shape[2]
+    padded_dim = -(-head_dim // CHUNK) * CHUNK
+    keys_f = np.zeros((n_kv, len(keys) + CHUNK, head_dim), np.float32)
+    keys_f[:, : len(keys)] = _floats(k_cache[:, keys])
+    values_t = np.zeros((n_kv, padded_dim, len(keys)), np.float32)
+    values_t[:, :head_dim] = _floats(v_cache[:, keys]).transpose(0, 2, 1)
+    _attend_chain(out, q, keys_f, values_t, key_pos, q_pos, scale, window, softcap)
     return out
 
 
-def _attend_block(out, q, k_rows, v_rows, key_pos, q_pos, t0: int, t1: int, scale, window: int, softcap) -> None:
-    """Queries t0..t1 through BLAS, per KV head, over only the keys some query of the block sees."""
-    n_kv = k_rows.shape[0]
-    group = q.shape[1] // n_kv
-    qp = q_pos[t0:t1, None]
-    lo = int(np.searchsorted(key_pos, q_pos[t0] - window + 1)) if window > 0 else 0
-    hi = int(np.searchsorted(key_pos, q_pos[t1 - 1], side="right"))
-    kp = key_pos[None, lo:hi]
-    hidden = kp > qp
-    if window > 0:
-        hidden |= qp - kp >= window
-    for kv in range(n_kv):
-        queries = q[t0:t1, kv * group : (kv + 1) * group].transpose(1, 0, 2)  # [group, block, head_dim]
-        scores = queries @ _floats(k_rows[kv, lo:hi]).T  # [group, block, n_keys]
-        scores *= np.float32(scale)
-        if softcap > 0:
-            scores /= np.float32(softcap)
-            np.tanh(scores, out=scores)
-            scores *= np.float32(softcap)
-        scores[:, hidden] = -np.inf
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out[t0:t1, kv * group : (kv + 1) * group] = (scores @ _floats(v_rows[kv, lo:hi])).transpose(1, 0, 2)
+@kernel(parallel=True)
+def _attend_chain(out, q, keys, values_t, key_pos, q_pos, scale, window, softcap):
+    """Per block of QUERY_BLOCK queries and head: scores = Q K^T over the keys some query of the block sees,
+    masked and softmaxed by row, then out = P V (as P times the rows of V^T)."""
+    n_tokens, n_head, head_dim = q.shape
+    group = n_head // keys.shape[0]
+    n_blocks = (n_tokens + QUERY_BLOCK - 1) // QUERY_BLOCK
+    for job in numba.prange(n_blocks * n_head):
+        b, h = job // n_head, job % n_head
+        kv = h // group
+        t0, t1 = b * QUERY_BLOCK, min(n_tokens, (b + 1) * QUERY_BLOCK)
+        lo = np.searchsorted(key_pos, q_pos[t0] - window + 1) if window > 0 else 0
+        hi = np.searchsorted(key_pos, q_pos[t1 - 1] + 1)
+        queries = np.ascontiguousarray(q[t0:t1, h])
+        scores = np.empty((t1 - t0, hi - lo), np.float32)
+        for c0 in range(0, hi - lo, CHUNK):
+            _chunk_times_x(scores, queries, np.ascontiguousarray(keys[kv, lo + c0 : lo + c0 + CHUNK]), c0)
+        _softmax_rows(scores, key_pos[lo:hi], q_pos[t0:t1], scale, window, softcap)
+        mixed = np.empty((t1 - t0, head_dim), np.float32)
+        for d0 in range(0, head_dim, CHUNK):
+            _chunk_times_x(mixed, scores, np.ascontiguousarray(values_t[kv, d0 : d0 + CHUNK, lo:hi]), d0)
+        for t in range(t1 - t0):
+            for d in range(head_dim):
+                out[t0 + t, h, d] = mixed[t, d]
+
+
+@kernel
+def _softmax_rows(scores, key_pos, q_pos, scale, window, softcap):
+    """Each row's softmax over the keys its query sees (position not after its own, within the window);
+    the others get 0."""
+    for t in range(scores.shape[0]):
+        row = scores[t]
+        best = -np.inf
+        for j in range(row.size):
+            seen = key_pos[j] <= q_pos[t] and (window <= 0 or q_pos[t] - key_pos[j] < window)
+            s = row[j] * scale
+            if softcap > 0:
+                s = softcap * np.tanh(s / softcap)
+            row[j] = s if seen else -np.inf
+            best = max(best, row[j])
+        total = np.float32(0.0)
+        for j in range(row.size):
+            row[j] = softmax_exp(row[j] - best) if row[j] > -np.inf else np.float32(0.0)
+            total += row[j]
+        for j in range(row.size):  # a NaN score leaves no key weighted: NaN out, which stops the model
+            row[j] = row[j] / total if total > 0 else np.float32(np.nan)
 
 
 def _floats(cached: np.ndarray) -> np.ndarray:
