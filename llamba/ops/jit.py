@@ -66,7 +66,7 @@ def kernels_compiled() -> bool:
 
 
 @intrinsic
-def _bitcast_f32(typingctx, bits):
+def bitcast_f32(typingctx, bits):
     """Reinterpret a uint32's bits as a float32 (Numba has no scalar view)."""
     sig = types.float32(types.uint32)
 
@@ -108,7 +108,7 @@ def softmax_exp(x):
     c0, c1, c2, c3, c4, c5 = _EXP_POLY
     p = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
     p = p * r * r + r + np.float32(1.0)
-    return p * _bitcast_f32(np.uint32(np.int32(n) + 127) << np.uint32(23))
+    return p * bitcast_f32(np.uint32(np.int32(n) + 127) << np.uint32(23))
 
 
 _F16_EXPONENT_SHIFT = np.float32(2.0**112)  # moves an f16 exponent, placed in an f32, to its f32 value
@@ -119,7 +119,7 @@ def f16_bits_to_f32(h):
     """float16 bits -> float32, exact for every finite value (subnormals too); vectorizes, unlike a table."""
     h32 = np.uint32(h)
     bits = ((h32 & np.uint32(0x8000)) << np.uint32(16)) | ((h32 & np.uint32(0x7FFF)) << np.uint32(13))
-    return _bitcast_f32(bits) * _F16_EXPONENT_SHIFT
+    return bitcast_f32(bits) * _F16_EXPONENT_SHIFT
 
 
 def as_f32(x):

@@ -16,41 +16,50 @@ import numba
 import numpy as np
 
 from .int8_dot import NT, chunk_product_q8_16, chunk_product_q8_32, chunk_product_u4, chunk_product_u5
-from .jit import as_f32, exact_kernel, fma, kernel
+from .jit import bitcast_f32, as_f32, exact_kernel, fma, kernel
 from .repack import CHUNK, LaneMatrix
 
 SMALL_BATCH = 64  # tokens per kernel call: their accumulators stay in L1
+PARALLEL_QUANTIZE = 8  # tokens from which the inputs are quantized in parallel (a parallel region costs microseconds)
 
 
-@exact_kernel
+@exact_kernel(parallel=True)
 def quantize_activations(x, group):
     """Each token's inputs in blocks of `group` as int8 codes, round(x * 127 / max|x|), with per block the scale
     max|x| / 127 and the codes' sum (for offsets and code biases). A token's codes depend on its inputs alone,
     as llama.cpp's q8_0 do."""
     n_tokens, n_cols = x.shape
-    n_blocks = n_cols // group
     codes = np.empty((n_tokens, n_cols), np.int8)
-    scales = np.empty((n_tokens, n_blocks), np.float32)
-    code_sums = np.empty((n_tokens, n_blocks), np.int32)
-    for t in range(n_tokens):
-        for b in range(n_blocks):
-            block = x[t, b * group : (b + 1) * group]
-            top = np.float32(0.0)
-            for j in range(group):
-                v = abs(block[j])
-                if v > top:
-                    top = v
-                elif v != v:  # NaN: keep it in the scale, so the product is NaN and the model stops (max() drops it)
-                    top = np.float32(np.nan)
-                    break
-            inverse = np.float32(127.0) / top if top > 0 else np.float32(0.0)
-            code_sum = 0
-            for j in range(group):
-                q = np.int32(np.rint(block[j] * inverse))
-                codes[t, b * group + j] = q
-                code_sum += q
-            scales[t, b], code_sums[t, b] = top / np.float32(127.0), code_sum
+    scales = np.empty((n_tokens, n_cols // group), np.float32)
+    code_sums = np.empty((n_tokens, n_cols // group), np.int32)
+    if n_tokens >= PARALLEL_QUANTIZE:
+        for t in numba.prange(n_tokens):
+            _quantize_token(x[t], group, codes[t], scales[t], code_sums[t])
+    else:
+        for t in range(n_tokens):
+            _quantize_token(x[t], group, codes[t], scales[t], code_sums[t])
     return codes, scales, code_sums
+
+
+@exact_kernel
+def _quantize_token(x, group, codes, scales, code_sums):
+    """One token's inputs x [n_cols] into codes, scales and code sums. max|x| is taken on the float bits as
+    integers (for non-negative floats their order is the bits' order), which vectorizes where a float max
+    does not, and keeps a NaN (its bits are above infinity's) so the product is NaN and the model stops."""
+    bits = x.view(np.int32)
+    for b in range(scales.size):
+        start = np.uint64(b * group)  # unsigned indices: no negative-index wrap-around, which stops SIMD
+        top_bits = np.int32(0)
+        for j in range(np.uint64(group)):
+            top_bits = max(top_bits, bits[start + j] & np.int32(0x7FFFFFFF))
+        top = bitcast_f32(np.uint32(top_bits))
+        inverse = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+        code_sum = np.int32(0)
+        for j in range(np.uint64(group)):
+            q = np.int32(np.rint(x[start + j] * inverse))
+            codes[start + j] = q
+            code_sum += q
+        scales[b], code_sums[b] = top / np.float32(127.0), code_sum
 
 
 @exact_kernel
