@@ -28,8 +28,7 @@ _limit = 1
 def set_threads(n: int | None) -> int:
     """Use at most n threads for the kernels (default: every core); returns the limit in force.
 
-    BLAS stays on one thread: it only runs prefill attention's small products, where its threads would spin
-    against Numba's and cost more than they give."""
+    BLAS stays on one thread: no hot path uses it, and its threads would spin against Numba's."""
     global _limit
     n = n or os.cpu_count() or 1
     _limit = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
