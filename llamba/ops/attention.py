@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from .jit import as_f32, kernel, softmax_exp
-from .matmul import _chunk_times_x
+from .matmul import chunk_times_x
 from .repack import CHUNK
 
 QUERY_BLOCK = 32  # prefill queries per block: a block skips the keys none of its queries can see
@@ -97,11 +97,11 @@ def _attend_chain(out, q, keys, values_t, key_pos, q_pos, scale, window, softcap
         queries = np.ascontiguousarray(q[t0:t1, h])
         scores = np.empty((t1 - t0, hi - lo), np.float32)
         for c0 in range(0, hi - lo, CHUNK):
-            _chunk_times_x(scores, queries, np.ascontiguousarray(keys[kv, lo + c0 : lo + c0 + CHUNK]), c0)
+            chunk_times_x(scores, queries, np.ascontiguousarray(keys[kv, lo + c0 : lo + c0 + CHUNK]), c0)
         _softmax_rows(scores, key_pos[lo:hi], q_pos[t0:t1], scale, window, softcap)
         mixed = np.empty((t1 - t0, head_dim), np.float32)
         for d0 in range(0, head_dim, CHUNK):
-            _chunk_times_x(mixed, scores, np.ascontiguousarray(values_t[kv, d0 : d0 + CHUNK, lo:hi]), d0)
+            chunk_times_x(mixed, scores, np.ascontiguousarray(values_t[kv, d0 : d0 + CHUNK, lo:hi]), d0)
         for t in range(t1 - t0):
             for d in range(head_dim):
                 out[t0 + t, h, d] = mixed[t, d]

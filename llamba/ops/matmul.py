@@ -168,7 +168,7 @@ def _add_column(acc, t, r, s0, s1, s2, s3, s4, s5, s6, s7):
 
 
 @kernel
-def _chunk_times_x(out, x, w, r0):
+def chunk_times_x(out, x, w, r0):
     """out[t, r0 + r] = x[t] . w[r] for one chunk's float rows w [CHUNK, n_cols] (rows past out's end skipped).
 
     Register blocking: 8 tokens x 2 rows of scalar sums, written out, which LLVM keeps in 16 vector registers
@@ -233,7 +233,7 @@ def _chunk_times_x(out, x, w, r0):
 @kernel(parallel=True)
 def matmul_f32(out, x, w):
     for c in numba.prange(w.shape[0]):
-        _chunk_times_x(out, x, np.ascontiguousarray(w[c].T), c * CHUNK)
+        chunk_times_x(out, x, np.ascontiguousarray(w[c].T), c * CHUNK)
 
 
 def matmul(x: np.ndarray, w: LaneMatrix, out: np.ndarray | None = None) -> np.ndarray:
