@@ -55,7 +55,7 @@ def _timed(fn) -> float:
 def weight_bytes(llm: Llama) -> dict[str, int]:
     model = llm.model
     matrices = [model.output] + [w for layer in model.layers
-                                 for w in [*layer.wqkv, layer.wo, *layer.w_gate_up, layer.w_down]]
+                                 for w in layer.matrices]
     per_token = sum(w.nbytes for w in matrices)
     resident = per_token + (model.tok_embd.nbytes if model.tok_embd is not model.output else 0)
     tensors = model.gguf.tensors

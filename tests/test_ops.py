@@ -14,7 +14,7 @@ from llamba.ops import activations
 from llamba.ops.attention import attention_chain, attention_listed
 from llamba.ops.matmul import SMALL_BATCH, gather_rows, matmul, matvec
 from llamba.ops.norm import all_finite, rmsnorm
-from llamba.ops.repack import SUPPORTED, concat_rows, lanes_to_float, to_lanes
+from llamba.ops.repack import SUPPORTED, concat_rows, into_one_buffer, lanes_to_float, to_lanes
 from llamba.ops.rope import RopeConfig, rope_inplace, rope_tables
 from tests import reference
 from tests.blocks import random_blocks
@@ -72,6 +72,21 @@ def test_batch_kernels_are_batch_invariant(type_name):
     for k in (1, 2, 3, 8, 17, 64):
         for start in (0, SMALL_BATCH - k):
             assert np.array_equal(matmul(x[start : start + k], lanes), alone[start : start + k]), (k, start)
+
+
+def test_weights_moved_into_one_buffer_compute_the_same():
+    mats = [to_lanes(_random_matrix(t, 96, 256)[0], ggml_type(t), 256) for t in ("Q4_1", "Q6_K", "Q8_0", "F16")]
+    x = RNG.standard_normal((3, 256)).astype(np.float32)
+    before = [matmul(x, w) for w in mats]
+    into_one_buffer(mats + [mats[0]])  # a matrix listed twice (a tied embedding) is moved once
+    for w, expected in zip(mats, before):
+        assert np.array_equal(matmul(x, w), expected)
+    def root(a):
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        return id(a)
+
+    assert len({root(a) for w in mats for a in (w.codes, w.scale, w.offset) if a.size}) == 1  # one mapping
 
 
 def test_concat_rows_only_when_layouts_agree():

@@ -24,7 +24,7 @@ from ..ops.activations import geglu_tanh, softcap, swiglu
 from ..ops.attention import attention_chain, attention_listed
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.norm import all_finite, rmsnorm
-from ..ops.repack import LaneMatrix, concat_rows, to_lanes
+from ..ops.repack import LaneMatrix, concat_rows, into_one_buffer, to_lanes
 from ..ops.rope import rope_inplace, rope_tables
 from ..ops.threads import ThreadGovernor
 from ..runtime.batch import Batch
@@ -45,6 +45,10 @@ class Layer:
     attn_post_norm: np.ndarray | None = None
     ffn_post_norm: np.ndarray | None = None
 
+    @property
+    def matrices(self) -> list[LaneMatrix]:
+        return [*self.wqkv, self.wo, *self.w_gate_up, self.w_down]
+
 
 class Transformer:
     """A loaded model: `forward(batch, cache)` returns logits for the batch rows that want them."""
@@ -58,6 +62,7 @@ class Transformer:
         self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab) if has_output else self.tok_embd
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
         self.threads = ThreadGovernor()  # how many threads each forward uses, by measurement
+        into_one_buffer([self.tok_embd, self.output] + [w for layer in self.layers for w in layer.matrices])
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
         _return_freed_memory()
 

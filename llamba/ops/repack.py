@@ -26,6 +26,7 @@ The layout is built once at load, in parallel.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numba
@@ -389,6 +390,44 @@ def lanes_to_float(w: LaneMatrix) -> np.ndarray:
             vals = vals + _scales_f32(w.offset)[:, :, None, :]
         vals = vals.reshape(vals.shape[0], -1, CHUNK)
     return vals.transpose(0, 2, 1).reshape(-1, w.n_cols)[: w.n_rows].copy()
+
+
+def into_one_buffer(matrices: list[LaneMatrix]) -> None:
+    """Move the matrices' arrays into one anonymous mapping marked for 2 MB pages (in place; shared arrays
+    once). Decoding streams every weight once per token: with 4 KB pages that is a TLB miss every 4 KB, and
+    only arrays of 4 MB and more got huge pages from NumPy (26 of SmolLM2's 96 MB). In one buffer all of them
+    do, and decoding ran 5-15% faster. Each array is copied and its old memory freed in turn, so the peak
+    stays near one copy of the weights."""
+    holders: dict[int, list[tuple[LaneMatrix, str]]] = {}  # array id -> where it is held (a tied embedding
+    arrays: dict[int, np.ndarray] = {}  #                      is the output too: one copy)
+    for w in matrices:
+        for name in ("codes", "scale", "offset"):
+            if (a := getattr(w, name)).size:
+                arrays[id(a)] = a
+                holders.setdefault(id(a), []).append((w, name))
+    aligned = lambda n: -(-n // 64) * 64
+    size = sum(aligned(a.nbytes) for a in arrays.values())
+    if not size:
+        return
+    buffer, at = _huge_page_buffer(size), 0
+    for key in list(arrays):
+        a = arrays.pop(key)
+        moved = buffer[at : at + a.nbytes].view(a.dtype).reshape(a.shape)
+        moved[...] = a
+        for w, name in holders[key]:
+            setattr(w, name, moved)
+        at += aligned(a.nbytes)
+        del a  # the last reference: its memory goes back before the next array is copied
+
+
+def _huge_page_buffer(size: int) -> np.ndarray:
+    """size bytes of private anonymous memory the kernel is asked to back with 2 MB pages (Linux; elsewhere,
+    or without mmap's flags, ordinary memory). Private: shared anonymous memory gets no transparent huge pages."""
+    if not (hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MADV_HUGEPAGE")):
+        return np.empty(size, np.uint8)
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(mapping, np.uint8)
 
 
 def concat_rows(parts: list[LaneMatrix]) -> LaneMatrix | None:
