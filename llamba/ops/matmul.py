@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from .int8_dot import NT, chunk_product_q8_16, chunk_product_q8_32, chunk_product_u4, chunk_product_u5
-from .jit import bitcast_f32, as_f32, exact_kernel, fma, kernel
+from .jit import as_f32, bitcast_f32, exact_kernel, fma, kernel
 from .repack import CHUNK, LaneMatrix
 
 SMALL_BATCH = 64  # tokens per kernel call: their accumulators stay in L1
@@ -65,6 +65,7 @@ def _quantize_token(x, group, codes, scales, code_sums):
 @exact_kernel
 def _chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset, x_scales,
                    x_code_sums, xs_at, code_bias, n_blocks, n, group, n_quads):
+    """int8_dot's chunk product for the weights' layout, told apart by quads per block and group."""
     args = (acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset, x_scales, x_code_sums,
             xs_at, code_bias, n_blocks, n, offset.size > 0)
     if n_quads == 5:
