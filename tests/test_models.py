@@ -95,7 +95,7 @@ def test_unknown_architecture_names_the_supported_ones(tmp_path):
 def test_float16_kv_cache_stays_close(tiny):
     model, reference = tiny
     expected = reference.forward(TOKENS, kv_type="f16")
-    for n_prefill in (len(TOKENS), 3):  # the BLAS prefill path, and decode steps over a half-float cache
+    for n_prefill in (len(TOKENS), 3):  # the blocked prefill path, and decode steps over a half-float cache
         cache = KVCache.for_model(model.hp, 64, kv_type="f16")
         model.forward_tokens(TOKENS[:n_prefill], 0, cache)
         logits = None

@@ -12,6 +12,7 @@ from llamba.formats.ggml_types import ggml_type
 from llamba.formats.quants import dequantize
 from llamba.ops import activations
 from llamba.ops.attention import attention_chain, attention_listed
+from llamba.ops.jit import softmax_exp
 from llamba.ops.matmul import SMALL_BATCH, gather_rows, matmul, matvec
 from llamba.ops.norm import all_finite, rmsnorm
 from llamba.ops.repack import SUPPORTED, concat_rows, into_one_buffer, lanes_to_float, to_lanes
@@ -81,6 +82,7 @@ def test_weights_moved_into_one_buffer_compute_the_same():
     into_one_buffer(mats + [mats[0]])  # a matrix listed twice (a tied embedding) is moved once
     for w, expected in zip(mats, before):
         assert np.array_equal(matmul(x, w), expected)
+
     def root(a):
         while isinstance(a, np.ndarray) and a.base is not None:
             a = a.base
@@ -110,8 +112,6 @@ def test_rmsnorm():
 
 
 def test_softmax_exp_is_within_a_few_ulps_of_numpy():
-    from llamba.ops.jit import softmax_exp
-
     exp = numba.njit(lambda a: np.array([softmax_exp(v) for v in a], np.float32))
     x = np.concatenate([-np.logspace(-8, np.log10(86.9), 20000), [0.0, -0.0]]).astype(np.float32)
     expected = np.exp(x.astype(np.float64))
@@ -190,7 +190,7 @@ def _listed(q, k, v, start, scale, window, softcap, order=None):
     return out
 
 
-@pytest.mark.parametrize("n", [4, 12, 70])  # one query block or three (the last partial) in the BLAS path
+@pytest.mark.parametrize("n", [4, 12, 70])  # one query block or three (the last partial) in the blocked path
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (40, 0.0), (0, 30.0)])
 def test_attention(n, window, softcap):
     n_head, n_kv, hd, start = 6, 2, 32, 9

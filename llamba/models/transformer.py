@@ -130,9 +130,9 @@ class Transformer:
         The one path for prompts, guesses and several sequences. The matrix kernels are batch invariant;
         attention is too (each token walks its own visibility list), except that a single chain of more than
         SMALL_BATCH tokens (a long prompt) takes blocks of register-blocked products, 15-20% faster at 512
-        tokens, whose bits depend on where the prompt was split. exact: never that path, so every token's logits are
-        bit-identical however the batches were cut (what the server promises). skip: layers left out (the
-        model as its own cheaper draft; those layers' cache cells are left unwritten).
+        tokens, whose bits depend on where the prompt was split. exact: never that path, so every token's
+        logits are bit-identical however the batches were cut (what the server promises). skip: layers left
+        out (the model as its own cheaper draft; those layers' cache cells are left unwritten).
         """
         batch.validate(self.hp.n_vocab)
         with self.threads.run(len(batch), variant=len(skip)):
