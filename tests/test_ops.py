@@ -15,7 +15,7 @@ from llamba.ops.attention import attention_chain, attention_listed
 from llamba.ops.jit import softmax_exp
 from llamba.ops.matmul import SMALL_BATCH, gather_rows, matmul, matvec
 from llamba.ops.norm import all_finite, rmsnorm
-from llamba.ops.repack import SUPPORTED, concat_rows, into_one_buffer, lanes_to_float, to_lanes
+from llamba.ops.repack import SUPPORTED, WeightArena, lanes_nbytes, lanes_to_float, stack_lanes, stack_runs, to_lanes
 from llamba.ops.rope import RopeConfig, rope_inplace, rope_tables
 from tests import reference
 from tests.blocks import random_blocks
@@ -75,32 +75,37 @@ def test_batch_kernels_are_batch_invariant(type_name):
             assert np.array_equal(matmul(x[start : start + k], lanes), alone[start : start + k]), (k, start)
 
 
-def test_weights_moved_into_one_buffer_compute_the_same():
-    mats = [to_lanes(_random_matrix(t, 96, 256)[0], ggml_type(t), 256) for t in ("Q4_1", "Q6_K", "Q8_0", "F16")]
-    x = RNG.standard_normal((3, 256)).astype(np.float32)
-    before = [matmul(x, w) for w in mats]
-    into_one_buffer(mats + [mats[0]])  # a matrix listed twice (a tied embedding) is moved once
-    for w, expected in zip(mats, before):
-        assert np.array_equal(matmul(x, w), expected)
-
-    def root(a):
-        while isinstance(a, np.ndarray) and a.base is not None:
-            a = a.base
-        return id(a)
-
-    assert len({root(a) for w in mats for a in (w.codes, w.scale, w.offset) if a.size}) == 1  # one mapping
+def test_weights_in_one_arena_are_the_same_bytes():
+    """Repacked into a WeightArena sized by lanes_nbytes, every matrix is the same bytes as on its own, and
+    all of them live in the arena's one mapping."""
+    types = ("Q4_1", "Q6_K", "Q8_0", "F16", "Q5_K")
+    parts = [(_random_matrix(t, 100, 256)[0], ggml_type(t)) for t in types]
+    arena = WeightArena(sum(lanes_nbytes(ggml, 100, 256) for _, ggml in parts))
+    for data, ggml in parts:
+        alone, placed = to_lanes(data, ggml, 256), to_lanes(data, ggml, 256, arena.zeros)
+        for name in ("codes", "scale", "offset"):
+            a, b = getattr(alone, name), getattr(placed, name)
+            assert a.dtype == b.dtype and np.array_equal(a, b), (ggml.name, name)
+            assert b.size == 0 or np.shares_memory(b, arena._buffer), (ggml.name, name)  # not NumPy's fallback
 
 
-def test_concat_rows_only_when_layouts_agree():
-    a = to_lanes(_random_matrix("Q4_K", 128, 256)[0], ggml_type("Q4_K"), 256)
-    b = to_lanes(_random_matrix("Q4_K", 64, 256)[0], ggml_type("Q4_K"), 256)
-    fused = concat_rows([a, b])
+def test_stacking_only_where_layouts_agree():
+    q4k_a, q4k_b = (_random_matrix("Q4_K", n, 256)[0] for n in (128, 64))
+    q8 = _random_matrix("Q8_0", 64, 256)[0]
+    odd, q4_0 = _random_matrix("Q4_0", 100, 256)[0], _random_matrix("Q4_0", 64, 256)[0]
+    q6k, q3k = _random_matrix("Q6_K", 64, 256)[0], _random_matrix("Q3_K", 32, 256)[0]
+    part = lambda data, name: (data, ggml_type(name))  # noqa: E731
+    fused = stack_lanes([part(q4k_a, "Q4_K"), part(q4k_b, "Q4_K")], 256)
     assert fused.n_rows == 192
-    assert np.array_equal(lanes_to_float(fused), np.vstack([lanes_to_float(a), lanes_to_float(b)]))
-    q8 = to_lanes(_random_matrix("Q8_0", 64, 256)[0], ggml_type("Q8_0"), 256)
-    odd = to_lanes(_random_matrix("Q4_0", 100, 256)[0], ggml_type("Q4_0"), 256)
-    f16_scaled = to_lanes(_random_matrix("Q4_0", 64, 256)[0], ggml_type("Q4_0"), 256)
-    assert concat_rows([a, q8]) is None and concat_rows([a, odd]) is None and concat_rows([a, f16_scaled]) is None
+    alone = [lanes_to_float(to_lanes(d, ggml_type("Q4_K"), 256)) for d in (q4k_a, q4k_b)]
+    assert np.array_equal(lanes_to_float(fused), np.vstack(alone))
+    runs = stack_runs([part(q4k_a, "Q4_K"), part(q4k_b, "Q4_K"), part(q8, "Q8_0"), part(q4_0, "Q4_0"),
+                       part(odd, "Q4_0"), part(q6k, "Q6_K"), part(q3k, "Q3_K")])
+    # Q4_K then Q8_0: other layouts; Q4_0's 100 rows do not fill their last chunk; Q6_K and Q3_K share one
+    assert [len(run) for run in runs] == [2, 1, 1, 1, 2]
+    mixed = stack_lanes(runs[-1], 256)
+    assert np.array_equal(lanes_to_float(mixed), np.vstack([dequantize(q6k, ggml_type("Q6_K")),
+                                                             dequantize(q3k, ggml_type("Q3_K"))]))
 
 
 def test_rmsnorm():

@@ -24,7 +24,7 @@ from ..ops.activations import geglu_tanh, softcap, swiglu
 from ..ops.attention import attention_chain, attention_listed
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.norm import all_finite, rmsnorm
-from ..ops.repack import LaneMatrix, concat_rows, into_one_buffer, to_lanes
+from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, stack_runs
 from ..ops.rope import rope_inplace, rope_tables
 from ..ops.threads import ThreadGovernor
 from ..runtime.batch import Batch
@@ -56,13 +56,15 @@ class Transformer:
     def __init__(self, g: GGUFFile, hp: HParams):
         self.gguf = g
         self.hp = hp
+        self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in g.tensors.values()
+                                      if len(t.shape) == 2))
         self.tok_embd = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
         self.output_norm = self._vector("output_norm.weight", hp.n_embd)
         has_output = "output.weight" in g.tensors
         self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab) if has_output else self.tok_embd
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
         self.threads = ThreadGovernor()  # how many threads each forward uses, by measurement
-        into_one_buffer([self.tok_embd, self.output] + [w for layer in self.layers for w in layer.matrices])
+        del self._arena  # its mapping lives on in the weights' arrays
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
         _return_freed_memory()
 
@@ -89,19 +91,13 @@ class Transformer:
         return self._vector(name, n) if name in self.gguf.tensors else None
 
     def _matrix(self, name: str, n_cols: int, n_rows: int) -> LaneMatrix:
-        t = self._tensor(name, (n_cols, n_rows))
-        return to_lanes(t.data, t.type, n_cols)
+        return self._fused([(name, n_rows)], n_cols)[0]
 
     def _fused(self, shapes: list[tuple[str, int]], n_cols: int) -> list[LaneMatrix]:
         """The matrices as few as possible: each run of neighbours that share a layout stacked into one."""
-        fused: list[LaneMatrix] = []
-        for part in (self._matrix(name, n_cols, n_rows) for name, n_rows in shapes):
-            joined = concat_rows([fused[-1], part]) if fused else None
-            if joined is not None:
-                fused[-1] = joined
-            else:
-                fused.append(part)
-        return fused
+        tensors = [self._tensor(name, (n_cols, n_rows)) for name, n_rows in shapes]
+        runs = stack_runs([(t.data, t.type) for t in tensors])
+        return [stack_lanes(run, n_cols, self._arena.zeros) for run in runs]
 
     def _layer(self, i: int) -> Layer:
         hp, p = self.hp, f"blk.{i}."

@@ -8,7 +8,7 @@ contiguous run of memory, read front to back, which the prefetchers love. Every 
 
 - `u4`: 4-bit codes, 32 per block, byte j holding codes j (low nibble) and j+16 (high nibble);
                                                                                   (Q4_0, Q4_1, Q4_K)
-- `u5`: 5-bit codes, 32 per block: the nibbles as u4, then 4 bytes of top bits (see _pack_u5);
+- `u5`: 5-bit codes, 32 per block: the nibbles as u4, then 4 bytes of top bits (see _put_u5_tops);
                                                                                   (Q5_0, Q5_1, Q5_K)
 - `q8`: one code per byte, `group` (16 or 32) per block;                  (Q6_K, Q8_0, Q2_K, Q3_K)
 - `f32`: plain floats, codes [n_chunks, n_cols, CHUNK] float32.                    (F32, F16, BF16)
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numba
 import numpy as np
@@ -68,36 +69,24 @@ class LaneMatrix:
 
 
 # ------------------------------------------------------------------------------------- block decoders
-# Each decodes row r of src into the lanes arrays. They are small and parallel over rows.
+# Each decodes row r of src straight into the lanes arrays (quads, scales, offsets), parallel over rows:
+# one pass over the file's bytes and one write of each lanes byte, which is most of loading a model.
 
 @kernel
 def _f16(src, r, at, table):
     return table[np.int32(src[r, at]) | (np.int32(src[r, at + 1]) << 8)]
 
 
-@kernel(parallel=True)
-def _repack_q4_0(codes, scale, offset, src, table):
-    n_rows, n_blocks = src.shape[0], scale.shape[1]
-    for r in numba.prange(n_rows):
-        c, i = r // CHUNK, r % CHUNK
-        for b in range(n_blocks):
-            at = b * 18
-            scale[c, b, i] = _f16(src, r, at, table)  # weight d * (code - 8): the code bias, no offset
-            for j in range(16):
-                codes[c, b, j, i] = src[r, at + 2 + j]
+@kernel
+def _f16_bits(src, r, at):
+    """The file's float16 at byte `at` of row r, as its bits (the scales the lanes keep as float16)."""
+    return np.uint16(src[r, at]) | (np.uint16(src[r, at + 1]) << 8)
 
 
-@kernel(parallel=True)
-def _repack_q4_1(codes, scale, offset, src, table):
-    n_rows, n_blocks = src.shape[0], scale.shape[1]
-    for r in numba.prange(n_rows):
-        c, i = r // CHUNK, r % CHUNK
-        for b in range(n_blocks):
-            at = b * 20
-            scale[c, b, i] = _f16(src, r, at, table)
-            offset[c, b, i] = _f16(src, r, at + 2, table)
-            for j in range(16):
-                codes[c, b, j, i] = src[r, at + 4 + j]
+@kernel
+def _put(quads, c, b, j, i, code):
+    """Code byte j of row i of chunk c's block b, in quad layout."""
+    quads[c, b, j >> 2, i, j & 3] = code
 
 
 @kernel
@@ -105,6 +94,43 @@ def _u32(src, r, at):
     """A little-endian uint32 at byte `at` of row r (the high bits of Q5_0 / Q5_1)."""
     return (np.uint32(src[r, at]) | (np.uint32(src[r, at + 1]) << 8)
             | (np.uint32(src[r, at + 2]) << 16) | (np.uint32(src[r, at + 3]) << 24))
+
+
+@kernel
+def _put_u5_tops(quads, c, b, i, tops):
+    """The top bits of a u5 block's 32 codes (bit l of `tops` for code l) as its code bytes 16..19: byte m
+    holds bit 2q for code 4q + m and bit 2q + 1 for code 4q + m + 16 (q = 0..3)."""
+    for m in range(4):
+        byte = np.uint32(0)
+        for q in range(4):
+            byte |= ((tops >> (4 * q + m)) & 1) << (2 * q)
+            byte |= ((tops >> (4 * q + m + 16)) & 1) << (2 * q + 1)
+        _put(quads, c, b, 16 + m, i, np.uint8(byte))
+
+
+@kernel(parallel=True)
+def _repack_q4_0(quads, scale, offset, src, table):
+    n_rows, n_blocks = src.shape[0], scale.shape[1]
+    for r in numba.prange(n_rows):
+        c, i = r // CHUNK, r % CHUNK
+        for b in range(n_blocks):
+            at = b * 18
+            scale[c, b, i] = _f16_bits(src, r, at)  # weight d * (code - 8): the code bias, no offset
+            for j in range(16):
+                _put(quads, c, b, j, i, src[r, at + 2 + j])
+
+
+@kernel(parallel=True)
+def _repack_q4_1(quads, scale, offset, src, table):
+    n_rows, n_blocks = src.shape[0], scale.shape[1]
+    for r in numba.prange(n_rows):
+        c, i = r // CHUNK, r % CHUNK
+        for b in range(n_blocks):
+            at = b * 20
+            scale[c, b, i] = _f16_bits(src, r, at)
+            offset[c, b, i] = _f16_bits(src, r, at + 2)
+            for j in range(16):
+                _put(quads, c, b, j, i, src[r, at + 4 + j])
 
 
 @kernel
@@ -126,8 +152,17 @@ def _k_scale_min(src, r, at, s):
     return sc, mn
 
 
+@kernel
+def _put_k_nibbles(quads, src, r, c, b, i, base, shift):
+    """A Q4_K/Q5_K sub-block's low nibbles (codes 0..31 from bytes base.., at `shift`) as u4 bytes."""
+    for j in range(16):
+        lo = (src[r, base + j] >> shift) & 15
+        hi = (src[r, base + j + 16] >> shift) & 15
+        _put(quads, c, b, j, i, lo | (hi << 4))
+
+
 @kernel(parallel=True)
-def _repack_q4_k(codes, scale, offset, src, table):
+def _repack_q4_k(quads, scale, offset, src, table):
     n_rows, n_super = src.shape[0], scale.shape[1] // 8
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -136,47 +171,38 @@ def _repack_q4_k(codes, scale, offset, src, table):
             for s in range(8):
                 b = sb * 8 + s
                 _k_sub_block(scale, offset, src, r, c, i, at, s, b)
-                base, shift = at + 16 + 32 * (s // 2), 4 * (s % 2)
-                for j in range(16):
-                    lo = (src[r, base + j] >> shift) & 15
-                    hi = (src[r, base + j + 16] >> shift) & 15
-                    codes[c, b, j, i] = lo | (hi << 4)
+                _put_k_nibbles(quads, src, r, c, b, i, at + 16 + 32 * (s // 2), 4 * (s % 2))
 
 
 @kernel(parallel=True)
-def _repack_q5_0(codes, scale, offset, src, table):
+def _repack_q5_0(quads, scale, offset, src, table):
     n_rows, n_blocks = src.shape[0], scale.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
         for b in range(n_blocks):
             at = b * 22
-            scale[c, b, i] = _f16(src, r, at, table)
-            offset[c, b, i] = 0.0
-            qh = _u32(src, r, at + 2)
+            scale[c, b, i] = _f16_bits(src, r, at)  # code - 16 is the signed value
             for j in range(16):
-                q = src[r, at + 6 + j]
-                codes[c, b, j, i] = (q & 15) | (((qh >> j) & 1) << 4)  # code - 16 is the signed value
-                codes[c, b, j + 16, i] = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                _put(quads, c, b, j, i, src[r, at + 6 + j])  # ggml's nibbles are u4's already
+            _put_u5_tops(quads, c, b, i, _u32(src, r, at + 2))
 
 
 @kernel(parallel=True)
-def _repack_q5_1(codes, scale, offset, src, table):
+def _repack_q5_1(quads, scale, offset, src, table):
     n_rows, n_blocks = src.shape[0], scale.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
         for b in range(n_blocks):
             at = b * 24
-            scale[c, b, i] = _f16(src, r, at, table)
-            offset[c, b, i] = _f16(src, r, at + 2, table)
-            qh = _u32(src, r, at + 4)
+            scale[c, b, i] = _f16_bits(src, r, at)
+            offset[c, b, i] = _f16_bits(src, r, at + 2)
             for j in range(16):
-                q = src[r, at + 8 + j]
-                codes[c, b, j, i] = (q & 15) | (((qh >> j) & 1) << 4)
-                codes[c, b, j + 16, i] = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
+                _put(quads, c, b, j, i, src[r, at + 8 + j])
+            _put_u5_tops(quads, c, b, i, _u32(src, r, at + 4))
 
 
 @kernel(parallel=True)
-def _repack_q5_k(codes, scale, offset, src, table):
+def _repack_q5_k(quads, scale, offset, src, table):
     n_rows, n_super = src.shape[0], scale.shape[1] // 8
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -185,14 +211,15 @@ def _repack_q5_k(codes, scale, offset, src, table):
             for s in range(8):
                 b = sb * 8 + s
                 _k_sub_block(scale, offset, src, r, c, i, at, s, b)
-                base, shift = at + 48 + 32 * (s // 2), 4 * (s % 2)
+                _put_k_nibbles(quads, src, r, c, b, i, at + 48 + 32 * (s // 2), 4 * (s % 2))
+                tops = np.uint32(0)
                 for l in range(32):
-                    high = (src[r, at + 16 + l] >> s) & 1
-                    codes[c, b, l, i] = ((src[r, base + l] >> shift) & 15) | (high << 4)
+                    tops |= np.uint32((src[r, at + 16 + l] >> s) & 1) << l
+                _put_u5_tops(quads, c, b, i, tops)
 
 
 @kernel(parallel=True)
-def _repack_q6_k(codes, scale, offset, src, table):
+def _repack_q6_k(quads, scale, offset, src, table):
     n_rows, n_super = src.shape[0], scale.shape[1] // 16
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -202,7 +229,6 @@ def _repack_q6_k(codes, scale, offset, src, table):
             for g in range(16):
                 sc = np.int8(src[r, at + 192 + g])
                 scale[c, sb * 16 + g, i] = d * np.float32(sc)
-                offset[c, sb * 16 + g, i] = 0.0
             for half in range(2):
                 ql, qh = at + 64 * half, at + 128 + 32 * half
                 for l in range(32):
@@ -213,24 +239,24 @@ def _repack_q6_k(codes, scale, offset, src, table):
                     q3 = (src[r, ql + l] >> 4) | (((h >> 4) & 3) << 4)
                     q4 = (src[r, ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)
                     for k, q in ((0, q1), (32, q2), (64, q3), (96, q4)):
-                        codes[c, sb * 16 + (e + k) // 16, (e + k) % 16, i] = np.int8(np.int32(q) - 32)
+                        # the signed code q - 32, stored + 128
+                        _put(quads, c, sb * 16 + (e + k) // 16, (e + k) % 16, i, np.uint8(q + 96))
 
 
 @kernel(parallel=True)
-def _repack_q8_0(codes, scale, offset, src, table):
+def _repack_q8_0(quads, scale, offset, src, table):
     n_rows, n_blocks = src.shape[0], scale.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
         for b in range(n_blocks):
             at = b * 34
-            scale[c, b, i] = _f16(src, r, at, table)
-            offset[c, b, i] = 0.0
+            scale[c, b, i] = _f16_bits(src, r, at)
             for j in range(32):
-                codes[c, b, j, i] = np.int8(src[r, at + 2 + j])
+                _put(quads, c, b, j, i, src[r, at + 2 + j] ^ 0x80)  # flipping the top bit adds 128
 
 
 @kernel(parallel=True)
-def _repack_q2_k(codes, scale, offset, src, table):
+def _repack_q2_k(quads, scale, offset, src, table):
     n_rows, n_super = src.shape[0], scale.shape[1] // 16
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -243,11 +269,11 @@ def _repack_q2_k(codes, scale, offset, src, table):
                 offset[c, sb * 16 + g, i] = -(dmin * np.float32(sc >> 4))
             for e in range(256):
                 chunk, k, l = e // 128, (e % 128) // 32, e % 32
-                codes[c, sb * 16 + e // 16, e % 16, i] = (src[r, at + 16 + 32 * chunk + l] >> (2 * k)) & 3
+                _put(quads, c, sb * 16 + e // 16, e % 16, i, (src[r, at + 16 + 32 * chunk + l] >> (2 * k)) & 3)
 
 
 @kernel(parallel=True)
-def _repack_q3_k(codes, scale, offset, src, table):
+def _repack_q3_k(quads, scale, offset, src, table):
     n_rows, n_super = src.shape[0], scale.shape[1] // 16
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -259,90 +285,131 @@ def _repack_q3_k(codes, scale, offset, src, table):
                 low = np.int32(src[r, at + 96 + g] & 15) if g < 8 else np.int32(src[r, at + 96 + g - 8] >> 4)
                 high = (np.int32(src[r, at + 104 + g % 4]) >> (2 * (g // 4))) & 3
                 scale[c, sb * 16 + g, i] = d * np.float32(np.int32(low | (high << 4)) - 32)
-                offset[c, sb * 16 + g, i] = 0.0
             for e in range(256):
                 chunk, k, l = e // 128, (e % 128) // 32, e % 32
                 q = (np.int32(src[r, at + 32 + 32 * chunk + l]) >> (2 * k)) & 3
                 if not (np.int32(src[r, at + l]) >> (e // 32)) & 1:
                     q -= 4
-                codes[c, sb * 16 + e // 16, e % 16, i] = np.int8(q)
+                _put(quads, c, sb * 16 + e // 16, e % 16, i, np.uint8(q + 128))  # signed, stored + 128
 
 
-# type -> (kernel, kind, group, code dtype, code bias): signed (int8) codes are stored + 128
+class _Repacker(NamedTuple):
+    kernel: Callable
+    kind: str
+    group: int  # weights per block (per scale)
+    code_bias: int  # subtracted from every stored code: 128 where the type's codes are signed
+    f16_scales: bool  # scales (and offsets) are the file's own float16 numbers: kept as their bits
+    offsets: bool  # False where every offset is zero
+
+
 _REPACKERS = {
-    "Q4_0": (_repack_q4_0, "u4", 32, np.uint8, 8),
-    "Q4_1": (_repack_q4_1, "u4", 32, np.uint8, 0),
-    "Q4_K": (_repack_q4_k, "u4", 32, np.uint8, 0),
-    "Q5_0": (_repack_q5_0, "u5", 32, np.uint8, 16),
-    "Q5_1": (_repack_q5_1, "u5", 32, np.uint8, 0),
-    "Q5_K": (_repack_q5_k, "u5", 32, np.uint8, 0),
-    "Q6_K": (_repack_q6_k, "q8", 16, np.int8, 128),
-    "Q8_0": (_repack_q8_0, "q8", 32, np.int8, 128),
-    "Q2_K": (_repack_q2_k, "q8", 16, np.uint8, 0),
-    "Q3_K": (_repack_q3_k, "q8", 16, np.int8, 128),
+    "Q4_0": _Repacker(_repack_q4_0, "u4", 32, 8, True, False),
+    "Q4_1": _Repacker(_repack_q4_1, "u4", 32, 0, True, True),
+    "Q4_K": _Repacker(_repack_q4_k, "u4", 32, 0, False, True),
+    "Q5_0": _Repacker(_repack_q5_0, "u5", 32, 16, True, False),
+    "Q5_1": _Repacker(_repack_q5_1, "u5", 32, 0, True, True),
+    "Q5_K": _Repacker(_repack_q5_k, "u5", 32, 0, False, True),
+    "Q6_K": _Repacker(_repack_q6_k, "q8", 16, 128, False, False),
+    "Q8_0": _Repacker(_repack_q8_0, "q8", 32, 128, True, False),
+    "Q2_K": _Repacker(_repack_q2_k, "q8", 16, 0, False, True),
+    "Q3_K": _Repacker(_repack_q3_k, "q8", 16, 128, False, False),
 }
+_CODE_BYTES = {"u4": 16, "u5": 20}  # per block; q8 has one per weight
 FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPPORTED = tuple(_REPACKERS) + FLOAT_TYPES
+ALIGN = 64  # bytes: each lanes array starts on a cache line
+
+Allocate = Callable[[tuple, type], np.ndarray]  # (shape, dtype) -> a zeroed array
+Part = tuple[np.ndarray, GGMLType]  # a GGUF tensor: raw block bytes [n_rows, row_bytes] (or floats), its type
 
 
-def to_lanes(data: np.ndarray, ggml: GGMLType, n_cols: int) -> LaneMatrix:
+def to_lanes(data: np.ndarray, ggml: GGMLType, n_cols: int, zeros: Allocate = np.zeros) -> LaneMatrix:
     """Repack a 2-D GGUF tensor (raw block bytes [n_rows, row_bytes], or a float view) into lanes layout."""
-    n_rows = data.shape[0]
-    n_chunks = (n_rows + CHUNK - 1) // CHUNK
+    return stack_lanes([(data, ggml)], n_cols, zeros)
+
+
+def stack_lanes(parts: list[Part], n_cols: int, zeros: Allocate = np.zeros) -> LaneMatrix:
+    """Tensors with the same inputs repacked as one lanes matrix, their rows stacked in order, so one kernel
+    call multiplies them all; `parts` is one of stack_runs' runs. Each part's kernel writes its own chunks
+    of the stacked arrays, which come from `zeros` (an arena's, when loading a model)."""
+    chunks = [_n_chunks(data.shape[0]) for data, _ in parts]
+    n_rows, first = sum(data.shape[0] for data, _ in parts), parts[0][1]
+    source = "+".join(sorted({ggml.name for _, ggml in parts}))
+    (codes_shape, codes_type), (scale_shape, scale_type), (offset_shape, _) = _lanes_arrays(first, sum(chunks), n_cols)
+    codes, scale, offset = zeros(codes_shape, codes_type), zeros(scale_shape, scale_type), zeros(offset_shape, scale_type)
+    at = 0
+    for (data, ggml), n in zip(parts, chunks):
+        if ggml.name in FLOAT_TYPES:
+            rows = np.zeros((n * CHUNK, n_cols), np.float32)
+            rows[: data.shape[0]] = dequantize(data, ggml).reshape(-1, n_cols)
+            codes[at : at + n] = rows.reshape(n, CHUNK, n_cols).transpose(0, 2, 1)
+        else:
+            src = readonly(np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], -1))
+            _REPACKERS[ggml.name].kernel(codes[at : at + n], scale[at : at + n], offset[at : at + n], src, F16_TABLE)
+        at += n
+    if first.name in FLOAT_TYPES:
+        return LaneMatrix("f32", n_rows, n_cols, codes, scale, offset, source)
+    how = _REPACKERS[first.name]
+    return LaneMatrix(how.kind, n_rows, n_cols, codes, scale, offset, source, how.code_bias)
+
+
+def stack_runs(parts: list[Part]) -> list[list[Part]]:
+    """The parts as few stackable runs as possible: neighbours join when their lanes share a layout and
+    every part of the run fills whole chunks."""
+    runs: list[list[Part]] = []
+    for part in parts:
+        run = runs[-1] if runs else None
+        joins = run is not None and _layout(run[0][1]) == _layout(part[1]) and all(
+            data.shape[0] % CHUNK == 0 for data, _ in (*run, part))
+        if joins:
+            run.append(part)
+        else:
+            runs.append([part])
+    return runs
+
+
+def lanes_nbytes(ggml: GGMLType, n_rows: int, n_cols: int) -> int:
+    """Bytes a tensor's lanes take, each array aligned as a WeightArena aligns it (0 for unsupported types)."""
+    if ggml.name not in SUPPORTED:
+        return 0
+    arrays = _lanes_arrays(ggml, _n_chunks(n_rows), n_cols)
+    return sum(_aligned(int(np.prod(shape)) * np.dtype(dtype).itemsize) for shape, dtype in arrays)
+
+
+def _layout(ggml: GGMLType) -> tuple:
+    """What decides a type's lanes layout: types that agree on it can share one stacked matrix."""
     if ggml.name in FLOAT_TYPES:
-        padded = np.zeros((n_chunks * CHUNK, n_cols), np.float32)
-        padded[:n_rows] = dequantize(data, ggml).reshape(n_rows, n_cols)
-        codes = np.ascontiguousarray(padded.reshape(n_chunks, CHUNK, n_cols).transpose(0, 2, 1))
-        empty = np.zeros((n_chunks, 0, CHUNK), np.float32)
-        return LaneMatrix("f32", n_rows, n_cols, codes, empty, empty, ggml.name)
-    entry = _REPACKERS.get(ggml.name)
-    if entry is None:
+        return ("f32",)
+    how = _repacker(ggml)
+    return how.kind, how.group, how.code_bias, how.f16_scales, how.offsets
+
+
+def _repacker(ggml: GGMLType) -> _Repacker:
+    how = _REPACKERS.get(ggml.name)
+    if how is None:
         raise UnsupportedError(f"weights of type {ggml.name} are not supported (supported: {', '.join(SUPPORTED)})")
-    fn, kind, group, code_dtype, bias = entry
-    n_blocks = n_cols // group
-    codes = np.zeros((n_chunks, n_blocks, 16 if kind == "u4" else group, CHUNK), code_dtype)
-    scale = np.zeros((n_chunks, n_blocks, CHUNK), np.float32)
-    offset = np.zeros((n_chunks, n_blocks, CHUNK), np.float32)
-    src = readonly(np.ascontiguousarray(data).view(np.uint8).reshape(n_rows, -1))
-    fn(codes, scale, offset, src, F16_TABLE)
-    scale, offset = _compact_scales(ggml.name, scale, offset)
-    if kind == "u5":
-        codes = _pack_u5(codes)
-    return LaneMatrix(kind, n_rows, n_cols, _to_quads(codes), scale, offset, ggml.name, bias)
+    return how
 
 
-def _pack_u5(codes: np.ndarray) -> np.ndarray:
-    """5-bit codes [.., 32, CHUNK] (0..31) -> 20 bytes per row and block: 16 bytes of nibbles as u4 (byte j:
-    codes j and j + 16), then 4 bytes of top bits, byte m holding bit 2q for code 4q + m and bit 2q + 1 for
-    code 4q + m + 16 (q = 0..3). As quads: four of nibbles and one of top bits, which the kernel merges in
-    registers (int8_dot)."""
-    n_chunks, n_blocks = codes.shape[:2]
-    nibbles = (codes[:, :, :16] & 15) | ((codes[:, :, 16:] & 15) << 4)
-    top = (codes >> 4).reshape(n_chunks, n_blocks, 2, 4, 4, CHUNK)  # [half, q, m, row]
-    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).T  # [half, q]: bit 2q + half
-    high = (top << shifts[None, None, :, :, None, None].astype(np.uint8)).sum(axis=(2, 3), dtype=np.uint8)
-    return np.concatenate([nibbles, high], axis=2)
+def _lanes_arrays(ggml: GGMLType, n_chunks: int, n_cols: int) -> list[tuple[tuple, type]]:
+    """(shape, dtype) of the codes, scales and offsets."""
+    if ggml.name in FLOAT_TYPES:
+        empty = ((n_chunks, 0, CHUNK), np.float32)
+        return [((n_chunks, n_cols, CHUNK), np.float32), empty, empty]
+    how = _repacker(ggml)
+    n_blocks = n_cols // how.group
+    n_quads = _CODE_BYTES.get(how.kind, how.group) // 4
+    scale_type = np.uint16 if how.f16_scales else np.float32
+    return [((n_chunks, n_blocks, n_quads, CHUNK, 4), np.uint8), ((n_chunks, n_blocks, CHUNK), scale_type),
+            ((n_chunks, n_blocks if how.offsets else 0, CHUNK), scale_type)]
 
 
-def _to_quads(codes: np.ndarray) -> np.ndarray:
-    """[n_chunks, n_blocks, n_bytes, CHUNK] codes -> quads [n_chunks, n_blocks, n_bytes / 4, CHUNK, 4] uint8;
-    signed codes gain 128 (flipping the top bit of a two's complement byte adds 128)."""
-    n_chunks, n_blocks, n_bytes = codes.shape[:3]
-    quads = np.empty((n_chunks, n_blocks, n_bytes // 4, CHUNK, 4), np.uint8)
-    _gather_quads(readonly(codes.view(np.uint8)), np.uint8(0x80 if codes.dtype == np.int8 else 0), quads)
-    return quads
+def _n_chunks(n_rows: int) -> int:
+    return (n_rows + CHUNK - 1) // CHUNK
 
 
-@kernel(parallel=True)
-def _gather_quads(codes, flip, quads):
-    """quads[c, b, q, i, m] = codes[c, b, 4q + m, i] ^ flip, in parallel over chunks (NumPy's transposing copy
-    of these 4-byte runs took a quarter of loading a model)."""
-    for c in numba.prange(codes.shape[0]):
-        for b in range(codes.shape[1]):
-            for q in range(quads.shape[2]):
-                for i in range(CHUNK):
-                    for m in range(4):
-                        quads[c, b, q, i, m] = codes[c, b, 4 * q + m, i] ^ flip
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def block_codes(w: LaneMatrix) -> np.ndarray:
@@ -358,22 +425,6 @@ def block_codes(w: LaneMatrix) -> np.ndarray:
             bit = 2 * (np.arange(32) % 16 // 4) + np.arange(32) // 16  # code j's bit: 2q + half
             plain |= ((high[:, :, np.arange(32) % 4] >> bit[None, None, :, None]) & 1) << 4
     return plain - w.code_bias
-
-
-# Types whose scales and offsets are the file's own float16 numbers (or exact multiples of them by a power
-# of two): stored as float16 bits they take half the bytes, and decoding is memory-bound.
-_F16_SCALES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
-_NO_OFFSETS = {"Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q3_K"}  # signed codes: every offset is zero
-
-
-def _compact_scales(type_name: str, scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if type_name in _NO_OFFSETS:
-        offset = np.zeros((scale.shape[0], 0, CHUNK), scale.dtype)
-    if type_name in _F16_SCALES:
-        halves = scale.astype(np.float16), offset.astype(np.float16)
-        if all(np.array_equal(h.astype(np.float32), f) for h, f in zip(halves, (scale, offset))):
-            scale, offset = (h.view(np.uint16) for h in halves)
-    return scale, offset
 
 
 def _scales_f32(a: np.ndarray) -> np.ndarray:
@@ -392,59 +443,34 @@ def lanes_to_float(w: LaneMatrix) -> np.ndarray:
     return vals.transpose(0, 2, 1).reshape(-1, w.n_cols)[: w.n_rows].copy()
 
 
-def into_one_buffer(matrices: list[LaneMatrix]) -> None:
-    """Move the matrices' arrays into one anonymous mapping marked for 2 MB pages (in place; shared arrays
-    once). Decoding streams every weight once per token: with 4 KB pages that is a TLB miss every 4 KB, and
-    only arrays of 4 MB and more got huge pages from NumPy (26 of SmolLM2's 96 MB). In one buffer all of them
-    do: SmolLM2 then decoded 13-16% faster at 1 thread (Gemma, whose 178 MB output had them already, no
-    measurable change). Each array is copied and its old memory freed in turn, so the peak stays near one copy
-    of the weights."""
-    # array id -> (the array, where it is held): a tied embedding is also the output, and is moved once
-    moves: dict[int, tuple[np.ndarray, list[tuple[LaneMatrix, str]]]] = {}
-    for w in matrices:
-        for name in ("codes", "scale", "offset"):
-            if (a := getattr(w, name)).size:
-                moves.setdefault(id(a), (a, []))[1].append((w, name))
-    aligned = lambda n: -(-n // 64) * 64
-    size = sum(aligned(a.nbytes) for a, _ in moves.values())
-    if not size:
-        return
-    buffer, at = _huge_page_buffer(size), 0
-    for key in list(moves):
-        a, holders = moves.pop(key)
-        moved = buffer[at : at + a.nbytes].view(a.dtype).reshape(a.shape)
-        moved[...] = a
-        for w, name in holders:
-            setattr(w, name, moved)
-        at += aligned(a.nbytes)
-        del a  # the last reference: its memory goes back before the next array is copied
+class WeightArena:
+    """A model's weights, bump-allocated from one private anonymous mapping marked for 2 MB pages.
+
+    Decoding streams every weight once per token: with 4 KB pages that is a TLB miss every 4 KB, and NumPy
+    asks for huge pages only for arrays of 4 MB and more (26 of SmolLM2's 96 MB). In one mapping all of it
+    gets them: SmolLM2 decoded 13-16% faster at 1 thread (Gemma, whose 178 MB output had them already, no
+    measurable change). The repacking writes straight into it: fresh memory faults on first touch, costly on
+    a VM, and copying into the mapping afterwards touched the weights' bytes twice (0.05-0.5 s for Gemma).
+    Reserve what the lanes will take (lanes_nbytes); should it run out, arrays come from NumPy instead."""
+
+    def __init__(self, reserve: int):
+        self._buffer = _huge_page_buffer(max(reserve, ALIGN))
+        self._used = 0
+
+    def zeros(self, shape: tuple, dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if self._used + n > len(self._buffer):
+            return np.zeros(shape, dtype)
+        array = self._buffer[self._used : self._used + n].view(dtype).reshape(shape)  # never used: still zero
+        self._used += _aligned(n)
+        return array
 
 
 def _huge_page_buffer(size: int) -> np.ndarray:
     """size bytes of private anonymous memory the kernel is asked to back with 2 MB pages (Linux; elsewhere,
     or without mmap's flags, ordinary memory). Private: shared anonymous memory gets no transparent huge pages."""
     if not (hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MADV_HUGEPAGE")):
-        return np.empty(size, np.uint8)
+        return np.zeros(size, np.uint8)
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mapping.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(mapping, np.uint8)
-
-
-def concat_rows(parts: list[LaneMatrix]) -> LaneMatrix | None:
-    """Stack matrices with the same inputs into one ([sum n_rows, n_cols]) so one kernel call does all;
-    None when they cannot share a layout (different kinds, groups or code types, or rows off the chunk grid)."""
-    first = parts[0]
-    compatible = all(
-        p.kind == first.kind and p.n_cols == first.n_cols and p.code_bias == first.code_bias
-        and p.codes.shape[1:] == first.codes.shape[1:] and p.n_rows % CHUNK == 0
-        and p.scale.dtype == first.scale.dtype and p.offset.shape[1:] == first.offset.shape[1:]
-        for p in parts
-    )
-    if not compatible:
-        return None
-    return LaneMatrix(
-        first.kind, sum(p.n_rows for p in parts), first.n_cols,
-        np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]),
-        np.concatenate([p.offset for p in parts]), "+".join(sorted({p.source_type for p in parts})),
-        first.code_bias,
-    )
