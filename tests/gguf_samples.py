@@ -27,6 +27,7 @@ def write_sample(path: Path, n_tensors: int = 3, seed: int = 0) -> dict:
     w.add_array("t.arr_i32", [1, -2, 3])
     w.add_array("t.arr_f32", [0.5, 1.5])
     w.add_array("t.arr_str", ["a", "", "ünï", "\n"])
+    w.add_array("t.arr_str_nul", ["x\0y", "", "z"])  # a NUL inside a string: the reader's careful path
     w.add_array("t.arr_nested", [[1, 2], [3, 4, 5]])
     tensors = {}
     for i in range(n_tensors):

@@ -93,6 +93,13 @@ def test_absurd_array_count(tmp_path, sample):
         open_gguf(_write(tmp_path, bytes(raw)))
 
 
+def test_bad_utf8_in_a_string_array(tmp_path, sample):
+    raw = sample.read_bytes()
+    at = raw.index("ünï".encode())
+    with pytest.raises(GGUFError, match=r"t.arr_str\[2\] is not valid UTF-8"):
+        open_gguf(_write(tmp_path, raw[:at] + b"\xff" + raw[at + 1 :]))
+
+
 def test_unknown_tensor_type(tmp_path, sample):
     raw = bytearray(sample.read_bytes())
     at = _tensor_info_offset(bytes(raw), "t1.f32") + 8 + len("t1.f32") + 4 + 2 * 8  # name, n_dims, 2 dims

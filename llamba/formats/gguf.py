@@ -109,6 +109,32 @@ class _Cursor:
     def string_array(self, count: int, what: str) -> list[str]:
         # Each string is at least its 8-byte length: refuse counts the file cannot hold before allocating.
         self.need(count * 8, what)
+        start = self.pos
+        try:
+            starts = self._string_starts(count)
+        except (struct.error, OverflowError, IndexError):
+            return self._strings_one_by_one(count, what)  # truncated: it finds where, for the message
+        strings = _split_strings(self.buf, start, starts, self.pos)
+        if strings is None:  # invalid UTF-8, or a NUL inside a string
+            self.pos = start
+            return self._strings_one_by_one(count, what)
+        return strings
+
+    def _string_starts(self, count: int) -> np.ndarray:
+        """Where each string's length prefix is, the cursor moved past the last string. Only the lengths are
+        read one by one: Gemma's 262,144-string vocabulary took 0.11 s decoded string by string, 0.08 s so."""
+        buf, pos = self.buf, self.pos
+        unpack_length = struct.Struct("<Q").unpack_from  # struct.error (or OverflowError) past the end
+        starts = [0] * count
+        for i in range(count):
+            starts[i] = pos
+            pos += 8 + unpack_length(buf, pos)[0]
+        if pos > self.end:
+            raise IndexError
+        self.pos = pos
+        return np.array(starts, np.int64)
+
+    def _strings_one_by_one(self, count: int, what: str) -> list[str]:
         buf, pos, end = self.buf, self.pos, self.end
         unpack_length = struct.Struct("<Q").unpack_from
         out = [""] * count
@@ -278,6 +304,23 @@ class GGUFFile:
 
     def __repr__(self) -> str:
         return f"GGUFFile({self.path!r}, v{self.version}, {len(self.metadata)} keys, {len(self.tensors)} tensors)"
+
+
+def _split_strings(buf: memoryview, start: int, starts: np.ndarray, stop: int) -> list[str] | None:
+    """The strings whose 8-byte length prefixes sit at `starts`, decoded in one go: each prefix becomes a
+    NUL, the whole run decodes once and splits at the NULs. None if a string holds a NUL or bad UTF-8."""
+    run = np.frombuffer(buf, np.uint8, count=stop - start, offset=start)
+    prefixes = starts - start
+    keep = np.ones(len(run), bool)
+    for byte in range(1, 8):
+        keep[prefixes + byte] = False
+    joined = run[keep]
+    joined[prefixes - 7 * np.arange(len(prefixes))] = 0
+    try:
+        parts = joined.tobytes().decode("utf-8").split("\0")
+    except UnicodeDecodeError:
+        return None
+    return parts[1:] if len(parts) == len(starts) + 1 else None
 
 
 def _map_file(path: str) -> mmap.mmap:

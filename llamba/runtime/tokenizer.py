@@ -101,7 +101,7 @@ class Tokenizer:
         self.scores = np.asarray(scores, dtype=np.float32) if scores is not None else np.zeros(n, np.float32)
         if not np.isfinite(self.scores).all():
             raise keys.fail("scores", scores, "must be finite")
-        self.token_to_id = {t: i for i, t in enumerate(tokens)}
+        self.token_to_id = dict(zip(tokens, range(n)))  # a duplicate keeps its last id, as llama.cpp's map does
         spm = self.model == "llama"
         self.bos_id = keys.token_id("bos_token_id", n, 1 if spm else None)
         self.eos_id = keys.token_id("eos_token_id", n, 2 if spm else None)
@@ -115,7 +115,7 @@ class Tokenizer:
             self._spm_bytes = [self.token_to_id.get(f"<0x{b:02X}>") for b in range(256)]
         else:
             self._init_bpe(keys.strings("merges", []))
-        specials = [i for i in range(n) if self.token_type[i] in (CONTROL, USER_DEFINED, UNKNOWN)]
+        specials = np.flatnonzero(np.isin(self.token_type, (CONTROL, USER_DEFINED, UNKNOWN))).tolist()
         specials.sort(key=lambda i: -len(tokens[i]))
         self._specials = [(tokens[i], i, self.token_type[i] == USER_DEFINED) for i in specials if tokens[i]]
         self.eog_ids = self._end_of_generation_ids()
