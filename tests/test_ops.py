@@ -227,13 +227,19 @@ def test_listed_attention_is_independent_of_cell_placement():
 
 
 def test_gated_activations():
+    """Against float64 NumPy, over gates from -100 to 100 (exp far from 1 both ways), each token alone too."""
     gate = RNG.standard_normal((3, 40)).astype(np.float32) * 3
+    gate[0, :20] = np.linspace(-100, 100, 20)
     up = RNG.standard_normal((3, 40)).astype(np.float32)
+    gate_up = np.concatenate([gate, up], axis=1)
     out = np.empty_like(gate)
-    activations.swiglu(out, gate, up)
-    np.testing.assert_allclose(out, reference.silu(gate.astype(np.float64)) * up, rtol=1e-5, atol=1e-6)
-    activations.geglu_tanh(out, gate, up)
-    np.testing.assert_allclose(out, reference.gelu_tanh(gate.astype(np.float64)) * up, rtol=1e-5, atol=1e-6)
+    for act, expected in ((activations.swiglu, reference.silu), (activations.geglu_tanh, reference.gelu_tanh)):
+        act(out, gate_up)
+        np.testing.assert_allclose(out, expected(gate.astype(np.float64)) * up, rtol=1e-5, atol=1e-6)
+        alone = np.empty((1, 40), np.float32)
+        assert all(np.array_equal(act(alone, gate_up[t : t + 1])[0], out[t]) for t in range(3))
+    nan = np.full((1, 80), np.nan, np.float32)
+    assert np.isnan(activations.swiglu(np.empty((1, 40), np.float32), nan)).all()  # a broken model still stops
     x = gate.copy()
     activations.softcap(x, 2.0)
     np.testing.assert_allclose(x, 2.0 * np.tanh(gate / 2.0), rtol=1e-5, atol=1e-6)

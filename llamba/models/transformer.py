@@ -254,7 +254,7 @@ class Transformer:
         rmsnorm(h, x, layer.ffn_norm, hp.norm_eps)
         gate_up = self._project(h, layer.w_gate_up, 2 * hp.n_ff)
         act = np.empty((x.shape[0], hp.n_ff), np.float32)
-        (geglu_tanh if hp.activation == "gelu" else swiglu)(act, gate_up[:, : hp.n_ff], gate_up[:, hp.n_ff :])
+        (geglu_tanh if hp.activation == "gelu" else swiglu)(act, gate_up)
         out = matmul(act, layer.w_down)
         if layer.ffn_post_norm is not None:
             rmsnorm(out, out, layer.ffn_post_norm, hp.norm_eps)

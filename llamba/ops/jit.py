@@ -29,15 +29,17 @@ def kernel(fn=None, *, parallel: bool = False):
     return wrap(fn) if fn is not None else wrap
 
 
-def exact_kernel(fn=None, *, parallel: bool = False, inline: bool = False):
+def exact_kernel(fn=None, *, parallel: bool = False, inline: bool = False, ieee_division: bool = False):
     """A kernel without reassociation or implicit contraction: its arithmetic is fixed by the source, so every
     token in a batch gets the same operations in the same order (the batch invariance the decoders and the
     server rely on). inline: a helper inlined into its caller by Numba (LLVM will not inline a large one, and
-    a call per block then costs more than its work)."""
+    a call per block then costs more than its work). ieee_division: x / 0 is inf or NaN, as in NumPy, instead
+    of Python's ZeroDivisionError, whose check in every division of a loop stops it vectorizing."""
 
     def wrap(f):
         return numba.njit(cache=True, fastmath=set(EXACT_FASTMATH), parallel=parallel, nogil=True,
-                          inline="always" if inline else "never")(f)
+                          inline="always" if inline else "never",
+                          error_model="numpy" if ieee_division else "python")(f)
 
     return wrap(fn) if fn is not None else wrap
 
