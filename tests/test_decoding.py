@@ -194,6 +194,21 @@ def test_prompt_lookup_copies_what_followed():
     drafter = PromptLookup()
     assert drafter.propose([1, 2, 3, 4, 5, 9, 2, 3], 3).tokens == [4, 5, 9]
     assert drafter.propose([1, 2, 3], 3).tokens == []
+    assert drafter.kind([1, 2, 3, 4, 5, 9, 2, 3]) == 2  # "2 3" matched
+    assert drafter.kind([1, 2, 3, 4, 5, 9, 3]) == 1 and drafter.kind([1, 2, 3]) is None
+
+
+def test_controller_learns_a_rate_per_kind_of_guess():
+    """Guesses after long matches held, after short ones failed: it keeps guessing on the first kind only."""
+    controller = Controller(max_k=8)
+    for n in (1, 2, 5, 9):
+        controller.record_forward(n, 0.010 + 0.001 * (n - 1))
+    for _ in range(30):
+        controller.record_guesses(proposed=4, accepted=4, kind=3)
+        controller.record_guesses(proposed=4, accepted=0, kind=1)
+    assert controller.choose(8, kind=3) >= 4
+    assert controller.choose(8, kind=1) == 0
+    assert controller.choose(8, kind="new") > 0  # a kind not yet seen starts hopeful
 
 
 def test_unknown_decoder_is_a_clear_error():

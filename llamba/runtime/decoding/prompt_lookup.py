@@ -2,7 +2,9 @@
 
 The longest recent n-gram (up to MAX_NGRAM tokens) that also occurred earlier is looked up in an index of
 n-gram -> the position after its latest earlier occurrence; the tokens that followed it there are the guesses.
-It costs no model at all and wins big where output repeats input: editing code, quoting, summarising.
+It costs no model at all and wins big where output repeats input: editing code, quoting, summarising. The
+match's length is the guess's kind: on SmolLM2's benchmark answers the first guess after a 3-token match held
+64-92% of the time, after a single token 13-43%, so the controller learns a rate for each.
 """
 
 from __future__ import annotations
@@ -35,17 +37,23 @@ class PromptLookup:
                     self._index[tuple(context[end - n : end])] = end
         self._seen = list(context)
 
+    def kind(self, context: list[int]) -> int | None:
+        """How many tokens the match that would be copied from is long; None when nothing matches."""
+        n, _ = self._longest_match(context)
+        return n or None
+
     def propose(self, context: list[int], k: int, sampler=None) -> Draft:
         """Indexes the context's n-grams that end before its last position: the newest one is the query."""
-        start = self._longest_match(context)
+        _, start = self._longest_match(context)
         return Draft(context[start : start + k] if start is not None else [])
 
-    def _longest_match(self, context: list[int]) -> int | None:
+    def _longest_match(self, context: list[int]) -> tuple[int, int | None]:
+        """(length of the longest matching recent n-gram, where what followed it starts), or (0, None)."""
         prefix = context[:-1]
         self._catch_up(prefix)
         for n in range(self.max_ngram, 0, -1):
             if len(context) > n:
                 at = self._index.get(tuple(context[-n:]))
                 if at is not None:
-                    return at
-        return None
+                    return n, at
+        return 0, None

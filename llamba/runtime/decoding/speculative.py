@@ -36,6 +36,7 @@ class Draft:
     probs: list[tuple[np.ndarray, np.ndarray]] | None = None
     parents: list[int] | None = None  # None: a chain
     n_guesses: int | None = None  # None: every node is a guess
+    kind: object = None  # the drafter's kind of guess (Drafter.kind), for the controller's statistics
 
     def __post_init__(self):
         if self.parents is None:
@@ -64,8 +65,10 @@ class Drafter(Protocol):
     def reset(self) -> None:
         """A new generation starts (forget per-generation state; a pool of seen text may stay)."""
 
-    # Optional: `extra_rows` (int), rows of its own the drafter adds to every guessing step, and
-    # `observe(draft, rows)`, called with the logits of every row after the step's forward (lookahead has both).
+    # Optional: `extra_rows` (int), rows of its own the drafter adds to every guessing step;
+    # `observe(draft, rows)`, called with the logits of every row after the step's forward (lookahead has both);
+    # `kind(context)`, what sort of guess would come next (prompt lookup: how long a match), None for none at
+    # all: the controller keeps an acceptance rate per kind, since a long match is far likelier to hold.
 
 
 @dataclass
@@ -82,34 +85,39 @@ class SpeculationStats:
 class Controller:
     """Chooses how many guesses to check per step, from what this machine and model measure.
 
-    It keeps the recent acceptance rate a of single guesses and the cost of a forward pass per batch size
-    (seconds, moving averages). k guesses return on average 1 + a + ... + a^k tokens and cost a forward of
-    k + 1 tokens plus drafting; it picks the k with the most tokens per second, 0 included. When it settles
-    on 0 it still tries one guess now and then, so a text that becomes predictable is noticed.
+    It keeps the recent acceptance rate a of single guesses, per kind of guess where the drafter tells kinds
+    apart, and the cost of a forward pass per batch size (seconds, moving averages). k guesses return on
+    average 1 + a + ... + a^k tokens and cost a forward of k + 1 tokens plus drafting; it picks the k with
+    the most tokens per second, 0 included. When it settles on 0 it still tries one guess now and then, so a
+    text that becomes predictable is noticed.
     """
 
     PROBE_EVERY = 8
     PROBE_BUDGET = 0.05
+    FIRST_RATE = 0.6  # a kind's acceptance rate before any of its guesses was checked
 
     def __init__(self, max_k: int = 8, fixed_k: int | None = None):
         self.max_k = max_k
         self.fixed_k = fixed_k
-        self.accept_rate = 0.6
+        self.accept_rates: dict = {}  # kind of guess -> acceptance rate
         self.forward_cost: dict[int, float] = {}
         self.draft_cost = 0.0  # seconds per proposed guess
         self._since_probe = 0
 
-    def choose(self, available: int, extra_rows: int = 0) -> int:
-        """How many guesses to check next (0: a plain step); extra_rows: rows the drafter adds to any step
-        that guesses (lookahead's window)."""
+    def accept_rate(self, kind=None) -> float:
+        return self.accept_rates.get(kind, self.FIRST_RATE)
+
+    def choose(self, available: int, extra_rows: int = 0, kind=None) -> int:
+        """How many guesses (of this kind) to check next (0: a plain step); extra_rows: rows the drafter
+        adds to any step that guesses (lookahead's window)."""
         limit = min(self.max_k, available)
         if self.fixed_k is not None:
             return min(self.fixed_k, limit)
         if 1 not in self.forward_cost:  # first a plain step: every choice is measured against its cost
             return 0
         best_k, best_rate = 0, 1.0 / self._cost(1)
+        a = self.accept_rate(kind)
         for k in range(1, limit + 1):
-            a = self.accept_rate
             expected = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
             rate = expected / (self._cost(k + 1 + extra_rows) + k * self.draft_cost)
             if rate > best_rate * 1.02:  # a guess must pay for itself clearly
@@ -147,12 +155,12 @@ class Controller:
         if proposed:
             self.draft_cost = 0.8 * self.draft_cost + 0.2 * seconds / proposed
 
-    def record_guesses(self, proposed: int, accepted: int) -> None:
+    def record_guesses(self, proposed: int, accepted: int, kind=None) -> None:
         if proposed:
             # acceptance of a guess given its predecessors were accepted: accepted of the ones checked
             checked = min(proposed, accepted + 1)
             rate = accepted / checked
-            self.accept_rate = min(0.98, max(0.02, 0.85 * self.accept_rate + 0.15 * rate))
+            self.accept_rates[kind] = min(0.98, max(0.02, 0.85 * self.accept_rate(kind) + 0.15 * rate))
 
 
 @dataclass
@@ -200,12 +208,17 @@ def guess(spec: Speculation, history: list[int], room: int, sampler: Sampler) ->
     """The drafter's guesses after history (whose last token is being evaluated), as many as the controller
     thinks pay for themselves within room; none for plain decoding."""
     drafter = spec.drafter
-    extra = getattr(drafter, "extra_rows", 0)
-    k = spec.controller.choose(room, extra) if drafter is not None and room > 0 else 0
+    if drafter is None or room <= 0:
+        return Draft([])
+    kind = drafter.kind(history) if hasattr(drafter, "kind") else "any"
+    if kind is None:  # nothing to guess from: a plain step (and no probe counted)
+        return Draft([])
+    k = spec.controller.choose(room, getattr(drafter, "extra_rows", 0), kind)
     if not k:
         return Draft([])
     t0 = time.perf_counter()
     draft = drafter.propose(history, k, sampler)
+    draft.kind = kind
     if not spec.fresh:  # a first guess also reads the whole prompt (a draft model's cache): not a guess's cost
         spec.controller.record_draft(draft.n_guesses, time.perf_counter() - t0)
     spec.fresh = False
@@ -230,7 +243,7 @@ def settle(spec: Speculation, cache, cells: np.ndarray, draft: Draft, rows: np.n
     if spec.drafter is not None and hasattr(spec.drafter, "observe"):
         spec.drafter.observe(draft, rows)
     spec.controller.record_forward(len(rows), seconds)
-    spec.controller.record_guesses(draft.n_guesses, len(verdict.accepted))
+    spec.controller.record_guesses(draft.n_guesses, len(verdict.accepted), draft.kind)
     spec.stats.steps += 1
     spec.stats.proposed += draft.n_guesses
     spec.stats.accepted += len(verdict.accepted)
