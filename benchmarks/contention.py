@@ -80,15 +80,18 @@ def main(model, runs, loads, thread_counts, engines) -> None:
                 rows.append((n_busy, threads, rates))
     click.echo(f"\n{model}, tg{N_GEN}, {runs} fresh processes each: tokens per second min / median / max")
     head = "| busy | threads | " + " | ".join(engines) + " |"
-    extra = " slowest llamba / median llama.cpp | slowest llamba / own median |" if len(engines) > 1 else ""
+    # the last column is the machine's own spread: how far below its median llama.cpp's slowest process fell
+    extra = (" slowest llamba / median llama.cpp | slowest llamba / own median | slowest llama.cpp / own median |"
+             if len(engines) > 1 else "")
     click.echo(head + extra)
-    click.echo("| ---: | ---: |" + " ---: |" * (len(engines) + (2 if extra else 0)))
+    click.echo("| ---: | ---: |" + " ---: |" * (len(engines) + (3 if extra else 0)))
     for n_busy, threads, rates in rows:
         cells = [f"{min(r):.1f} / {statistics.median(r):.1f} / {max(r):.1f}" for r in rates.values()]
         line = f"| {n_busy} | {threads} | " + " | ".join(cells) + " |"
         if extra:
             ours, theirs = rates["llamba"], rates["llama.cpp"]
-            line += f" {min(ours) / statistics.median(theirs):.2f} | {min(ours) / statistics.median(ours):.2f} |"
+            line += (f" {min(ours) / statistics.median(theirs):.2f} | {min(ours) / statistics.median(ours):.2f} |"
+                     f" {min(theirs) / statistics.median(theirs):.2f} |")
         click.echo(line)
 
 
