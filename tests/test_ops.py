@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numba
 import numpy as np
 import pytest
 
+from llamba.errors import LlambaError
 from llamba.formats.ggml_types import ggml_type
 from llamba.formats.quants import dequantize
 from llamba.ops import activations
@@ -87,6 +89,14 @@ def test_weights_in_one_arena_are_the_same_bytes():
             a, b = getattr(alone, name), getattr(placed, name)
             assert a.dtype == b.dtype and np.array_equal(a, b), (ggml.name, name)
             assert b.size == 0 or np.shares_memory(b, arena._buffer), (ggml.name, name)  # not NumPy's fallback
+
+
+def test_an_arena_too_big_for_memory_is_a_clear_error():
+    policy = Path("/proc/sys/vm/overcommit_memory")
+    if not policy.exists() or policy.read_text().strip() != "0":  # Linux's heuristic refuses it outright
+        pytest.skip("this kernel may grant any mapping")
+    with pytest.raises(LlambaError, match="not enough memory for the model's weights"):
+        WeightArena(1 << 50)
 
 
 def test_stacking_only_where_layouts_agree():

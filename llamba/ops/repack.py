@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import numba
 import numpy as np
 
-from ..errors import UnsupportedError
+from ..errors import LlambaError, UnsupportedError
 from ..formats.ggml_types import GGMLType
 from ..formats.quants import dequantize
 from .jit import F16_TABLE, kernel, readonly
@@ -454,7 +454,10 @@ class WeightArena:
     Reserve what the lanes will take (lanes_nbytes); should it run out, arrays come from NumPy instead."""
 
     def __init__(self, reserve: int):
-        self._buffer = _huge_page_buffer(max(reserve, ALIGN))
+        try:
+            self._buffer = _huge_page_buffer(max(reserve, ALIGN))
+        except (OSError, MemoryError):
+            raise LlambaError(f"not enough memory for the model's weights ({reserve / 1e9:.1f} GB once repacked)") from None
         self._used = 0
 
     def zeros(self, shape: tuple, dtype) -> np.ndarray:
