@@ -77,7 +77,8 @@ class Llama:
         """Run the kernels once on a scratch cache, so compilation (first run only) happens now, then
         release the compiler's pages: nothing later needs them."""
         scratch = KVCache.for_model(self.model.hp, SMALL_BATCH + 8, self.cache.kv_type)
-        self.model.forward_tokens([0] * (SMALL_BATCH + 1), 0, scratch)  # the prefill path
+        later_layers = frozenset(range(1, self.model.hp.n_layer))  # every layer runs the same kernels
+        self.model.forward_tokens([0] * (SMALL_BATCH + 1), 0, scratch, skip=later_layers)  # the prefill path
         self.model.forward_tokens([0], SMALL_BATCH + 1, scratch)  # the batch path
         self.model.threads.reset()  # those timings included compiling
         release_compiler_pages()
