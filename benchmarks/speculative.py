@@ -82,7 +82,8 @@ def warm_up(llm: Llama, prompt_ids: list[int]) -> dict[str, float]:
 @click.option("--model", "models", multiple=True, default=["smollm2-135m", "gemma3-270m"])
 @click.option("-n", "n_tokens", default=256, show_default=True)
 @click.option("-t", "threads", default=2, show_default=True)
-@click.option("-r", "repeats", default=3, show_default=True, help="runs per decoder, interleaved; the median counts")
+@click.option("-r", "repeats", default=5, show_default=True,
+              help="runs per decoder, interleaved; the median counts (3 left the median 10% apart between runs)")
 def main(models, n_tokens, threads, repeats) -> None:
     cost_rows, rows, warm = [], [], []
     for name in models:
