@@ -12,6 +12,8 @@ rest (what makes a chat's second turn cheap).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 from .errors import LlambaError
 from .models import load_transformer
 from .models.metadata import MAX_CONTEXT
-from .ops.jit import release_compiler_pages
+from .ops.jit import kernels_compiled, release_compiler_pages
 from .ops.threads import set_threads
 from .ops.matmul import SMALL_BATCH
 from .runtime.chat_template import load_chat_template, turn_terminator
@@ -50,6 +52,8 @@ class Llama:
         self.n_threads = set_threads(n_threads)
         say = on_status or (lambda message: None)
         self.model_path = Path(resolve_model(model, say=say))
+        if not kernels_compiled() and not os.environ.get(_COMPILING_CHILD):
+            _compile_kernels_in_child(self.model_path, kv_type)
         self.model = load_transformer(self.model_path)
         self.tokenizer = Tokenizer(self.model.gguf.metadata, str(self.model_path))
         self.template = load_chat_template(self.model.gguf.metadata, self.tokenizer.tokens, self.tokenizer.token_to_id,
@@ -209,6 +213,18 @@ class Llama:
         s = self.last_stats
         return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
                 "total_tokens": s.prompt_tokens + s.generated_tokens}
+
+
+_COMPILING_CHILD = "LLAMBA_COMPILING_KERNELS"
+
+
+def _compile_kernels_in_child(path: Path, kv_type: str) -> None:
+    """First run: load the model in a child process, which compiles the kernels into Numba's cache, so that this
+    process loads them from the cache like every later run. Code Numba has just compiled is not always the
+    code it caches: the fast-math attention kernel's last bits differ, and a process that compiled gave other
+    answers than every later one. Should the child fail, this process compiles them itself."""
+    code = f"from llamba import Llama; Llama({str(path)!r}, n_ctx={MIN_CTX}, kv_type={kv_type!r})"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, _COMPILING_CHILD: "1"}, capture_output=True)
 
 
 def _context_size(n_ctx: int | None, n_ctx_train: int) -> int:
