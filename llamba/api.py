@@ -224,7 +224,10 @@ def _compile_kernels_in_child(path: Path, kv_type: str) -> None:
     code it caches: the fast-math attention kernel's last bits differ, and a process that compiled gave other
     answers than every later one. Should the child fail, this process compiles them itself."""
     code = f"from llamba import Llama; Llama({str(path)!r}, n_ctx={MIN_CTX}, kv_type={kv_type!r})"
-    subprocess.run([sys.executable, "-c", code], env={**os.environ, _COMPILING_CHILD: "1"}, capture_output=True)
+    try:
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, _COMPILING_CHILD: "1"}, capture_output=True)
+    except OSError:  # no Python to start (an embedded interpreter): compile here
+        pass
 
 
 def _context_size(n_ctx: int | None, n_ctx_train: int) -> int:
