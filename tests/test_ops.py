@@ -113,6 +113,8 @@ def test_stacking_only_where_layouts_agree():
                        part(odd, "Q4_0"), part(q6k, "Q6_K"), part(q3k, "Q3_K")])
     # Q4_K then Q8_0: other layouts; Q4_0's 100 rows do not fill their last chunk; Q6_K and Q3_K share one
     assert [len(run) for run in runs] == [2, 1, 1, 1, 2]
+    # Q4_K and Q4_0 are both 4-bit codes, but with other code biases and scale types: never one matrix
+    assert [len(run) for run in stack_runs([part(q4k_b, "Q4_K"), part(q4_0, "Q4_0")])] == [1, 1]
     mixed = stack_lanes(runs[-1], 256)
     assert np.array_equal(lanes_to_float(mixed), np.vstack([dequantize(q6k, ggml_type("Q6_K")),
                                                              dequantize(q3k, ggml_type("Q3_K"))]))
