@@ -160,6 +160,7 @@ def _block_sums(builder, a: _Args, layout: _Layout, b, tokens: list) -> list:
     """Block b's integer dot products minus the code bias's share, bias * sum c, per [token][row vector] in
     16 int32 lanes. (Starting each sum from -bias * sum c instead of zero saves a subtraction per sum.)"""
     codes = builder.gep(a.codes, [builder.mul(b, ir.Constant(_I64, layout.block_bytes))])
+    _prefetch_next_chunk(builder, a, layout, codes)
     words = builder.gep(a.words, [builder.mul(b, ir.Constant(_I64, layout.group // 4))])
     sums = [[token.minus_bias] * ROW_VECTORS for token in tokens]
     for v in range(ROW_VECTORS):
@@ -168,6 +169,17 @@ def _block_sums(builder, a: _Args, layout: _Layout, b, tokens: list) -> list:
                 at = builder.add(builder.mul(a.row_words, ir.Constant(_I64, t)), ir.Constant(_I64, xi))
                 sums[t][v] = _dot4(builder, sums[t][v], w, _broadcast(builder, builder.load(builder.gep(words, [at]))))
     return sums
+
+
+def _prefetch_next_chunk(builder, a: _Args, layout: _Layout, codes) -> None:
+    """Ask for the same block of the next chunk (into L2): a batch of guesses computes long enough per chunk
+    that the hardware prefetcher alone leaves memory idle meanwhile."""
+    fn = builder.module.declare_intrinsic("llvm.prefetch", [_I8.as_pointer()],
+                                          ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]))
+    ahead = builder.mul(a.n_blocks, ir.Constant(_I64, layout.block_bytes))
+    for line in range(0, layout.block_bytes, 64):
+        at = builder.gep(codes, [builder.add(ahead, ir.Constant(_I64, line))])
+        builder.call(fn, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
 
 
 class _Token:
