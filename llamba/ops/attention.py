@@ -54,10 +54,21 @@ def attention_listed(out, q, k_cache, v_cache, visible, counts, cell_pos, q_pos,
         for j in range(n_keys):
             scores[j] = softmax_exp(scores[j] - best)
             total += scores[j]
+        # the values four at a time: one per pass left the loop's overhead (the accumulator's loads and
+        # stores, aliasing checks) costing more than its arithmetic
+        inverse = np.float32(1.0) / total
+        values, cells = v_cache[kv], visible[t, first:n]
         acc = np.zeros(head_dim, np.float32)
-        for j in range(n_keys):
-            p = scores[j] / total
-            value = v_cache[kv, visible[t, first + j]]
+        j = 0
+        while j + 4 <= n_keys:
+            v0, v1, v2, v3 = values[cells[j]], values[cells[j + 1]], values[cells[j + 2]], values[cells[j + 3]]
+            p0, p1 = scores[j] * inverse, scores[j + 1] * inverse
+            p2, p3 = scores[j + 2] * inverse, scores[j + 3] * inverse
+            for d in range(head_dim):
+                acc[d] += (p0 * as_f32(v0[d]) + p1 * as_f32(v1[d])) + (p2 * as_f32(v2[d]) + p3 * as_f32(v3[d]))
+            j += 4
+        for j in range(j, n_keys):
+            value, p = values[cells[j]], scores[j] * inverse
             for d in range(head_dim):
                 acc[d] += p * as_f32(value[d])
         out[t, h, :] = acc
