@@ -28,6 +28,7 @@ from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, sta
 from ..ops.rope import rope_inplace, rope_tables
 from ..ops.threads import ThreadGovernor
 from ..runtime.batch import Batch
+from . import lanes_cache
 from .metadata import HParams
 
 
@@ -56,20 +57,33 @@ class Transformer:
     def __init__(self, g: GGUFFile, hp: HParams):
         self.gguf = g
         self.hp = hp
-        self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in g.tensors.values()
-                                      if len(t.shape) == 2))
-        self.tok_embd = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
-        self.output_norm = self._vector("output_norm.weight", hp.n_embd)
-        has_output = "output.weight" in g.tensors
-        self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab) if has_output else self.tok_embd
-        self.layers = [self._layer(i) for i in range(hp.n_layer)]
+        reserve = sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in g.tensors.values() if len(t.shape) == 2)
+        saved = lanes_cache.load(g.path, reserve)  # an earlier load's repacked weights, if they are still good
+        # (a saved arena that turns out not to fit is repacked over: it cannot happen while its key matches)
+        self.weights_mapped = saved is not None and self._load_weights(WeightArena(reserve, filled=saved))
+        if not self.weights_mapped:
+            self._load_weights(WeightArena(reserve))
         self.threads = ThreadGovernor()  # how many threads each forward uses, by measurement
-        del self._arena  # its mapping lives on in the weights' arrays
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
         _return_freed_memory()
 
     # ------------------------------------------------------------------------------------------ loading
     # Every tensor's whole shape is checked against the hyperparameters: the kernels trust them.
+
+    def _load_weights(self, arena: WeightArena) -> bool:
+        """Every weight, repacked into the arena or (a filled one) found there; False if a filled arena
+        turned out not to hold them all. A freshly repacked arena is saved for the next load."""
+        hp, g = self.hp, self.gguf
+        self._arena = arena
+        self.tok_embd = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
+        self.output_norm = self._vector("output_norm.weight", hp.n_embd)
+        has_output = "output.weight" in g.tensors
+        self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab) if has_output else self.tok_embd
+        self.layers = [self._layer(i) for i in range(hp.n_layer)]
+        del self._arena  # its mapping lives on in the weights' arrays
+        if not arena.filled and not arena.overflowed:
+            lanes_cache.save(g.path, arena.contents)
+        return arena.filled and not arena.overflowed
 
     def _tensor(self, name: str, shape: tuple[int, ...]):
         t = self.gguf.tensors.get(name)
@@ -97,7 +111,7 @@ class Transformer:
         """The matrices as few as possible: each run of neighbours that share a layout stacked into one."""
         tensors = [self._tensor(name, (n_cols, n_rows)) for name, n_rows in shapes]
         runs = stack_runs([(t.data, t.type) for t in tensors])
-        return [stack_lanes(run, n_cols, self._arena.zeros) for run in runs]
+        return [stack_lanes(run, n_cols, self._arena.zeros, fill=not self._arena.filled) for run in runs]
 
     def _layer(self, i: int) -> Layer:
         hp, p = self.hp, f"blk.{i}."

@@ -328,17 +328,18 @@ def to_lanes(data: np.ndarray, ggml: GGMLType, n_cols: int, zeros: Allocate = np
     return stack_lanes([(data, ggml)], n_cols, zeros)
 
 
-def stack_lanes(parts: list[Part], n_cols: int, zeros: Allocate = np.zeros) -> LaneMatrix:
+def stack_lanes(parts: list[Part], n_cols: int, zeros: Allocate = np.zeros, fill: bool = True) -> LaneMatrix:
     """Tensors with the same inputs repacked as one lanes matrix, their rows stacked in order, so one kernel
     call multiplies them all; `parts` is one of stack_runs' runs. Each part's kernel writes its own chunks
-    of the stacked arrays, which come from `zeros` (an arena's, when loading a model)."""
+    of the stacked arrays, which come from `zeros` (an arena's, when loading a model). fill=False: the
+    arrays zeros hands out hold the repacked weights already (a filled arena)."""
     chunks = [_n_chunks(data.shape[0]) for data, _ in parts]
     n_rows, first = sum(data.shape[0] for data, _ in parts), parts[0][1]
     source = "+".join(sorted({ggml.name for _, ggml in parts}))
     (codes_shape, codes_type), (scale_shape, scale_type), (offset_shape, _) = _lanes_arrays(first, sum(chunks), n_cols)
     codes, scale, offset = zeros(codes_shape, codes_type), zeros(scale_shape, scale_type), zeros(offset_shape, scale_type)
     at = 0
-    for (data, ggml), n in zip(parts, chunks):
+    for (data, ggml), n in zip(parts, chunks if fill else []):
         if ggml.name in FLOAT_TYPES:
             rows = np.zeros((n * CHUNK, n_cols), np.float32)
             rows[: data.shape[0]] = dequantize(data, ggml).reshape(-1, n_cols)
@@ -451,22 +452,32 @@ class WeightArena:
     gets them: SmolLM2 decoded 13-16% faster at 1 thread (Gemma, whose 178 MB output had them already, no
     measurable change). The repacking writes straight into it: fresh memory faults on first touch, costly on
     a VM, and copying into the mapping afterwards touched the weights' bytes twice (0.05-0.5 s for Gemma).
-    Reserve what the lanes will take (lanes_nbytes); should it run out, arrays come from NumPy instead."""
+    Reserve what the lanes will take (lanes_nbytes); should it run out, arrays come from NumPy instead.
 
-    def __init__(self, reserve: int):
+    An arena may also start `filled`, from an earlier load's bytes (models/lanes_cache.py): the same
+    allocations in the same order then hand out the arrays as they were repacked, and nothing is repacked."""
+
+    def __init__(self, reserve: int, filled: np.ndarray | None = None):
         try:
-            self._buffer = _huge_page_buffer(max(reserve, ALIGN))
+            self._buffer = _huge_page_buffer(max(reserve, ALIGN)) if filled is None else filled
         except (OSError, MemoryError):
             raise LlambaError(f"not enough memory for the model's weights ({reserve / 1e9:.1f} GB once repacked)") from None
+        self.filled = filled is not None
+        self.overflowed = False  # some array did not fit (it came from NumPy, so the buffer lacks it)
         self._used = 0
 
     def zeros(self, shape: tuple, dtype) -> np.ndarray:
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if self._used + n > len(self._buffer):
+            self.overflowed = True
             return np.zeros(shape, dtype)
         array = self._buffer[self._used : self._used + n].view(dtype).reshape(shape)  # never used: still zero
         self._used += _aligned(n)
         return array
+
+    @property
+    def contents(self) -> np.ndarray:
+        return self._buffer
 
 
 def _huge_page_buffer(size: int) -> np.ndarray:
