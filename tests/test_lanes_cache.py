@@ -17,7 +17,7 @@ TOKENS = [1, 5, 9, 2, 7]
 
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLAMBA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLAMBA_LANES_DIR", str(tmp_path / "lanes"))
     monkeypatch.setattr(lanes_cache, "MIN_BYTES", 0)  # the tiny model is worth caching here
     return write_tiny_model(tmp_path / "tiny.gguf", "gemma3")
 
@@ -62,7 +62,15 @@ def test_a_short_cache_file_is_repacked_over(tiny):
 def test_an_unwritable_cache_is_no_cache(tiny, tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    monkeypatch.setenv("LLAMBA_HOME", str(blocker))
+    monkeypatch.setenv("LLAMBA_LANES_DIR", str(blocker / "lanes"))
     assert not load_transformer(tiny).weights_mapped
     assert not load_transformer(tiny).weights_mapped
     assert blocker.read_text() == ""
+
+
+def test_files_of_models_that_are_gone_are_removed(tiny, tmp_path):
+    other = write_tiny_model(tmp_path / "other.gguf", "llama")
+    load_transformer(other)
+    other.unlink()
+    load_transformer(tiny)  # writing a cache file tidies the folder
+    assert [p.name for p in lanes_cache.cache_dir().iterdir()] == [lanes_cache.cache_file(str(tiny)).name]

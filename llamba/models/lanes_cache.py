@@ -18,6 +18,7 @@ import hashlib
 import json
 import mmap
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,14 +27,19 @@ import numpy as np
 from ..store import llamba_home
 
 MAGIC = b"LLAMBA-LANES 1\n"
-HEADER = 4096  # bytes before the weights: a page, so the weights map page-aligned
+HEADER = 2 << 20  # bytes before the weights (a hole, mostly): 2 MB, so the page cache's large folios map
+#                   as huge pages (the weights' arrays start on a 2 MB boundary of the file and of memory)
 MIN_BYTES = 32 << 20  # smaller models repack in a blink: not worth a file (and tests make many tiny models)
 LAYOUT_SOURCES = ("ops/repack.py", "models/transformer.py", "formats/quants.py")  # what decides the bytes
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMBA_LANES_DIR") or llamba_home() / "lanes")
+
+
 def cache_file(model_path: str) -> Path:
     digest = hashlib.sha256(os.path.abspath(model_path).encode()).hexdigest()[:20]
-    return llamba_home() / "lanes" / f"{digest}.lanes"
+    return cache_dir() / f"{digest}.lanes"
 
 
 def load(model_path: str, nbytes: int) -> np.ndarray | None:
@@ -42,7 +48,7 @@ def load(model_path: str, nbytes: int) -> np.ndarray | None:
         return None
     try:
         with open(cache_file(model_path), "rb") as f:
-            header = _read_header(f.read(HEADER))
+            header = _read_header(f)
             if header != _header(model_path, nbytes) or os.fstat(f.fileno()).st_size != HEADER + nbytes:
                 return None
             mapping = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_PRIVATE, offset=HEADER)
@@ -64,12 +70,29 @@ def save(model_path: str, arena: np.ndarray) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         header = MAGIC + json.dumps(_header(model_path, arena.nbytes)).encode()
         with open(partial, "wb") as f:
-            f.write(header.ljust(HEADER, b"\0"))
+            f.write(header)
+            f.seek(HEADER)
             f.write(memoryview(arena))
         os.replace(partial, target)
     except OSError:
         with contextlib.suppress(OSError):  # (no directory to hold it: nothing to remove either)
             partial.unlink()
+        return
+    _remove_orphans(target.parent)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete the files of models that are gone, and writes abandoned over an hour ago."""
+    for path in folder.glob("*.partial"):
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > 3600:
+                path.unlink()
+    for path in folder.glob("*.lanes"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(path, "rb") as f:
+                header = _read_header(f)
+            if not os.path.exists(str((header or {}).get("model", ""))):
+                path.unlink()
 
 
 def _header(model_path: str, nbytes: int) -> dict:
@@ -78,10 +101,13 @@ def _header(model_path: str, nbytes: int) -> dict:
             "nbytes": nbytes, "layout": _layout_digest()}
 
 
-def _read_header(raw: bytes) -> dict | None:
+def _read_header(f) -> dict | None:
+    """The header's fields; None for a file that is not ours (ValueError for one that is garbled)."""
+    raw = f.read(4096)
     if not raw.startswith(MAGIC):
         return None
-    return json.loads(raw[len(MAGIC) :].rstrip(b"\0"))
+    header = json.loads(raw[len(MAGIC) :].rstrip(b"\0"))
+    return header if isinstance(header, dict) else None
 
 
 @lru_cache(maxsize=1)
