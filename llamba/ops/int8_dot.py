@@ -160,7 +160,8 @@ def _block_sums(builder, a: _Args, layout: _Layout, b, tokens: list) -> list:
     """Block b's integer dot products minus the code bias's share, bias * sum c, per [token][row vector] in
     16 int32 lanes. (Starting each sum from -bias * sum c instead of zero saves a subtraction per sum.)"""
     codes = builder.gep(a.codes, [builder.mul(b, ir.Constant(_I64, layout.block_bytes))])
-    _prefetch_next_chunk(builder, a, layout, codes)
+    if len(tokens) > 1:  # one token is a plain stream the hardware prefetcher keeps up with (extra hints cost)
+        _prefetch_next_chunk(builder, a, layout, codes)
     words = builder.gep(a.words, [builder.mul(b, ir.Constant(_I64, layout.group // 4))])
     sums = [[token.minus_bias] * ROW_VECTORS for token in tokens]
     for v in range(ROW_VECTORS):
