@@ -12,8 +12,9 @@ from .speculative import Controller, Speculation, SpeculationStats, decode_token
 
 DECODERS = ("greedy", "prompt-lookup", "lookahead", "draft:MODEL", "self-spec", "auto")
 # auto: prompt lookup with its guess count chosen step by step. In benchmarks/speculative.py (both test models,
-# four kinds of work) it ran 1.13-4.35x plain greedy decoding at the last measurement; an earlier
-# run measured 0.90x on a 16-token answer, where the controller's first measurements are most of the work.
+# four kinds of work) it ran 1.05-5.23x plain greedy decoding at the last measurement (fd2121f; 0.95-4.35x
+# over the two runs before); an earlier run measured 0.90x on a 16-token answer, where the controller's first
+# measurements are most of the work.
 # The server keeps greedy: its batch is already shared by several requests.
 DEFAULT_DECODING = "auto"
 
