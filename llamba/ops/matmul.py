@@ -147,7 +147,7 @@ def _batch_product(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> None:
     if w.kind == "f32":
         batch_f32(out, w.codes, x)
         return
-    batch_int8(out, w.codes, w.scale, w.offset, w.code_bias, w.group, x, numba.get_num_threads())
+    batch_int8(out, *w.int8_operands, x, numba.get_num_threads())
 
 
 # ------------------------------------------------------------------------------------- prefill
@@ -247,6 +247,12 @@ def matmul(x: np.ndarray, w: LaneMatrix, out: np.ndarray | None = None) -> np.nd
     n_tokens = x.shape[0]
     if out is None:
         out = np.empty((n_tokens, w.n_rows), np.float32)
+    # decoding and guesses: straight to the kernel (the general path's copies and checks cost 1-2 us a call,
+    # and decoding makes over a hundred calls per token)
+    if (n_tokens <= SMALL_BATCH and w.kind != "f32" and x.dtype == np.float32 and x.flags.c_contiguous
+            and out.flags.c_contiguous):
+        batch_int8(out, *w.int8_operands, x, numba.get_num_threads())
+        return out
     dense = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)  # one kernel variant
     x = np.ascontiguousarray(x, dtype=np.float32)
     if w.kind == "f32" and n_tokens > SMALL_BATCH:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, NamedTuple
 
 import numba
@@ -62,6 +63,12 @@ class LaneMatrix:
     @property
     def group(self) -> int:
         return 32 if self.nibbles else 4 * self.codes.shape[2] if self.kind == "q8" else 1
+
+    @cached_property
+    def int8_operands(self) -> tuple:
+        """The integer kernel's weight arguments, (codes, scale, offset, code_bias, group), worked out once:
+        decoding calls it over a hundred times per token."""
+        return self.codes, self.scale, self.offset, self.code_bias, self.group
 
     @property
     def nbytes(self) -> int:
