@@ -1,12 +1,13 @@
 """Bytes read per generated token, and how close decoding comes to the machine's memory bandwidth.
 
-    python benchmarks/bandwidth.py [--model smollm2-135m --model gemma3-270m] [-n 64]
+    python benchmarks/bandwidth.py [--model smollm2-135m --model gemma3-270m] [-n 64] [--context 8]
 
 Decoding one token reads every weight matrix once (the embedding only one row), so its speed is bounded by
 bytes per token / read bandwidth. Prints the machine's read bandwidth (a STREAM-style sum over 512 MB at 1
 and 2 threads), then per model: the file's tensor bytes, the resident weights, the bytes read per token (ours
 against the file's for the same matrices, which is what llama.cpp reads), and decode speed at 1 and 2 threads
-with the GB/s it achieves, for llamba and llama-cpp-python measured in the same run.
+with the GB/s it achieves, for llamba and llama-cpp-python measured in the same run. --context: tokens already
+in the cache when decoding starts (attention reads the cache as well as the weights: a long chat).
 """
 
 from __future__ import annotations
@@ -65,27 +66,34 @@ def weight_bytes(llm: Llama) -> dict[str, int]:
     return {"file": file_total, "resident": resident, "per_token": per_token, "file_per_token": file_per_token}
 
 
-def llamba_decode_seconds(llm: Llama, threads: int, n: int) -> float:
-    """Median seconds per token over n single-token forwards after an 8-token prompt, at a fixed thread count."""
+def _prompt(context: int) -> list[int]:
+    return [100 + i % 1000 for i in range(context)]
+
+
+def llamba_decode_seconds(llm: Llama, threads: int, n: int, context: int) -> float:
+    """Median seconds per token over n single-token forwards after a prompt of `context` tokens, at a fixed
+    thread count."""
     model, governor = llm.model, llm.model.threads
     model.threads = ThreadGovernor(fixed=threads)
-    cache = KVCache.for_model(model.hp, n + 16)
-    model.forward_tokens(list(range(100, 108)), 0, cache)
-    times = [_timed(lambda: model.forward_tokens([100 + i], 8 + i, cache)) for i in range(n)]
+    cache = KVCache.for_model(model.hp, context + n + 16)
+    model.forward_tokens(_prompt(context), 0, cache)
+    times = [_timed(lambda: model.forward_tokens([100 + i], context + i, cache)) for i in range(n)]
     model.threads = governor
     return statistics.median(times)
 
 
-def llama_cpp_decode_seconds(runner: LlamaCppRunner, n: int) -> float:
+def llama_cpp_decode_seconds(runner: LlamaCppRunner, n: int, context: int) -> float:
     runner.llm.reset()
-    runner.llm.eval(list(range(100, 108)))
+    runner.llm.eval(_prompt(context))
     return statistics.median(_timed(lambda: runner.llm.eval([100 + i])) for i in range(n))
 
 
 @click.command()
 @click.option("--model", "models", multiple=True, default=["smollm2-135m", "gemma3-270m"])
 @click.option("-n", "n_tokens", default=64, show_default=True)
-def main(models, n_tokens) -> None:
+@click.option("--context", default=8, show_default=True,
+              help="tokens in the cache before decoding starts (the GB/s columns count the weights only)")
+def main(models, n_tokens, context) -> None:
     bandwidth = {t: read_bandwidth(t) for t in (1, 2)}
     click.echo(f"read bandwidth (STREAM-style sum, best of 7): 1 thread {bandwidth[1]:.1f} GB/s, "
                f"2 threads {bandwidth[2]:.1f} GB/s\n")
@@ -97,9 +105,9 @@ def main(models, n_tokens) -> None:
         size_rows.append((llm.model_path.name, sizes))
         for threads in (1, 2):
             set_threads(threads)
-            peer = LlamaCppRunner(llm.model_path, threads)
-            ours = [llamba_decode_seconds(llm, threads, n_tokens) for _ in range(3)]
-            theirs = [llama_cpp_decode_seconds(peer, n_tokens) for _ in range(3)]
+            peer = LlamaCppRunner(llm.model_path, threads, n_ctx=context + n_tokens + 16)
+            ours = [llamba_decode_seconds(llm, threads, n_tokens, context) for _ in range(3)]
+            theirs = [llama_cpp_decode_seconds(peer, n_tokens, context) for _ in range(3)]
             ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
             speed_rows.append((llm.model_path.name, threads, ours_s, theirs_s, sizes, bandwidth[threads]))
             del peer

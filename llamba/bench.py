@@ -50,12 +50,12 @@ class LlambaRunner:
 
 
 class LlamaCppRunner:
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, n_ctx: int = 1024):
         try:
             from llama_cpp import Llama as LlamaCpp
         except ImportError:
             raise LlambaError("--compare-llama-cpp needs llama-cpp-python: pip install 'llamba[bench]'") from None
-        self.llm = LlamaCpp(str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+        self.llm = LlamaCpp(str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
                             verbose=False, logits_all=False)
 
     def prompt(self, ids: list[int]) -> None:
