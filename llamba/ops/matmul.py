@@ -247,11 +247,10 @@ def matmul(x: np.ndarray, w: LaneMatrix, out: np.ndarray | None = None) -> np.nd
     n_tokens = x.shape[0]
     if out is None:
         out = np.empty((n_tokens, w.n_rows), np.float32)
-    # decoding and guesses: straight to the kernel (the general path's copies and checks cost 1-2 us a call,
-    # and decoding makes over a hundred calls per token)
-    if (n_tokens <= SMALL_BATCH and w.kind != "f32" and x.dtype == np.float32 and x.flags.c_contiguous
-            and out.flags.c_contiguous):
-        batch_int8(out, *w.int8_operands, x, numba.get_num_threads())
+    # decoding and guesses: one batch call, no copies or slices (they cost 1-2 us a call, and decoding makes
+    # over a hundred calls per token)
+    if n_tokens <= SMALL_BATCH and x.dtype == np.float32 and x.flags.c_contiguous and out.flags.c_contiguous:
+        _batch_product(out, w, x)
         return out
     dense = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)  # one kernel variant
     x = np.ascontiguousarray(x, dtype=np.float32)
