@@ -37,6 +37,16 @@ def test_greedy_generate_is_the_argmax_chain(llm):
     assert llm.last_stats.generated_tokens == 12 and llm.last_stats.finish_reason == "length"
 
 
+
+def test_tokens_per_step_counts_the_last_generation_only(llm):
+    """The stats line's tokens per step describes the answer just given, not every answer since loading."""
+    repeating = "one two three four five six seven eight. one two three four five six seven eight. one two"
+    for prompt in (repeating, "The capital of France is"):
+        llm.generate(prompt, max_tokens=24, decoding="prompt-lookup", **GREEDY)
+        s, spec = llm.last_stats, llm.last_stats.speculation
+        # the first token comes before any step; each step gives one token and its accepted guesses
+        assert spec.steps < s.generated_tokens <= 1 + spec.steps + spec.accepted
+
 def test_stop_string_spanning_tokens_is_never_printed(llm):
     prompt = "The capital of France is"
     ids = _greedy_ids(llm, llm.tokenize(prompt), 12)

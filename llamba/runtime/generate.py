@@ -99,7 +99,6 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
         start_pos = len(prompt_ids) - 1  # re-run the last token: its logits are needed
     stats.prompt_tokens = len(prompt_ids)
     stats.evaluated_prompt_tokens = len(prompt_ids) - start_pos
-    stats.speculation = speculation.stats if speculation is not None else None
     t0 = time.perf_counter()
     logits = model.forward_tokens(prompt_ids[start_pos:], start_pos, cache)
     if max_tokens == 0:  # the prompt is evaluated (and cached), nothing generated
@@ -116,6 +115,8 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
             if stats.generated_tokens == 0:
                 stats.prompt_seconds = time.perf_counter() - t0
                 t0 = time.perf_counter()
+                # the token loop has started the speculation: this generation's statistics
+                stats.speculation = speculation.stats if speculation is not None else None
             stats.generated_tokens += 1
             if token in tokenizer.eog_ids:
                 stats.finish_reason = "stop"

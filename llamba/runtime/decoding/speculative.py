@@ -173,7 +173,8 @@ class Speculation:
     fresh: bool = True  # the next guess is a generation's first (its drafter may prepare: not timed)
 
     def start(self) -> None:
-        """A new generation begins."""
+        """A new generation begins: its own statistics (what the controller learned stays)."""
+        self.stats = SpeculationStats()
         if self.drafter is not None:
             self.drafter.reset()
         self.fresh = True
