@@ -12,9 +12,10 @@ from .speculative import Controller, Speculation, SpeculationStats, decode_token
 
 DECODERS = ("greedy", "prompt-lookup", "lookahead", "draft:MODEL", "self-spec", "auto")
 # auto: prompt lookup with its guess count chosen step by step. In benchmarks/speculative.py (both test models,
-# four kinds of work) it ran 1.05-5.23x plain greedy decoding at the last measurement (fd2121f; 0.95-4.35x
-# over the two runs before); an earlier run measured 0.90x on a 16-token answer, where the controller's first
-# measurements are most of the work.
+# four kinds of work) it ran 1.05-5.15x plain greedy decoding at the last measurement (3fe9c04; 0.95-5.23x
+# over the three runs before). Where nothing can be copied (SmolLM2's chat answer: 1.00 tokens per step) it
+# is plain decoding plus rare probes, and single runs measured 0.92-1.05x, this VM's noise; an earlier run
+# measured 0.90x on a 16-token answer, where the controller's first measurements are most of the work.
 # The server keeps greedy: its batch is already shared by several requests.
 DEFAULT_DECODING = "auto"
 
