@@ -16,7 +16,8 @@ from llamba.ops import activations
 from llamba.ops.attention import attention_chain, attention_listed
 from llamba.ops.jit import softmax_exp
 from llamba.ops.matmul import SMALL_BATCH, gather_rows, matmul, matvec
-from llamba.ops.norm import all_finite, rmsnorm
+from llamba.ops.heads import split_heads
+from llamba.ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
 from llamba.ops.repack import SUPPORTED, WeightArena, lanes_nbytes, lanes_to_float, stack_lanes, stack_runs, to_lanes
 from llamba.ops.rope import RopeConfig, rope_inplace, rope_tables
 from tests import reference
@@ -126,6 +127,41 @@ def test_rmsnorm():
     out = np.empty_like(x)
     rmsnorm(out, x, w, 1e-6)
     np.testing.assert_allclose(out, reference.rmsnorm(x.astype(np.float64), w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_add_block_output_joins_the_stream_and_norms_it_for_the_next_block(post_norm):
+    x = RNG.standard_normal((4, 96)).astype(np.float32)
+    out = RNG.standard_normal((4, 96)).astype(np.float32)
+    post, following = (RNG.standard_normal(96).astype(np.float32) for _ in range(2))
+    joined = x + (reference.rmsnorm(out.astype(np.float64), post, 1e-6) if post_norm else out)
+    next_in = np.empty_like(x)
+    assert add_block_output(x, out, post if post_norm else NO_WEIGHT, following, next_in, 1e-6)
+    np.testing.assert_allclose(x, joined, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(next_in, reference.rmsnorm(joined, following, 1e-6), rtol=1e-5, atol=1e-5)
+    out[2, 7] = np.inf
+    assert not add_block_output(x, out, NO_WEIGHT, following, next_in, 1e-6)
+
+
+@pytest.mark.parametrize("bias, qk_norm, neox", [(False, False, False), (True, False, True), (False, True, True)])
+def test_split_heads_against_numpy(bias, qk_norm, neox):
+    n, n_head, n_head_kv, head_dim, n_rot = 3, 4, 2, 64, 32
+    qkv = RNG.standard_normal((n, (n_head + 2 * n_head_kv) * head_dim)).astype(np.float32)
+    b = RNG.standard_normal(qkv.shape[1]).astype(np.float32) if bias else NO_WEIGHT
+    q_norm, k_norm = (RNG.standard_normal(head_dim).astype(np.float32) if qk_norm else NO_WEIGHT for _ in range(2))
+    pos = np.arange(7, 7 + n)
+    cos, sin = rope_tables(pos, RopeConfig(n_rot=n_rot, base=10000.0, neox=neox))
+    expected = qkv.astype(np.float64) + (b if bias else 0)
+    q, k, v = (np.empty((n, heads, head_dim), np.float32) for heads in (n_head, n_head_kv, n_head_kv))
+    split_heads(qkv, b, q_norm, k_norm, 1e-6, cos, sin, neox, q, k, v)
+    q_ref, k_ref, v_ref = np.split(expected, [n_head * head_dim, (n_head + n_head_kv) * head_dim], axis=1)
+    for ours, theirs, heads, norm in ((q, q_ref, n_head, q_norm), (k, k_ref, n_head_kv, k_norm)):
+        theirs = theirs.reshape(n, heads, head_dim)
+        if qk_norm:
+            theirs = reference.rmsnorm(theirs, norm, 1e-6)
+        np.testing.assert_allclose(ours, reference.rope(theirs, pos.astype(np.float64), n_rot, 10000.0, neox),
+                                   rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(v, v_ref.reshape(n, n_head_kv, head_dim), rtol=1e-6)
 
 
 def test_softmax_exp_is_within_a_few_ulps_of_numpy():

@@ -23,9 +23,10 @@ from ..formats.quants import dequantize
 from ..ops.activations import geglu_tanh, softcap, swiglu
 from ..ops.attention import attention_chain, attention_listed
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
-from ..ops.norm import all_finite, rmsnorm
+from ..ops.heads import split_heads
+from ..ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
 from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, stack_runs
-from ..ops.rope import rope_inplace, rope_tables
+from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
 from ..runtime.batch import Batch
 from . import lanes_cache
@@ -34,17 +35,19 @@ from .metadata import HParams
 
 @dataclass
 class Layer:
+    """One layer's weights; a bias or norm the model does not have is NO_WEIGHT (empty)."""
+
     attn_norm: np.ndarray
     wqkv: list[LaneMatrix]  # one fused matrix, or q, k, v when their layouts differ
-    bqkv: np.ndarray | None
+    bqkv: np.ndarray
     wo: LaneMatrix
     ffn_norm: np.ndarray
     w_gate_up: list[LaneMatrix]  # one fused matrix, or gate, up
     w_down: LaneMatrix
-    q_norm: np.ndarray | None = None
-    k_norm: np.ndarray | None = None
-    attn_post_norm: np.ndarray | None = None
-    ffn_post_norm: np.ndarray | None = None
+    q_norm: np.ndarray
+    k_norm: np.ndarray
+    attn_post_norm: np.ndarray
+    ffn_post_norm: np.ndarray
 
     @property
     def matrices(self) -> list[LaneMatrix]:
@@ -101,8 +104,8 @@ class Transformer:
         # a copy, not a view: the file's pages are released after loading and a view would fault them back
         return np.array(t.data, dtype=np.float32).reshape(-1)
 
-    def _optional_vector(self, name: str, n: int) -> np.ndarray | None:
-        return self._vector(name, n) if name in self.gguf.tensors else None
+    def _optional_vector(self, name: str, n: int) -> np.ndarray:
+        return self._vector(name, n) if name in self.gguf.tensors else NO_WEIGHT
 
     def _matrix(self, name: str, n_cols: int, n_rows: int) -> LaneMatrix:
         return self._fused([(name, n_rows)], n_cols)[0]
@@ -120,15 +123,15 @@ class Transformer:
         return Layer(
             attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd),
             wqkv=self._fused([(p + "attn_q.weight", q), (p + "attn_k.weight", kv), (p + "attn_v.weight", kv)], hp.n_embd),
-            bqkv=np.concatenate(biases) if all(b is not None for b in biases) else None,
+            bqkv=np.concatenate(biases) if all(b.size for b in biases) else NO_WEIGHT,
             wo=self._matrix(p + "attn_output.weight", q, hp.n_embd),
             ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd),
             w_gate_up=self._fused([(p + "ffn_gate.weight", hp.n_ff), (p + "ffn_up.weight", hp.n_ff)], hp.n_embd),
             w_down=self._matrix(p + "ffn_down.weight", hp.n_ff, hp.n_embd),
-            q_norm=self._vector(p + "attn_q_norm.weight", d) if hp.qk_norm else None,
-            k_norm=self._vector(p + "attn_k_norm.weight", d) if hp.qk_norm else None,
-            attn_post_norm=self._optional_vector(p + "post_attention_norm.weight", hp.n_embd) if hp.post_norms else None,
-            ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight", hp.n_embd) if hp.post_norms else None,
+            q_norm=self._vector(p + "attn_q_norm.weight", d) if hp.qk_norm else NO_WEIGHT,
+            k_norm=self._vector(p + "attn_k_norm.weight", d) if hp.qk_norm else NO_WEIGHT,
+            attn_post_norm=self._optional_vector(p + "post_attention_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
+            ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
         )
 
     # ------------------------------------------------------------------------------------------ forward
@@ -152,17 +155,14 @@ class Transformer:
         hp = self.hp
         placement = cache.place(batch)
         try:
-            x = self._layers(batch, placement, cache, exact, skip)
+            h = self._layers(batch, placement, cache, exact, skip)
         except BaseException:
             cache.remove_cells(placement.cells)  # a failed pass leaves nothing behind
             raise
-        x = x[batch.want_logits]
-        h = np.empty_like(x)
-        rmsnorm(h, x, self.output_norm, hp.norm_eps)
-        logits = matmul(h, self.output)
+        logits = matmul(h[batch.want_logits], self.output)
         if hp.final_softcap:
             softcap(logits, hp.final_softcap)
-        self._check_finite(logits, "the output projection")
+        self._check_finite(all_finite(logits), "the output projection")
         return logits
 
     def forward_tokens(self, tokens, start_pos: int, cache, all_logits: bool = False, logits_from: int = 0,
@@ -184,28 +184,33 @@ class Transformer:
         return logits if all_logits else logits[0]
 
     def _layers(self, batch: Batch, placement, cache, exact: bool, skip: frozenset[int]) -> np.ndarray:
+        """The residual stream through every layer not skipped; returns it normed by the output norm.
+
+        Each block starts from h, its input already normed, and ends by adding its output to the stream x
+        and norming x for the next block (the next layer's attention, or the output projection)."""
         hp = self.hp
         x = gather_rows(self.tok_embd, batch.tokens)
         if hp.embed_scale != 1.0:
             x *= np.float32(hp.embed_scale)
-        self._check_finite(x, "the token embeddings")
+        self._check_finite(all_finite(x), "the token embeddings")
         tables = {False: rope_tables(batch.positions, hp.rope)}
         if hp.rope_local is not None:
             tables[True] = rope_tables(batch.positions, hp.rope_local)
         attend = self._attention_over(batch, placement, cache, exact)
-        for i, layer in enumerate(self.layers):
-            if i in skip:
-                continue
+        layers = [(i, layer) for i, layer in enumerate(self.layers) if i not in skip]
+        next_norms = [layer.attn_norm for _, layer in layers[1:]] + [self.output_norm]
+        h = np.empty_like(x)
+        rmsnorm(h, x, layers[0][1].attn_norm if layers else self.output_norm, hp.norm_eps)
+        for (i, layer), next_norm in zip(layers, next_norms):
             local = bool(hp.swa_layers and hp.swa_layers[i])
             cos, sin = tables[local and hp.rope_local is not None]
-            self._attention_block(x, layer, i, placement.cells, cache, cos, sin, attend, local)
-            self._ffn_block(x, layer)
-            self._check_finite(x, f"layer {i}")
-        return x
+            self._attention_block(x, h, layer, i, placement.cells, cache, cos, sin, attend, local)
+            self._ffn_block(x, h, layer, next_norm, i)
+        return h
 
-    def _check_finite(self, x: np.ndarray, where: str) -> None:
+    def _check_finite(self, finite: bool, where: str) -> None:
         """Stop at the first NaN or inf, naming where it appeared, rather than sample from garbage."""
-        if not all_finite(x):
+        if not finite:
             raise NumericalError(f"{self.gguf.path}: {where} gave NaN or infinite values: "
                                  "the model's weights or hyperparameters are broken")
 
@@ -230,6 +235,8 @@ class Transformer:
         return attend
 
     def _project(self, h: np.ndarray, weights: list[LaneMatrix], width: int) -> np.ndarray:
+        if len(weights) == 1:  # fused (the usual case): no output slices
+            return matmul(h, weights[0])
         out = np.empty((h.shape[0], width), np.float32)
         at = 0
         for w in weights:
@@ -237,42 +244,31 @@ class Transformer:
             at += w.n_rows
         return out
 
-    def _attention_block(self, x, layer: Layer, i: int, cells, cache, cos, sin, attend, local: bool) -> None:
+    def _attention_block(self, x, h, layer: Layer, i: int, cells, cache, cos, sin, attend, local: bool) -> None:
+        """x += attention(h); h = x normed for the feed-forward block."""
         hp = self.hp
         n = x.shape[0]
-        h = np.empty_like(x)
-        rmsnorm(h, x, layer.attn_norm, hp.norm_eps)
         qkv = self._project(h, layer.wqkv, hp.q_dim + 2 * hp.kv_dim)
-        if layer.bqkv is not None:
-            qkv += layer.bqkv
-        q = np.ascontiguousarray(qkv[:, : hp.q_dim]).reshape(n, hp.n_head, hp.head_dim)
-        k = np.ascontiguousarray(qkv[:, hp.q_dim : hp.q_dim + hp.kv_dim]).reshape(n, hp.n_head_kv, hp.head_dim)
-        v = qkv[:, hp.q_dim + hp.kv_dim :].reshape(n, hp.n_head_kv, hp.head_dim)
-        if layer.q_norm is not None:
-            rmsnorm(q.reshape(-1, hp.head_dim), q.reshape(-1, hp.head_dim), layer.q_norm, hp.norm_eps)
-            rmsnorm(k.reshape(-1, hp.head_dim), k.reshape(-1, hp.head_dim), layer.k_norm, hp.norm_eps)
-        neox = hp.rope.neox
-        rope_inplace(q, cos, sin, neox)
-        rope_inplace(k, cos, sin, neox)
+        q = np.empty((n, hp.n_head, hp.head_dim), np.float32)
+        k = np.empty((n, hp.n_head_kv, hp.head_dim), np.float32)
+        v = np.empty_like(k)
+        split_heads(qkv, layer.bqkv, layer.q_norm, layer.k_norm, hp.norm_eps, cos, sin, hp.rope.neox, q, k, v)
         cache.store(i, cells, k, v)
-        att = np.empty((n, hp.n_head, hp.head_dim), np.float32)
+        att = np.empty_like(q)
         attend(att, q, i, hp.sliding_window if local else 0)
         out = matmul(att.reshape(n, hp.q_dim), layer.wo)
-        if layer.attn_post_norm is not None:
-            rmsnorm(out, out, layer.attn_post_norm, hp.norm_eps)
-        x += out
+        finite = add_block_output(x, out, layer.attn_post_norm, layer.ffn_norm, h, hp.norm_eps)
+        self._check_finite(finite, f"layer {i}")
 
-    def _ffn_block(self, x, layer: Layer) -> None:
+    def _ffn_block(self, x, h, layer: Layer, next_norm: np.ndarray, i: int) -> None:
+        """x += feed_forward(h); h = x normed by next_norm."""
         hp = self.hp
-        h = np.empty_like(x)
-        rmsnorm(h, x, layer.ffn_norm, hp.norm_eps)
         gate_up = self._project(h, layer.w_gate_up, 2 * hp.n_ff)
         act = np.empty((x.shape[0], hp.n_ff), np.float32)
         (geglu_tanh if hp.activation == "gelu" else swiglu)(act, gate_up)
         out = matmul(act, layer.w_down)
-        if layer.ffn_post_norm is not None:
-            rmsnorm(out, out, layer.ffn_post_norm, hp.norm_eps)
-        x += out
+        finite = add_block_output(x, out, layer.ffn_post_norm, next_norm, h, hp.norm_eps)
+        self._check_finite(finite, f"layer {i}")
 
 
 def _return_freed_memory() -> None:

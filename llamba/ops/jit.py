@@ -20,11 +20,13 @@ FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 EXACT_FASTMATH = FASTMATH - {"reassoc", "contract"}
 
 
-def kernel(fn=None, *, parallel: bool = False):
-    """njit with the project's policy: cached on disk, fast-math as above, no Python objects."""
+def kernel(fn=None, *, parallel: bool = False, inline: bool = False):
+    """njit with the project's policy: cached on disk, fast-math as above, no Python objects. inline: a helper
+    Numba inlines into the kernels that call it (one definition of arithmetic several kernels share)."""
 
     def wrap(f):
-        return numba.njit(cache=True, fastmath=set(FASTMATH), parallel=parallel, nogil=True)(f)
+        return numba.njit(cache=True, fastmath=set(FASTMATH), parallel=parallel, nogil=True,
+                          inline="always" if inline else "never")(f)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -158,3 +160,4 @@ def release_compiler_pages() -> None:
     for region in regions:
         start, stop = (int(bound, 16) for bound in region.split("-"))
         libc.madvise(start, stop - start, _MADV_PAGEOUT)  # a hint: an old kernel's EINVAL changes nothing
+

@@ -18,6 +18,7 @@ import numpy as np
 from .int8_dot import NT, chunk_product_q8_16, chunk_product_q8_32, chunk_product_u4, chunk_product_u5
 from .jit import as_f32, bitcast_f32, exact_kernel, fma, kernel
 from .repack import CHUNK, LaneMatrix
+from .threads import kernel_threads
 
 SMALL_BATCH = 64  # tokens per kernel call: their accumulators stay in L1
 PARALLEL_QUANTIZE = 8  # tokens from which the inputs are quantized in parallel (a parallel region costs microseconds)
@@ -147,7 +148,7 @@ def _batch_product(out: np.ndarray, w: LaneMatrix, x: np.ndarray) -> None:
     if w.kind == "f32":
         batch_f32(out, w.codes, x)
         return
-    batch_int8(out, *w.int8_operands, x, numba.get_num_threads())
+    batch_int8(out, *w.int8_operands, x, kernel_threads())
 
 
 # ------------------------------------------------------------------------------------- prefill

@@ -73,16 +73,21 @@ def rope_tables(positions: np.ndarray, cfg: RopeConfig) -> tuple[np.ndarray, np.
     return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
 
 
+@kernel(inline=True)
+def rotate_head(x, cos, sin, neox):
+    """Rotate one head's vector x [head_dim] in place by one position's tables [n_rot/2]."""
+    half = cos.shape[0]
+    for i in range(half):
+        a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+        x0, x1 = x[a], x[b]
+        c, s = cos[i], sin[i]
+        x[a] = x0 * c - x1 * s
+        x[b] = x0 * s + x1 * c
+
+
 @kernel
 def rope_inplace(x, cos, sin, neox):
     """Rotate x [n_tokens, n_heads, head_dim] in place by the tables [n_tokens, n_rot/2]."""
-    n_tokens, n_heads = x.shape[0], x.shape[1]
-    half = cos.shape[1]
-    for t in range(n_tokens):
-        for h in range(n_heads):
-            for i in range(half):
-                a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
-                x0, x1 = x[t, h, a], x[t, h, b]
-                c, s = cos[t, i], sin[t, i]
-                x[t, h, a] = x0 * c - x1 * s
-                x[t, h, b] = x0 * s + x1 * c
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            rotate_head(x[t, h], cos[t], sin[t], neox)

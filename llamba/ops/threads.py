@@ -17,12 +17,14 @@ never a bit of the results (tested).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import contextmanager
 
 import numba
 
 _limit = 1
+_in_force = threading.local()  # what this Python thread last set (Numba's count is per thread too)
 
 
 def set_threads(n: int | None) -> int:
@@ -32,7 +34,7 @@ def set_threads(n: int | None) -> int:
     global _limit
     n = n or os.cpu_count() or 1
     _limit = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(_limit)
+    _use(_limit)
     try:
         from threadpoolctl import threadpool_limits
 
@@ -44,6 +46,17 @@ def set_threads(n: int | None) -> int:
 
 def thread_limit() -> int:
     return _limit
+
+
+def _use(n: int) -> None:
+    numba.set_num_threads(n)
+    _in_force.count = n
+
+
+def kernel_threads() -> int:
+    """The threads the kernels now run on in this Python thread: what a kernel splits its work for.
+    (numba.get_num_threads takes a lock each call: 2-3 us, and decoding asks over a hundred times a token.)"""
+    return getattr(_in_force, "count", _limit)
 
 
 SMALL_CLASS = 4  # batch classes up to 16 tokens: decoding and checking guesses
@@ -78,7 +91,7 @@ class ThreadGovernor:
         """Around one forward of n_tokens: sets its thread count and measures it. variant: forwards that cost
         differently for the same batch size (the model with layers skipped) are measured apart."""
         threads = self.choose(n_tokens, variant)
-        numba.set_num_threads(threads)  # in every thread that runs forwards: the setting is per thread
+        _use(threads)  # in every thread that runs forwards: the setting is per thread
         started = time.perf_counter()
         yield threads
         self.record(n_tokens, threads, time.perf_counter() - started, variant)
