@@ -93,7 +93,8 @@ def llama_cpp_decode_seconds(runner: LlamaCppRunner, n: int, context: int) -> fl
 @click.option("-n", "n_tokens", default=64, show_default=True)
 @click.option("--context", default=8, show_default=True,
               help="tokens in the cache before decoding starts (the GB/s columns count the weights only)")
-def main(models, n_tokens, context) -> None:
+@click.option("--rounds", default=5, show_default=True, help="alternating rounds of each runtime (medians)")
+def main(models, n_tokens, context, rounds) -> None:
     bandwidth = {t: read_bandwidth(t) for t in (1, 2)}
     click.echo(f"read bandwidth (STREAM-style sum, best of 7): 1 thread {bandwidth[1]:.1f} GB/s, "
                f"2 threads {bandwidth[2]:.1f} GB/s\n")
@@ -106,8 +107,10 @@ def main(models, n_tokens, context) -> None:
         for threads in (1, 2):
             set_threads(threads)
             peer = LlamaCppRunner(llm.model_path, threads, n_ctx=context + n_tokens + 16)
-            ours = [llamba_decode_seconds(llm, threads, n_tokens, context) for _ in range(3)]
-            theirs = [llama_cpp_decode_seconds(peer, n_tokens, context) for _ in range(3)]
+            ours, theirs = [], []
+            for _ in range(rounds):  # alternating: this machine's speed drifts by 10-30% over seconds
+                ours.append(llamba_decode_seconds(llm, threads, n_tokens, context))
+                theirs.append(llama_cpp_decode_seconds(peer, n_tokens, context))
             ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
             speed_rows.append((llm.model_path.name, threads, ours_s, theirs_s, sizes, bandwidth[threads]))
             del peer
