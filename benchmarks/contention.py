@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -24,6 +25,18 @@ RUN = """
 import time, numpy as np
 from llamba.bench import LlamaCppRunner, LlambaRunner
 from llamba.store import resolve_model
+if {engine!r} == "memory":
+    import sys, numba
+    sys.path.insert(0, {here!r})
+    from bandwidth import _stream_sum
+    numba.set_num_threads({threads})
+    weights = np.ones(64 * 2**20, np.float32)  # 256 MB: Gemma's bytes per token
+    _stream_sum(weights, 64)
+    started = time.perf_counter()
+    for _ in range({n}):
+        _stream_sum(weights, 64)
+    print({n} * weights.nbytes / (time.perf_counter() - started) / 1e9)
+    raise SystemExit
 if {engine!r} == "llamba":
     from llamba import Llama
     runner = LlambaRunner(Llama({model!r}, n_threads={threads}))
@@ -52,7 +65,7 @@ def background_load(n_busy: int):
 
 
 def one_run(engine: str, model: str, threads: int, timeout: float = 600) -> float:
-    code = RUN.format(model=model, threads=threads, n=N_GEN, engine=engine)
+    code = RUN.format(model=model, threads=threads, n=N_GEN, engine=engine, here=str(Path(__file__).parent))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise click.ClickException(f"{engine} run failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -64,7 +77,8 @@ def one_run(engine: str, model: str, threads: int, timeout: float = 600) -> floa
 @click.option("--runs", default=10, show_default=True, help="fresh processes per engine, load and thread count")
 @click.option("--loads", default="0,1,2", show_default=True, help="busy background processes, comma-separated")
 @click.option("--threads", "thread_counts", default="1,2", show_default=True)
-@click.option("--engines", default="llamba,llama.cpp", show_default=True)
+@click.option("--engines", default="llamba,llama.cpp", show_default=True,
+              help="and 'memory': a read-bandwidth probe (GB/s) in fresh processes, the machine's own spread")
 def main(model, runs, loads, thread_counts, engines) -> None:
     engines = engines.split(",")
     rows = []
@@ -78,20 +92,21 @@ def main(model, runs, loads, thread_counts, engines) -> None:
                         click.echo(f"busy {n_busy} threads {threads} {engine} run {run + 1}: "
                                    f"{rates[engine][-1]:.1f} tok/s", err=True)
                 rows.append((n_busy, threads, rates))
-    click.echo(f"\n{model}, tg{N_GEN}, {runs} fresh processes each: tokens per second min / median / max")
+    click.echo(f"\n{model}, tg{N_GEN}, {runs} fresh processes each: tokens per second (memory: GB/s) "
+               "min / median / max")
     head = "| busy | threads | " + " | ".join(engines) + " |"
-    # the last column is the machine's own spread: how far below its median llama.cpp's slowest process fell
-    extra = (" slowest llamba / median llama.cpp | slowest llamba / own median | slowest llama.cpp / own median |"
-             if len(engines) > 1 else "")
+    # the own-median columns are each engine's spread over fresh processes; memory's is the machine's own
+    compared = "llamba" in engines and "llama.cpp" in engines
+    extra = " slowest llamba / median llama.cpp |" if compared else ""
+    extra += "".join(f" slowest {engine} / own median |" for engine in engines)
     click.echo(head + extra)
-    click.echo("| ---: | ---: |" + " ---: |" * (len(engines) + (3 if extra else 0)))
+    click.echo("| ---: | ---: |" + " ---: |" * (2 * len(engines) + compared))
     for n_busy, threads, rates in rows:
         cells = [f"{min(r):.1f} / {statistics.median(r):.1f} / {max(r):.1f}" for r in rates.values()]
         line = f"| {n_busy} | {threads} | " + " | ".join(cells) + " |"
-        if extra:
-            ours, theirs = rates["llamba"], rates["llama.cpp"]
-            line += (f" {min(ours) / statistics.median(theirs):.2f} | {min(ours) / statistics.median(ours):.2f} |"
-                     f" {min(theirs) / statistics.median(theirs):.2f} |")
+        if compared:
+            line += f" {min(rates['llamba']) / statistics.median(rates['llama.cpp']):.2f} |"
+        line += "".join(f" {min(r) / statistics.median(r):.2f} |" for r in rates.values())
         click.echo(line)
 
 
