@@ -1,9 +1,10 @@
 """From the fused Q/K/V projection to attention's inputs, in one call per layer.
 
 The projection gives each token one row [q | k | v]; attention wants q, k and v per head with the bias
-added, q and k normed per head (QK-norm: Qwen 3, Gemma 3) and rotated to their positions. Done as separate
-NumPy and kernel calls, that was seven calls and two copies per layer, about 15 us in decoding where a
-layer's matrix products take 100-400 us. Each token's arithmetic is its own, so it is the same in any batch.
+added, q and k normed per head (QK-norm: Qwen 3, Gemma 3) and rotated to their positions. That was seven
+NumPy and kernel calls and two copies per layer; with norm.add_block_output, one call per layer here cut a
+Gemma decoding forward's time outside the matrix products from 0.72 to 0.55 ms. Each token's arithmetic is
+its own, so it is the same in any batch.
 """
 
 from __future__ import annotations
