@@ -18,7 +18,7 @@ from .rope import rotate_head
 def split_heads(qkv, bias, q_norm, k_norm, eps, cos, sin, neox, q, k, v):
     """q [n, n_head, head_dim], k and v [n, n_head_kv, head_dim] from qkv [n, q_dim + 2 kv_dim].
 
-    bias: added first (or NO_WEIGHT); q_norm, k_norm: per-head norm weights (or NO_WEIGHT); cos, sin: the
+    bias: added into qkv first (or NO_WEIGHT); q_norm, k_norm: per-head norm weights (or NO_WEIGHT); cos, sin: the
     tokens' rotary tables [n, n_rot/2]."""
     n_head, n_head_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
     for t in range(qkv.shape[0]):

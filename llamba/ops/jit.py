@@ -160,4 +160,3 @@ def release_compiler_pages() -> None:
     for region in regions:
         start, stop = (int(bound, 16) for bound in region.split("-"))
         libc.madvise(start, stop - start, _MADV_PAGEOUT)  # a hint: an old kernel's EINVAL changes nothing
-

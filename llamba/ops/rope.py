@@ -1,4 +1,5 @@
-"""Rotary position embeddings: tables of cos/sin per position (NumPy), applied in place (Numba).
+"""Rotary position embeddings: tables of cos/sin per position (NumPy), applied to a head in place (Numba,
+inlined into heads.split_heads).
 
 Two layouts: NORM rotates adjacent pairs (x[2i], x[2i+1]) - llama's converter permutes Q/K for it; NEOX
 rotates the halves (x[i], x[i + n_rot/2]) - Qwen and Gemma. Frequency scalings follow llama.cpp: linear
@@ -84,10 +85,3 @@ def rotate_head(x, cos, sin, neox):
         x[a] = x0 * c - x1 * s
         x[b] = x0 * s + x1 * c
 
-
-@kernel
-def rope_inplace(x, cos, sin, neox):
-    """Rotate x [n_tokens, n_heads, head_dim] in place by the tables [n_tokens, n_rot/2]."""
-    for t in range(x.shape[0]):
-        for h in range(x.shape[1]):
-            rotate_head(x[t, h], cos[t], sin[t], neox)
