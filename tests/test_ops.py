@@ -104,21 +104,22 @@ def test_stacking_only_where_layouts_agree():
     q4k_a, q4k_b = (_random_matrix("Q4_K", n, 256)[0] for n in (128, 64))
     q8 = _random_matrix("Q8_0", 64, 256)[0]
     odd, q4_0 = _random_matrix("Q4_0", 100, 256)[0], _random_matrix("Q4_0", 64, 256)[0]
-    q6k, q3k = _random_matrix("Q6_K", 64, 256)[0], _random_matrix("Q3_K", 32, 256)[0]
+    q6k, q6k_b, q3k = (_random_matrix(name, n, 256)[0] for name, n in (("Q6_K", 64), ("Q6_K", 32), ("Q3_K", 32)))
     part = lambda data, name: (data, ggml_type(name))  # noqa: E731
     fused = stack_lanes([part(q4k_a, "Q4_K"), part(q4k_b, "Q4_K")], 256)
     assert fused.n_rows == 192
     alone = [lanes_to_float(to_lanes(d, ggml_type("Q4_K"), 256)) for d in (q4k_a, q4k_b)]
     assert np.array_equal(lanes_to_float(fused), np.vstack(alone))
     runs = stack_runs([part(q4k_a, "Q4_K"), part(q4k_b, "Q4_K"), part(q8, "Q8_0"), part(q4_0, "Q4_0"),
-                       part(odd, "Q4_0"), part(q6k, "Q6_K"), part(q3k, "Q3_K")])
-    # Q4_K then Q8_0: other layouts; Q4_0's 100 rows do not fill their last chunk; Q6_K and Q3_K share one
-    assert [len(run) for run in runs] == [2, 1, 1, 1, 2]
+                       part(odd, "Q4_0"), part(q6k, "Q6_K"), part(q6k_b, "Q6_K"), part(q3k, "Q3_K")])
+    # Q4_K then Q8_0: other layouts; Q4_0's 100 rows do not fill their last chunk; Q6_K's 6-bit codes are not
+    # Q3_K's bytes
+    assert [len(run) for run in runs] == [2, 1, 1, 1, 2, 1]
     # Q4_K and Q4_0 are both 4-bit codes, but with other code biases and scale types: never one matrix
     assert [len(run) for run in stack_runs([part(q4k_b, "Q4_K"), part(q4_0, "Q4_0")])] == [1, 1]
-    mixed = stack_lanes(runs[-1], 256)
-    assert np.array_equal(lanes_to_float(mixed), np.vstack([dequantize(q6k, ggml_type("Q6_K")),
-                                                             dequantize(q3k, ggml_type("Q3_K"))]))
+    stacked = stack_lanes(runs[-2], 256)
+    assert np.array_equal(lanes_to_float(stacked), np.vstack([dequantize(q6k, ggml_type("Q6_K")),
+                                                               dequantize(q6k_b, ggml_type("Q6_K"))]))
 
 
 def test_rmsnorm():

@@ -280,10 +280,16 @@ class GGUFFile:
             data = data.reshape(*shape[:0:-1], ggml.row_bytes(shape[0]))
         return TensorInfo(name, ggml, shape, offset, n_bytes, data)
 
-    def release_pages(self) -> None:
-        """Let the kernel drop the file's pages from memory (they are read again if a view is used)."""
-        if hasattr(self._map, "madvise"):
+    def release_pages(self, tensor: TensorInfo | None = None) -> None:
+        """Let the kernel drop the file's pages (of one tensor, or all) from this process's memory: they stay
+        in the page cache, and are mapped again if a view is used."""
+        if not hasattr(self._map, "madvise"):
+            return
+        if tensor is None:
             self._map.madvise(mmap.MADV_DONTNEED)
+            return
+        start = tensor.offset - tensor.offset % mmap.PAGESIZE  # madvise takes whole pages
+        self._map.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.n_bytes - start)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

@@ -29,8 +29,19 @@ from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, sta
 from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
 from ..runtime.batch import Batch
-from . import lanes_cache
 from .metadata import HParams
+
+
+class FileRows:
+    """An embedding table left in the file, its rows dequantized as tokens need them. A model with its own
+    output matrix only ever gathers a few rows of it: repacking it would cost memory (131 MB for
+    Qwen2.5-Coder-1.5B) and load time for nothing; the rows read stay in the page cache."""
+
+    def __init__(self, t):
+        self.data, self.type = t.data, t.type
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        return dequantize(self.data[rows], self.type).reshape(len(rows), -1)
 
 
 @dataclass
@@ -60,33 +71,25 @@ class Transformer:
     def __init__(self, g: GGUFFile, hp: HParams):
         self.gguf = g
         self.hp = hp
-        reserve = sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in g.tensors.values() if len(t.shape) == 2)
-        saved = lanes_cache.load(g.path, reserve)  # an earlier load's repacked weights, if they are still good
-        # (a saved arena that turns out not to fit is repacked over: it cannot happen while its key matches)
-        self.weights_mapped = saved is not None and self._load_weights(WeightArena(reserve, filled=saved))
-        if not self.weights_mapped:
-            self._load_weights(WeightArena(reserve))
+        tied = "output.weight" not in g.tensors
+        repacked = [t for name, t in g.tensors.items() if len(t.shape) == 2 and (tied or name != "token_embd.weight")]
+        self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in repacked))
+        self.output_norm = self._vector("output_norm.weight", hp.n_embd)
+        if tied:
+            self.tok_embd = self.output = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
+        else:
+            self.tok_embd = FileRows(self._tensor("token_embd.weight", (hp.n_embd, hp.n_vocab)))
+            self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab)
+        self.layers = [self._layer(i) for i in range(hp.n_layer)]
+        del self._arena  # its mapping lives on in the weights' arrays
         self.threads = ThreadGovernor()  # how many threads each forward uses, by measurement
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
         _return_freed_memory()
 
     # ------------------------------------------------------------------------------------------ loading
-    # Every tensor's whole shape is checked against the hyperparameters: the kernels trust them.
-
-    def _load_weights(self, arena: WeightArena) -> bool:
-        """Every weight, repacked into the arena or (a filled one) found there; False if a filled arena
-        turned out not to hold them all. A freshly repacked arena is saved for the next load."""
-        hp, g = self.hp, self.gguf
-        self._arena = arena
-        self.tok_embd = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
-        self.output_norm = self._vector("output_norm.weight", hp.n_embd)
-        has_output = "output.weight" in g.tensors
-        self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab) if has_output else self.tok_embd
-        self.layers = [self._layer(i) for i in range(hp.n_layer)]
-        del self._arena  # its mapping lives on in the weights' arrays
-        if not arena.filled and not arena.overflowed:
-            lanes_cache.save(g.path, arena.contents)
-        return arena.filled and not arena.overflowed
+    # Every tensor's whole shape is checked against the hyperparameters: the kernels trust them. Each
+    # tensor's file pages are released as soon as it is repacked, so loading never holds the file and the
+    # repacked weights at once: peak memory is the weights plus one tensor.
 
     def _tensor(self, name: str, shape: tuple[int, ...]):
         t = self.gguf.tensors.get(name)
@@ -114,7 +117,10 @@ class Transformer:
         """The matrices as few as possible: each run of neighbours that share a layout stacked into one."""
         tensors = [self._tensor(name, (n_cols, n_rows)) for name, n_rows in shapes]
         runs = stack_runs([(t.data, t.type) for t in tensors])
-        return [stack_lanes(run, n_cols, self._arena.zeros, fill=not self._arena.filled) for run in runs]
+        matrices = [stack_lanes(run, n_cols, self._arena.zeros) for run in runs]
+        for t in tensors:
+            self.gguf.release_pages(t)
+        return matrices
 
     def _layer(self, i: int) -> Layer:
         hp, p = self.hp, f"blk.{i}."
@@ -189,7 +195,7 @@ class Transformer:
         Each block starts from h, its input already normed, and ends by adding its output to the stream x
         and norming x for the next block (the next layer's attention, or the output projection)."""
         hp = self.hp
-        x = gather_rows(self.tok_embd, batch.tokens)
+        x = self.tok_embd.gather(batch.tokens) if isinstance(self.tok_embd, FileRows) else gather_rows(self.tok_embd, batch.tokens)
         if hp.embed_scale != 1.0:
             x *= np.float32(hp.embed_scale)
         self._check_finite(all_finite(x), "the token embeddings")

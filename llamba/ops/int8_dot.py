@@ -21,7 +21,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .repack import CHUNK
+from .repack import CHUNK, SUPER
 
 HAS_VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
 NT = 4  # tokens per call: NT x ROW_VECTORS integer sums and as many float accumulators, plus the unpacked
@@ -56,10 +56,10 @@ def _bytes(value: int):
     return ir.Constant(_BYTES, [value] * 64)
 
 
-def _fifth_bit(builder, high, bit: int):
-    """Bit `bit` of each byte of the high-bit quad, moved to bit 4 (value 16), the fifth bit of a code."""
+def _top_bits(builder, high, bit: int, width: int):
+    """Bits bit .. bit + width - 1 of each byte of the high-bit quad, moved to bit 4: a code's top bits."""
     moved = builder.shl(high, _bytes(4 - bit)) if bit <= 4 else builder.lshr(high, _bytes(bit - 4))
-    return builder.and_(moved, _bytes(16))
+    return builder.and_(moved, _bytes(((1 << width) - 1) << 4))
 
 
 def _splat(builder, scalar, vector_type):
@@ -76,12 +76,13 @@ def _fma(builder, a, b, c):
 
 class _Layout:
     """How a block's codes sit: n_quads quads of code bytes, as nibbles (two codes a byte) or not, with or
-    without a fifth quad of top bits; group columns per block."""
+    without a quad of top bits (high_bits of them per code, see repack's _put_high_bits); group columns
+    per block."""
 
-    def __init__(self, n_quads: int, nibbles: bool, high_bits: bool = False):
+    def __init__(self, n_quads: int, nibbles: bool, high_bits: int = 0):
         self.n_quads, self.nibbles, self.high_bits = n_quads, nibbles, high_bits
         self.group = 8 * n_quads if nibbles else 4 * n_quads
-        self.block_bytes = (n_quads + high_bits) * QUAD_BYTES
+        self.block_bytes = (n_quads + (high_bits > 0)) * QUAD_BYTES
 
     def weights(self, builder, codes_ptr, v: int) -> list:
         """Row vector v's weights of one block as (16 rows x 4 codes, activation word) pairs."""
@@ -96,9 +97,10 @@ class _Layout:
                 continue
             low, top = builder.and_(w, _bytes(15)), builder.lshr(w, _bytes(4))
             if high is not None:
-                low = builder.or_(low, _fifth_bit(builder, high, 2 * q))
-                top = builder.or_(top, _fifth_bit(builder, high, 2 * q + 1))
-            pairs += [(low, q), (top, q + 4)]
+                width = self.high_bits
+                low = builder.or_(low, _top_bits(builder, high, 2 * width * q, width))
+                top = builder.or_(top, _top_bits(builder, high, 2 * width * q + width, width))
+            pairs += [(low, q), (top, q + self.n_quads)]
         return pairs
 
 
@@ -107,24 +109,48 @@ class _Args:
 
     def __init__(self, context, builder, signature, args):
         data = lambda i: context.make_array(signature.args[i])(context, builder, args[i]).data
-        (_, _, codes_at, _, words_at, self.row_words, _, scale_at, _, _, _, xs_at, code_bias, self.n_blocks,
-         self.n_tokens, self.has_offset) = args
+        (_, _, codes_at, _, words_at, self.row_words, _, scale_at, _, _, supers_at, _, _, xs_at, code_bias,
+         self.n_blocks, self.n_tokens, self.has_offset) = args
         self.acc = data(0)
         self.codes = builder.gep(data(1), [codes_at])
         self.words = builder.gep(data(3), [words_at])
         self.scale = builder.gep(data(6), [scale_at])
         self.offset = builder.gep(data(8), [scale_at])
-        self.scale_half = signature.args[6].dtype == types.uint16
-        self.x_scales = builder.gep(data(9), [xs_at])
-        self.x_code_sums = builder.gep(data(10), [xs_at])
+        self.supers = builder.gep(data(9), [supers_at])
+        self.scale_type = signature.args[6].dtype  # uint16: float16 bits; uint8 / int8: sub-block scales
+        self.x_scales = builder.gep(data(11), [xs_at])
+        self.x_code_sums = builder.gep(data(12), [xs_at])
         self.code_bias = builder.trunc(code_bias, _I32)
 
 
-def _load_scales(builder, ptr, at, half: bool):
-    """16 rows' scales (or offsets) as float32, from float32 or float16 (exact either way)."""
-    kind = ir.VectorType(ir.HalfType(), 16) if half else _FLOATS
-    v = builder.load(builder.bitcast(builder.gep(ptr, [at]), kind.as_pointer()), align=2 if half else 4)
-    return builder.fpext(v, _FLOATS) if half else v
+def _load_halves(builder, ptr, at):
+    """16 float16 numbers (as their bits) from ptr + at, as float32 (exact)."""
+    kind = ir.VectorType(ir.HalfType(), 16)
+    return builder.fpext(builder.load(builder.bitcast(builder.gep(ptr, [at]), kind.as_pointer()), align=2), _FLOATS)
+
+
+def _load_small_ints(builder, ptr, at, signed: bool):
+    """16 bytes from ptr + at (sub-block scales or mins), as float32."""
+    kind = ir.VectorType(_I8, 16)
+    v = builder.load(builder.bitcast(builder.gep(ptr, [at]), kind.as_pointer()), align=1)
+    return builder.sitofp(v, _FLOATS) if signed else builder.uitofp(v, _FLOATS)
+
+
+def _block_scales(builder, a: "_Args", layout: "_Layout", b, v: int, offsets: bool):
+    """Row vector v's scales and offsets (None without) of block b, as float32: the float16 numbers as they
+    are, or a K-quant's d * sc and -(dmin * mn), with d and dmin its super-block's (exact products)."""
+    at = builder.add(builder.mul(b, ir.Constant(_I64, CHUNK)), ir.Constant(_I64, 16 * v))
+    if a.scale_type == types.uint16:
+        return _load_halves(builder, a.scale, at), _load_halves(builder, a.offset, at) if offsets else None
+    fields = 1 + offsets  # d (and dmin) per super-block and row
+    super_block = builder.udiv(b, ir.Constant(_I64, SUPER // layout.group))
+    d_at = builder.add(builder.mul(super_block, ir.Constant(_I64, fields * CHUNK)), ir.Constant(_I64, 16 * v))
+    signed = a.scale_type == types.int8
+    scale = builder.fmul(_load_halves(builder, a.supers, d_at), _load_small_ints(builder, a.scale, at, signed))
+    if not offsets:
+        return scale, None
+    dmin = _load_halves(builder, a.supers, builder.add(d_at, ir.Constant(_I64, CHUNK)))
+    return scale, builder.fneg(builder.fmul(dmin, _load_small_ints(builder, a.offset, at, signed)))
 
 
 def _emit_chunk(builder, a: _Args, layout: _Layout, n_tokens: int, offsets: bool):
@@ -142,7 +168,7 @@ def _emit_chunk(builder, a: _Args, layout: _Layout, n_tokens: int, offsets: bool
         p.add_incoming(ir.Constant(_FLOATS, [0.0] * 16), entry)
     tokens = [_Token(builder, a, b, t) for t in range(n_tokens)]
     sums = _block_sums(builder, a, layout, b, tokens)
-    new = _scaled_into(builder, a, b, tokens, sums, acc, offsets)
+    new = _scaled_into(builder, a, layout, b, tokens, sums, acc, offsets)
     b_next = builder.add(b, ir.Constant(_I64, 1))
     b.add_incoming(b_next, builder.block)
     for t in range(n_tokens):
@@ -196,12 +222,10 @@ class _Token:
         self.dx_sum = _splat(builder, builder.fmul(dx, builder.sitofp(code_sum, _F32)), _FLOATS)
 
 
-def _scaled_into(builder, a: _Args, b, tokens: list, sums: list, acc: list, offsets: bool) -> list:
+def _scaled_into(builder, a: _Args, layout: _Layout, b, tokens: list, sums: list, acc: list, offsets: bool) -> list:
     """acc + block b's sums scaled: fma(o, dx sum c, fma(s dx, sum q c - bias sum c, acc)), per token and row
     vector, the same operations whatever the token count."""
-    at = [builder.add(builder.mul(b, ir.Constant(_I64, CHUNK)), ir.Constant(_I64, 16 * v)) for v in range(ROW_VECTORS)]
-    scales = [_load_scales(builder, a.scale, i, a.scale_half) for i in at]
-    offs = [_load_scales(builder, a.offset, i, a.scale_half) for i in at] if offsets else None
+    scales, offs = zip(*(_block_scales(builder, a, layout, b, v, offsets) for v in range(ROW_VECTORS)))
     new = []
     for token, token_sums, token_acc in zip(tokens, sums, acc):
         row = []
@@ -213,20 +237,22 @@ def _scaled_into(builder, a: _Args, b, tokens: list, sums: list, acc: list, offs
     return new
 
 
-def _chunk_product(layout: _Layout):
+def _chunk_product(layout: _Layout, scale_types: tuple[str, ...]):
     """An intrinsic chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset,
-    x_scales, x_code_sums, xs_at, code_bias, n_blocks, n_tokens, has_offset):
+    supers, supers_at, x_scales, x_code_sums, xs_at, code_bias, n_blocks, n_tokens, has_offset):
     acc [NT * CHUNK] float32 <- one chunk's rows times n_tokens (1..NT) tokens' activations, summed over
     all n_blocks blocks: per block, integer dot products scaled by the block's weight and activation scales,
     sum_k (s (q_k - bias) + o) dx c_k = s dx (sum_k q_k c_k - bias sum_k c_k) + o dx sum_k c_k,
-    with float accumulators kept in registers across the blocks."""
+    with float accumulators kept in registers across the blocks. Bodies are emitted only for the scale
+    types (and with offsets or not) some block type of this layout has: the others would only cost compile
+    time."""
 
     @intrinsic
     def chunk_product(typingctx, acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset,
-                      x_scales, x_code_sums, xs_at, code_bias, n_blocks, n_tokens, has_offset):
+                      supers, supers_at, x_scales, x_code_sums, xs_at, code_bias, n_blocks, n_tokens, has_offset):
         i64 = types.int64
-        sig = types.void(acc, codes, i64, words, i64, i64, scale, i64, offset, x_scales, x_code_sums, i64,
-                         i64, i64, i64, types.boolean)
+        sig = types.void(acc, codes, i64, words, i64, i64, scale, i64, offset, supers, i64, x_scales,
+                         x_code_sums, i64, i64, i64, i64, types.boolean)
 
         def codegen(context, builder, signature, args):
             a = _Args(context, builder, signature, args)
@@ -235,8 +261,12 @@ def _chunk_product(layout: _Layout):
             without = builder.function.append_basic_block("chunk.without_offsets")
             flag = builder.icmp_unsigned("!=", a.has_offset, ir.Constant(a.has_offset.type, 0))
             builder.cbranch(flag, with_offsets, without)
+            scale_type = str(a.scale_type)
             for offsets, start in ((True, with_offsets), (False, without)):
                 builder.position_at_end(start)
+                if scale_type not in scale_types or offsets != _HAS_OFFSETS.get(scale_type, offsets):
+                    builder.branch(done)  # no block type has this: nothing to compile
+                    continue
                 cases = builder.switch(a.n_tokens, done)
                 for k in range(1, NT + 1):  # one body per token count: registers, no inner loops
                     body = builder.function.append_basic_block(f"chunk.tokens{k}")
@@ -252,8 +282,10 @@ def _chunk_product(layout: _Layout):
     return chunk_product
 
 
-U4, U5, Q8_32, Q8_16 = _Layout(4, True), _Layout(4, True, True), _Layout(8, False), _Layout(4, False)
-chunk_product_u4 = _chunk_product(U4)  # 32 columns of 4-bit codes
-chunk_product_u5 = _chunk_product(U5)  # 32 columns of 5-bit codes (Q5_0, Q5_1, Q5_K)
-chunk_product_q8_32 = _chunk_product(Q8_32)  # 32 columns of byte codes
-chunk_product_q8_16 = _chunk_product(Q8_16)  # 16 columns of byte codes (Q6_K, Q2_K, Q3_K)
+_HAS_OFFSETS = {"uint8": True, "int8": False}  # K-quant scales: unsigned ones come with mins, signed without
+# The layouts (repack.LAYOUTS, in order) and the scale types their block types use.
+chunk_product_u4 = _chunk_product(_Layout(4, True), ("uint16", "uint8"))  # 32 4-bit codes: Q4_0, Q4_1, Q4_K
+chunk_product_u5 = _chunk_product(_Layout(4, True, 1), ("uint16", "uint8"))  # 32 5-bit codes: Q5_0, Q5_1, Q5_K
+chunk_product_u6 = _chunk_product(_Layout(2, True, 2), ("int8",))  # 16 6-bit codes: Q6_K
+chunk_product_q8_32 = _chunk_product(_Layout(8, False), ("uint16",))  # 32 byte codes: Q8_0
+chunk_product_q8_16 = _chunk_product(_Layout(4, False), ("uint8", "int8"))  # 16 byte codes: Q2_K, Q3_K

@@ -15,9 +15,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .int8_dot import NT, chunk_product_q8_16, chunk_product_q8_32, chunk_product_u4, chunk_product_u5
-from .jit import as_f32, bitcast_f32, exact_kernel, fma, kernel
-from .repack import CHUNK, LaneMatrix
+from .int8_dot import (NT, chunk_product_q8_16, chunk_product_q8_32, chunk_product_u4, chunk_product_u5,
+                       chunk_product_u6)
+from .jit import as_f32, bitcast_f32, exact_kernel, f16_bits_to_f32, fma, kernel
+from .repack import CHUNK, SUPER, LaneMatrix
 from .threads import kernel_threads
 
 SMALL_BATCH = 64  # tokens per kernel call: their accumulators stay in L1
@@ -64,23 +65,25 @@ def _quantize_token(x, group, codes, scales, code_sums):
 
 
 @exact_kernel
-def _chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset, x_scales,
-                   x_code_sums, xs_at, code_bias, n_blocks, n, group, n_quads):
-    """int8_dot's chunk product for the weights' layout, told apart by quads per block and group."""
-    args = (acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset, x_scales, x_code_sums,
-            xs_at, code_bias, n_blocks, n, offset.size > 0)
-    if n_quads == 5:
-        chunk_product_u5(*args)
-    elif group == 8 * n_quads:
+def _chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset, supers, supers_at,
+                   x_scales, x_code_sums, xs_at, code_bias, n_blocks, n, layout):
+    """int8_dot's chunk product for the weights' layout (its index in repack.LAYOUTS)."""
+    args = (acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset, supers, supers_at, x_scales,
+            x_code_sums, xs_at, code_bias, n_blocks, n, offset.size > 0)
+    if layout == 0:
         chunk_product_u4(*args)
-    elif n_quads == 8:
+    elif layout == 1:
+        chunk_product_u5(*args)
+    elif layout == 2:
+        chunk_product_u6(*args)
+    elif layout == 3:
         chunk_product_q8_32(*args)
     else:
         chunk_product_q8_16(*args)
 
 
 @exact_kernel(parallel=True)
-def batch_int8(out, codes, scale, offset, code_bias, group, x, n_threads):
+def batch_int8(out, codes, scale, offset, supers, code_bias, group, layout, x, n_threads):
     """out [n_tokens, n_rows] = x W^T for quantized weights, the inputs x quantized to 8 bits here (one call,
     not two: a call costs microseconds, and decoding makes over a hundred per token).
 
@@ -91,9 +94,10 @@ def batch_int8(out, codes, scale, offset, code_bias, group, x, n_threads):
     x_codes, x_scales, x_code_sums = quantize_activations(x, group)
     words = x_codes.view(np.int32)  # 4 activation codes per int32
     n_tokens, row_words = words.shape
-    n_chunks, n_blocks, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
+    n_chunks, n_blocks = codes.shape[0], codes.shape[1]
     flat_codes, flat_words = codes.reshape(-1), words.reshape(-1)
-    flat_scale, flat_offset = scale.reshape(-1), offset.reshape(-1)
+    flat_scale, flat_offset, flat_supers = scale.reshape(-1), offset.reshape(-1), supers.reshape(-1)
+    super_stride = supers[0].size
     flat_x_scales, flat_x_sums = x_scales.reshape(-1), x_code_sums.reshape(-1)
     chunk_bytes = codes[0].size
     n_parts = min(n_threads, n_chunks)  # n_threads from the caller: numba.get_num_threads() here defeats caching
@@ -104,8 +108,8 @@ def batch_int8(out, codes, scale, offset, code_bias, group, x, n_threads):
             while t < n_tokens:
                 n = min(NT, n_tokens - t)
                 _chunk_product(acc.reshape(-1), flat_codes, c * chunk_bytes, flat_words, t * row_words, row_words,
-                               flat_scale, c * n_blocks * CHUNK, flat_offset, flat_x_scales, flat_x_sums,
-                               t * n_blocks, code_bias, n_blocks, n, group, n_quads)
+                               flat_scale, c * n_blocks * CHUNK, flat_offset, flat_supers, c * super_stride,
+                               flat_x_scales, flat_x_sums, t * n_blocks, code_bias, n_blocks, n, layout)
                 _store(out, c, t, n, acc)
                 t += n
 
@@ -266,30 +270,38 @@ def matmul(x: np.ndarray, w: LaneMatrix, out: np.ndarray | None = None) -> np.nd
 
 
 @kernel
-def _row(out, codes, scale, offset, code_bias, nibbles, r):
-    """Row r of quantized lanes weights as float32 (out [n_cols]). nibbles: 4-bit codes (u4), or 5-bit with
-    a fifth quad of top bits (u5)."""
+def _block_scale(scale, offset, supers, c, b, i, group):
+    """Block b's scale and offset for row i of chunk c: float16 numbers, or a K-quant's d * sc, -(dmin * mn)."""
+    has_offset = offset.shape[1] > 0
+    if supers.shape[1] == 0:
+        return as_f32(scale[c, b, i]), as_f32(offset[c, b, i]) if has_offset else np.float32(0.0)
+    sb = b // (SUPER // group)
+    s = f16_bits_to_f32(supers[c, sb, 0, i]) * np.float32(scale[c, b, i])
+    return s, -(f16_bits_to_f32(supers[c, sb, 1, i]) * np.float32(offset[c, b, i])) if has_offset else np.float32(0.0)
+
+
+@kernel
+def _code(codes, c, b, i, j, group, nibbles, high_bits):
+    """Code j of row i of chunk c's block b (see repack's layouts; high_bits: top bits per code, u5 1, u6 2)."""
+    if not nibbles:
+        return np.int32(codes[c, b, j >> 2, i, j & 3])
+    half = group // 2
+    k, upper = j % half, j // half
+    code = (np.int32(codes[c, b, k >> 2, i, k & 3]) >> (4 * upper)) & 15
+    if high_bits:
+        at = 2 * high_bits * (k >> 2) + high_bits * upper
+        code |= ((np.int32(codes[c, b, half >> 2, i, k & 3]) >> at) & ((1 << high_bits) - 1)) << 4
+    return code
+
+
+@kernel
+def _row(out, codes, scale, offset, supers, code_bias, group, nibbles, high_bits, r):
+    """Row r of quantized lanes weights as float32 (out [n_cols])."""
     c, i = r // CHUNK, r % CHUNK
-    n_quads = min(codes.shape[2], 4) if nibbles else codes.shape[2]
-    group = 8 * n_quads if nibbles else 4 * n_quads
-    high_bits = nibbles and codes.shape[2] == 5
     for b in range(codes.shape[1]):
-        s = as_f32(scale[c, b, i])
-        o = as_f32(offset[c, b, i]) if offset.shape[1] > 0 else np.float32(0.0)
-        for q in range(n_quads):
-            for m in range(4):
-                code = np.int32(codes[c, b, q, i, m])
-                at = b * group + 4 * q + m
-                if nibbles:
-                    low, top = code & 15, code >> 4
-                    if high_bits:
-                        h = np.int32(codes[c, b, 4, i, m])
-                        low |= ((h >> (2 * q)) & 1) << 4
-                        top |= ((h >> (2 * q + 1)) & 1) << 4
-                    out[at] = s * np.float32(low - code_bias) + o
-                    out[at + 16] = s * np.float32(top - code_bias) + o
-                else:
-                    out[at] = s * np.float32(code - code_bias) + o
+        s, o = _block_scale(scale, offset, supers, c, b, i, group)
+        for j in range(group):
+            out[b * group + j] = s * np.float32(_code(codes, c, b, i, j, group, nibbles, high_bits) - code_bias) + o
 
 
 def gather_rows(w: LaneMatrix, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -298,7 +310,8 @@ def gather_rows(w: LaneMatrix, rows: np.ndarray, out: np.ndarray | None = None) 
     for t, r in enumerate(rows):
         r = int(r)
         if w.kind != "f32":
-            _row(out[t], w.codes, w.scale, w.offset, w.code_bias, w.nibbles, r)
+            high_bits = {"u5": 1, "u6": 2}.get(w.kind, 0)
+            _row(out[t], w.codes, w.scale, w.offset, w.supers, w.code_bias, w.group, w.nibbles, high_bits, r)
         else:
             out[t] = w.codes[r // CHUNK, :, r % CHUNK]
     return out

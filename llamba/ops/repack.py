@@ -8,19 +8,24 @@ contiguous run of memory, read front to back, which the prefetchers love. Every 
 
 - `u4`: 4-bit codes, 32 per block, byte j holding codes j (low nibble) and j+16 (high nibble);
                                                                                   (Q4_0, Q4_1, Q4_K)
-- `u5`: 5-bit codes, 32 per block: the nibbles as u4, then 4 bytes of top bits (see _put_u5_tops);
+- `u5`: 5-bit codes, 32 per block: the nibbles as u4, then 4 bytes of top bits (see _put_high_bits);
                                                                                   (Q5_0, Q5_1, Q5_K)
-- `q8`: one code per byte, `group` (16 or 32) per block;                  (Q6_K, Q8_0, Q2_K, Q3_K)
+- `u6`: 6-bit codes, 16 per block: 8 bytes of nibbles (byte j: codes j and j+8), then 4 bytes of the codes'
+  two top bits (see _put_high_bits);                                                        (Q6_K)
+- `q8`: one code per byte, `group` (16 or 32) per block;                           (Q8_0, Q2_K, Q3_K)
 - `f32`: plain floats, codes [n_chunks, n_cols, CHUNK] float32.                    (F32, F16, BF16)
 
 The code bytes of a block go in quads, the integer dot product's unit (see int8_dot): codes
 [n_chunks, n_blocks, n_quads, CHUNK, 4] uint8, quad q holding code bytes 4q..4q+3 of every row side by side.
-Codes are unsigned: signed types store code + 128 (code_bias = 128), which the kernels take back out exactly.
-Weight = scale * (code - code_bias) + offset, scale and offset [n_chunks, n_blocks, CHUNK]. The scales are ggml's own
-numbers (d, or d times the sub-block scale), so dequantizing the lanes gives ggml's values bit for bit. Where
-they are the file's float16 values (Q4_0..Q8_0) they stay float16 (as uint16 bits), and types with signed codes
-store no offsets: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 then take exactly the file's bytes; the K-quants keep float32
-scales (products that float16 cannot hold exactly) and take about 1.3x. Rows past n_rows in the last chunk are zero.
+Codes are unsigned: signed types store code + code_bias, which the kernels take back out exactly.
+Weight = scale * (code - code_bias) + offset, per block and row. Where a type's scales are float16 numbers
+(Q4_0..Q8_0), scale and offset [n_chunks, n_blocks, CHUNK] hold their bits (uint16). The K-quants keep what
+the file keeps: per super-block of 256 weights and row the float16 d (and dmin) in `supers`
+[n_chunks, n_super, 1 or 2, CHUNK], per block the small integer sub-block scale (and min) in scale and offset
+(uint8, or int8 where signed); the kernels form scale = d * sc and offset = -(dmin * mn) in float32, exactly
+(products of an 11-bit and an 8-bit integer), as ggml does. So dequantizing the lanes gives ggml's values bit
+for bit, and every type takes the file's bytes (Q4_K/Q5_K 4 more per 256 weights and row: their 6-bit scales
+unpacked to bytes). Rows past n_rows in the last chunk are zero.
 The layout is built once at load, in parallel.
 """
 
@@ -37,7 +42,7 @@ import numpy as np
 from ..errors import LlambaError, UnsupportedError
 from ..formats.ggml_types import GGMLType
 from ..formats.quants import dequantize
-from .jit import F16_TABLE, kernel, readonly
+from .jit import kernel, readonly
 
 CHUNK = 32  # output rows per chunk: the lanes a kernel's inner loop runs over
 
@@ -46,43 +51,50 @@ CHUNK = 32  # output rows per chunk: the lanes a kernel's inner loop runs over
 class LaneMatrix:
     """A weight matrix [n_rows, n_cols] (y = W x maps n_cols inputs to n_rows outputs) in lanes layout."""
 
-    kind: str  # "u4", "u5", "q8" or "f32"
+    kind: str  # "u4", "u5", "u6", "q8" or "f32"
     n_rows: int
     n_cols: int
     codes: np.ndarray
-    scale: np.ndarray  # [n_chunks, n_blocks, CHUNK] float32, or float16 bits as uint16 (empty for f32)
+    scale: np.ndarray  # [n_chunks, n_blocks, CHUNK]: float16 bits (uint16), or sub-block scales (uint8, int8)
     offset: np.ndarray  # like scale; [n_chunks, 0, CHUNK] for types without offsets
+    supers: np.ndarray  # [n_chunks, n_super, 1 or 2, CHUNK] uint16: the K-quants' d (and dmin); else n_super 0
     source_type: str
-    code_bias: int = 0  # 128 where the type's codes are signed (stored as code + 128)
+    code_bias: int = 0  # subtracted from every stored code: the type's codes are signed
 
     @property
     def nibbles(self) -> bool:
-        """Codes packed two to a byte (u4, and u5 with its quad of top bits)."""
-        return self.kind in ("u4", "u5")
+        """Codes packed two to a byte (u4; u5 and u6 with a quad of top bits)."""
+        return self.kind in ("u4", "u5", "u6")
 
     @property
     def group(self) -> int:
-        return 32 if self.nibbles else 4 * self.codes.shape[2] if self.kind == "q8" else 1
+        """Weights per block."""
+        return GROUPS[self.kind](self.codes.shape[2]) if self.kind != "f32" else 1
 
     @cached_property
     def int8_operands(self) -> tuple:
-        """The integer kernel's weight arguments, (codes, scale, offset, code_bias, group), worked out once:
-        decoding calls it over a hundred times per token."""
-        return self.codes, self.scale, self.offset, self.code_bias, self.group
+        """The integer kernel's weight arguments, (codes, scale, offset, supers, code_bias, group, layout),
+        worked out once: decoding calls it over a hundred times per token."""
+        return self.codes, self.scale, self.offset, self.supers, self.code_bias, self.group, LAYOUTS.index(self.layout)
+
+    @property
+    def layout(self) -> str:
+        """The kernel layout: the kind, and for q8 its group."""
+        return f"q8_{self.group}" if self.kind == "q8" else self.kind
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes + self.offset.nbytes
+        return self.codes.nbytes + self.scale.nbytes + self.offset.nbytes + self.supers.nbytes
+
+
+LAYOUTS = ("u4", "u5", "u6", "q8_32", "q8_16")  # the integer kernel's code layouts, by index (int8_dot's table)
+GROUPS = {"u4": lambda n_quads: 32, "u5": lambda n_quads: 32, "u6": lambda n_quads: 16,
+          "q8": lambda n_quads: 4 * n_quads}
 
 
 # ------------------------------------------------------------------------------------- block decoders
 # Each decodes row r of src straight into the lanes arrays (quads, scales, offsets), parallel over rows:
 # one pass over the file's bytes and one write of each lanes byte, which is most of loading a model.
-
-@kernel
-def _f16(src, r, at, table):
-    return table[np.int32(src[r, at]) | (np.int32(src[r, at + 1]) << 8)]
-
 
 @kernel
 def _f16_bits(src, r, at):
@@ -104,19 +116,22 @@ def _u32(src, r, at):
 
 
 @kernel
-def _put_u5_tops(quads, c, b, i, tops):
-    """The top bits of a u5 block's 32 codes (bit l of `tops` for code l) as its code bytes 16..19: byte m
-    holds bit 2q for code 4q + m and bit 2q + 1 for code 4q + m + 16 (q = 0..3)."""
+def _put_high_bits(quads, c, b, i, tops, width, n_codes):
+    """The top `width` bits of a block's n_codes codes (bits width*l.. of `tops` for code l) as the quad after
+    its nibbles, n_codes // 8 quads in: byte m holds, for q = 0 .. n_codes // 8 - 1, code 4q + m's bits at
+    2 width q and code 4q + m + n_codes / 2's at 2 width q + width (u5: width 1, 32 codes; u6: 2, 16)."""
+    half = n_codes // 2  # also where the quad goes: after the half-block of nibble bytes
+    mask = (np.uint32(1) << width) - np.uint32(1)
     for m in range(4):
         byte = np.uint32(0)
-        for q in range(4):
-            byte |= ((tops >> (4 * q + m)) & 1) << (2 * q)
-            byte |= ((tops >> (4 * q + m + 16)) & 1) << (2 * q + 1)
-        _put(quads, c, b, 16 + m, i, np.uint8(byte))
+        for q in range(n_codes // 8):
+            byte |= ((tops >> (width * (4 * q + m))) & mask) << (2 * width * q)
+            byte |= ((tops >> (width * (4 * q + m + half))) & mask) << (2 * width * q + width)
+        _put(quads, c, b, half + m, i, np.uint8(byte))
 
 
 @kernel(parallel=True)
-def _repack_q4_0(quads, scale, offset, src, table):
+def _repack_q4_0(quads, scale, offset, supers, src):
     n_rows, n_blocks = src.shape[0], scale.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -128,7 +143,7 @@ def _repack_q4_0(quads, scale, offset, src, table):
 
 
 @kernel(parallel=True)
-def _repack_q4_1(quads, scale, offset, src, table):
+def _repack_q4_1(quads, scale, offset, supers, src):
     n_rows, n_blocks = src.shape[0], scale.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -141,12 +156,12 @@ def _repack_q4_1(quads, scale, offset, src, table):
 
 
 @kernel
-def _k_sub_block(scale, offset, src, r, c, i, at, s, b):
-    """Scale and offset of sub-block s of the Q4_K/Q5_K super-block at byte `at` (d, dmin, 12 scale bytes)."""
-    d, dmin = _f16(src, r, at, F16_TABLE), _f16(src, r, at + 2, F16_TABLE)
-    sc, mn = _k_scale_min(src, r, at + 4, s)
-    scale[c, b, i] = d * np.float32(sc)
-    offset[c, b, i] = -(dmin * np.float32(mn))
+def _k_super_block(scale, offset, supers, src, r, c, i, at, sb):
+    """A Q4_K/Q5_K super-block's d, dmin (its first 4 bytes) and 8 sub-block scales and mins (the next 12)."""
+    supers[c, sb, 0, i] = _f16_bits(src, r, at)
+    supers[c, sb, 1, i] = _f16_bits(src, r, at + 2)
+    for s in range(8):
+        scale[c, sb * 8 + s, i], offset[c, sb * 8 + s, i] = _k_scale_min(src, r, at + 4, s)
 
 
 @kernel
@@ -169,20 +184,19 @@ def _put_k_nibbles(quads, src, r, c, b, i, base, shift):
 
 
 @kernel(parallel=True)
-def _repack_q4_k(quads, scale, offset, src, table):
-    n_rows, n_super = src.shape[0], scale.shape[1] // 8
+def _repack_q4_k(quads, scale, offset, supers, src):
+    n_rows, n_super = src.shape[0], supers.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
         for sb in range(n_super):
             at = sb * 144
+            _k_super_block(scale, offset, supers, src, r, c, i, at, sb)
             for s in range(8):
-                b = sb * 8 + s
-                _k_sub_block(scale, offset, src, r, c, i, at, s, b)
-                _put_k_nibbles(quads, src, r, c, b, i, at + 16 + 32 * (s // 2), 4 * (s % 2))
+                _put_k_nibbles(quads, src, r, c, sb * 8 + s, i, at + 16 + 32 * (s // 2), 4 * (s % 2))
 
 
 @kernel(parallel=True)
-def _repack_q5_0(quads, scale, offset, src, table):
+def _repack_q5_0(quads, scale, offset, supers, src):
     n_rows, n_blocks = src.shape[0], scale.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -191,11 +205,11 @@ def _repack_q5_0(quads, scale, offset, src, table):
             scale[c, b, i] = _f16_bits(src, r, at)  # code - 16 is the signed value
             for j in range(16):
                 _put(quads, c, b, j, i, src[r, at + 6 + j])  # ggml's nibbles are u4's already
-            _put_u5_tops(quads, c, b, i, _u32(src, r, at + 2))
+            _put_high_bits(quads, c, b, i, _u32(src, r, at + 2), 1, 32)
 
 
 @kernel(parallel=True)
-def _repack_q5_1(quads, scale, offset, src, table):
+def _repack_q5_1(quads, scale, offset, supers, src):
     n_rows, n_blocks = src.shape[0], scale.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -205,53 +219,56 @@ def _repack_q5_1(quads, scale, offset, src, table):
             offset[c, b, i] = _f16_bits(src, r, at + 2)
             for j in range(16):
                 _put(quads, c, b, j, i, src[r, at + 8 + j])
-            _put_u5_tops(quads, c, b, i, _u32(src, r, at + 4))
+            _put_high_bits(quads, c, b, i, _u32(src, r, at + 4), 1, 32)
 
 
 @kernel(parallel=True)
-def _repack_q5_k(quads, scale, offset, src, table):
-    n_rows, n_super = src.shape[0], scale.shape[1] // 8
+def _repack_q5_k(quads, scale, offset, supers, src):
+    n_rows, n_super = src.shape[0], supers.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
         for sb in range(n_super):
             at = sb * 176
+            _k_super_block(scale, offset, supers, src, r, c, i, at, sb)
             for s in range(8):
-                b = sb * 8 + s
-                _k_sub_block(scale, offset, src, r, c, i, at, s, b)
-                _put_k_nibbles(quads, src, r, c, b, i, at + 48 + 32 * (s // 2), 4 * (s % 2))
+                _put_k_nibbles(quads, src, r, c, sb * 8 + s, i, at + 48 + 32 * (s // 2), 4 * (s % 2))
                 tops = np.uint32(0)
                 for l in range(32):
                     tops |= np.uint32((src[r, at + 16 + l] >> s) & 1) << l
-                _put_u5_tops(quads, c, b, i, tops)
+                _put_high_bits(quads, c, sb * 8 + s, i, tops, 1, 32)
 
 
 @kernel(parallel=True)
-def _repack_q6_k(quads, scale, offset, src, table):
-    n_rows, n_super = src.shape[0], scale.shape[1] // 16
+def _repack_q6_k(quads, scale, offset, supers, src):
+    n_rows, n_super = src.shape[0], supers.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
+        codes = np.empty(256, np.uint32)
         for sb in range(n_super):
             at = sb * 210
-            d = _f16(src, r, at + 208, table)
+            supers[c, sb, 0, i] = _f16_bits(src, r, at + 208)
             for g in range(16):
-                sc = np.int8(src[r, at + 192 + g])
-                scale[c, sb * 16 + g, i] = d * np.float32(sc)
+                scale[c, sb * 16 + g, i] = np.int8(src[r, at + 192 + g])
             for half in range(2):
                 ql, qh = at + 64 * half, at + 128 + 32 * half
                 for l in range(32):
-                    h = src[r, qh + l]
-                    e = 128 * half + l  # element index within the super-block
-                    q1 = (src[r, ql + l] & 15) | ((h & 3) << 4)
-                    q2 = (src[r, ql + l + 32] & 15) | (((h >> 2) & 3) << 4)
-                    q3 = (src[r, ql + l] >> 4) | (((h >> 4) & 3) << 4)
-                    q4 = (src[r, ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)
-                    for k, q in ((0, q1), (32, q2), (64, q3), (96, q4)):
-                        # the signed code q - 32, stored + 128
-                        _put(quads, c, sb * 16 + (e + k) // 16, (e + k) % 16, i, np.uint8(q + 96))
+                    h, e = np.uint32(src[r, qh + l]), 128 * half + l  # e: the element within the super-block
+                    lo, hi = np.uint32(src[r, ql + l]), np.uint32(src[r, ql + l + 32])
+                    codes[e] = (lo & 15) | ((h & 3) << 4)  # the signed code is q - 32: code_bias 32
+                    codes[e + 32] = (hi & 15) | (((h >> 2) & 3) << 4)
+                    codes[e + 64] = (lo >> 4) | (((h >> 4) & 3) << 4)
+                    codes[e + 96] = (hi >> 4) | (((h >> 6) & 3) << 4)
+            for g in range(16):
+                b, tops = sb * 16 + g, np.uint32(0)
+                for j in range(8):
+                    _put(quads, c, b, j, i, np.uint8((codes[16 * g + j] & 15) | ((codes[16 * g + j + 8] & 15) << 4)))
+                for j in range(16):
+                    tops |= (codes[16 * g + j] >> 4) << (2 * j)
+                _put_high_bits(quads, c, b, i, tops, 2, 16)
 
 
 @kernel(parallel=True)
-def _repack_q8_0(quads, scale, offset, src, table):
+def _repack_q8_0(quads, scale, offset, supers, src):
     n_rows, n_blocks = src.shape[0], scale.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
@@ -263,35 +280,36 @@ def _repack_q8_0(quads, scale, offset, src, table):
 
 
 @kernel(parallel=True)
-def _repack_q2_k(quads, scale, offset, src, table):
-    n_rows, n_super = src.shape[0], scale.shape[1] // 16
+def _repack_q2_k(quads, scale, offset, supers, src):
+    n_rows, n_super = src.shape[0], supers.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
         for sb in range(n_super):
             at = sb * 84
-            d, dmin = _f16(src, r, at + 80, table), _f16(src, r, at + 82, table)
+            supers[c, sb, 0, i] = _f16_bits(src, r, at + 80)
+            supers[c, sb, 1, i] = _f16_bits(src, r, at + 82)
             for g in range(16):
                 sc = src[r, at + g]
-                scale[c, sb * 16 + g, i] = d * np.float32(sc & 15)
-                offset[c, sb * 16 + g, i] = -(dmin * np.float32(sc >> 4))
+                scale[c, sb * 16 + g, i] = sc & 15
+                offset[c, sb * 16 + g, i] = sc >> 4
             for e in range(256):
                 chunk, k, l = e // 128, (e % 128) // 32, e % 32
                 _put(quads, c, sb * 16 + e // 16, e % 16, i, (src[r, at + 16 + 32 * chunk + l] >> (2 * k)) & 3)
 
 
 @kernel(parallel=True)
-def _repack_q3_k(quads, scale, offset, src, table):
-    n_rows, n_super = src.shape[0], scale.shape[1] // 16
+def _repack_q3_k(quads, scale, offset, supers, src):
+    n_rows, n_super = src.shape[0], supers.shape[1]
     for r in numba.prange(n_rows):
         c, i = r // CHUNK, r % CHUNK
         for sb in range(n_super):
             at = sb * 110
-            d = _f16(src, r, at + 108, table)
+            supers[c, sb, 0, i] = _f16_bits(src, r, at + 108)
             for g in range(16):
                 # Mixed signed/unsigned shifts promote to float in Numba: work in int32.
                 low = np.int32(src[r, at + 96 + g] & 15) if g < 8 else np.int32(src[r, at + 96 + g - 8] >> 4)
                 high = (np.int32(src[r, at + 104 + g % 4]) >> (2 * (g // 4))) & 3
-                scale[c, sb * 16 + g, i] = d * np.float32(np.int32(low | (high << 4)) - 32)
+                scale[c, sb * 16 + g, i] = np.int8(np.int32(low | (high << 4)) - 32)
             for e in range(256):
                 chunk, k, l = e // 128, (e % 128) // 32, e % 32
                 q = (np.int32(src[r, at + 32 + 32 * chunk + l]) >> (2 * k)) & 3
@@ -304,24 +322,25 @@ class _Repacker(NamedTuple):
     kernel: Callable
     kind: str
     group: int  # weights per block (per scale)
-    code_bias: int  # subtracted from every stored code: 128 where the type's codes are signed
-    f16_scales: bool  # scales (and offsets) are the file's own float16 numbers: kept as their bits
+    code_bias: int  # subtracted from every stored code: the type's codes are signed
+    scale_type: type  # uint16: float16 bits; uint8 / int8: a K-quant's sub-block scales, d in `supers`
     offsets: bool  # False where every offset is zero
 
 
 _REPACKERS = {
-    "Q4_0": _Repacker(_repack_q4_0, "u4", 32, 8, True, False),
-    "Q4_1": _Repacker(_repack_q4_1, "u4", 32, 0, True, True),
-    "Q4_K": _Repacker(_repack_q4_k, "u4", 32, 0, False, True),
-    "Q5_0": _Repacker(_repack_q5_0, "u5", 32, 16, True, False),
-    "Q5_1": _Repacker(_repack_q5_1, "u5", 32, 0, True, True),
-    "Q5_K": _Repacker(_repack_q5_k, "u5", 32, 0, False, True),
-    "Q6_K": _Repacker(_repack_q6_k, "q8", 16, 128, False, False),
-    "Q8_0": _Repacker(_repack_q8_0, "q8", 32, 128, True, False),
-    "Q2_K": _Repacker(_repack_q2_k, "q8", 16, 0, False, True),
-    "Q3_K": _Repacker(_repack_q3_k, "q8", 16, 128, False, False),
+    "Q4_0": _Repacker(_repack_q4_0, "u4", 32, 8, np.uint16, False),
+    "Q4_1": _Repacker(_repack_q4_1, "u4", 32, 0, np.uint16, True),
+    "Q4_K": _Repacker(_repack_q4_k, "u4", 32, 0, np.uint8, True),
+    "Q5_0": _Repacker(_repack_q5_0, "u5", 32, 16, np.uint16, False),
+    "Q5_1": _Repacker(_repack_q5_1, "u5", 32, 0, np.uint16, True),
+    "Q5_K": _Repacker(_repack_q5_k, "u5", 32, 0, np.uint8, True),
+    "Q6_K": _Repacker(_repack_q6_k, "u6", 16, 32, np.int8, False),
+    "Q8_0": _Repacker(_repack_q8_0, "q8", 32, 128, np.uint16, False),
+    "Q2_K": _Repacker(_repack_q2_k, "q8", 16, 0, np.uint8, True),
+    "Q3_K": _Repacker(_repack_q3_k, "q8", 16, 128, np.int8, False),
 }
-_CODE_BYTES = {"u4": 16, "u5": 20}  # per block; q8 has one per weight
+SUPER = 256  # weights per K-quant super-block
+_CODE_BYTES = {"u4": 16, "u5": 20, "u6": 12}  # per block; q8 has one per weight
 FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPPORTED = tuple(_REPACKERS) + FLOAT_TYPES
 ALIGN = 64  # bytes: each lanes array starts on a cache line
@@ -335,30 +354,29 @@ def to_lanes(data: np.ndarray, ggml: GGMLType, n_cols: int, zeros: Allocate = np
     return stack_lanes([(data, ggml)], n_cols, zeros)
 
 
-def stack_lanes(parts: list[Part], n_cols: int, zeros: Allocate = np.zeros, fill: bool = True) -> LaneMatrix:
+def stack_lanes(parts: list[Part], n_cols: int, zeros: Allocate = np.zeros) -> LaneMatrix:
     """Tensors with the same inputs repacked as one lanes matrix, their rows stacked in order, so one kernel
     call multiplies them all; `parts` is one of stack_runs' runs. Each part's kernel writes its own chunks
-    of the stacked arrays, which come from `zeros` (an arena's, when loading a model). fill=False: the
-    arrays zeros hands out hold the repacked weights already (a filled arena)."""
+    of the stacked arrays, which come from `zeros` (an arena's, when loading a model)."""
     chunks = [_n_chunks(data.shape[0]) for data, _ in parts]
     n_rows, first = sum(data.shape[0] for data, _ in parts), parts[0][1]
     source = "+".join(sorted({ggml.name for _, ggml in parts}))
-    (codes_shape, codes_type), (scale_shape, scale_type), (offset_shape, _) = _lanes_arrays(first, sum(chunks), n_cols)
-    codes, scale, offset = zeros(codes_shape, codes_type), zeros(scale_shape, scale_type), zeros(offset_shape, scale_type)
+    codes, scale, offset, supers = (zeros(shape, dtype) for shape, dtype in _lanes_arrays(first, sum(chunks), n_cols))
     at = 0
-    for (data, ggml), n in zip(parts, chunks if fill else []):
+    for (data, ggml), n in zip(parts, chunks):
         if ggml.name in FLOAT_TYPES:
             rows = np.zeros((n * CHUNK, n_cols), np.float32)
             rows[: data.shape[0]] = dequantize(data, ggml).reshape(-1, n_cols)
             codes[at : at + n] = rows.reshape(n, CHUNK, n_cols).transpose(0, 2, 1)
         else:
             src = readonly(np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], -1))
-            _REPACKERS[ggml.name].kernel(codes[at : at + n], scale[at : at + n], offset[at : at + n], src, F16_TABLE)
+            part = slice(at, at + n)
+            _REPACKERS[ggml.name].kernel(codes[part], scale[part], offset[part], supers[part], src)
         at += n
     if first.name in FLOAT_TYPES:
-        return LaneMatrix("f32", n_rows, n_cols, codes, scale, offset, source)
+        return LaneMatrix("f32", n_rows, n_cols, codes, scale, offset, supers, source)
     how = _REPACKERS[first.name]
-    return LaneMatrix(how.kind, n_rows, n_cols, codes, scale, offset, source, how.code_bias)
+    return LaneMatrix(how.kind, n_rows, n_cols, codes, scale, offset, supers, source, how.code_bias)
 
 
 def stack_runs(parts: list[Part]) -> list[list[Part]]:
@@ -389,7 +407,7 @@ def _layout(ggml: GGMLType) -> tuple:
     if ggml.name in FLOAT_TYPES:
         return ("f32",)
     how = _repacker(ggml)
-    return how.kind, how.group, how.code_bias, how.f16_scales, how.offsets
+    return how.kind, how.group, how.code_bias, how.scale_type, how.offsets
 
 
 def _repacker(ggml: GGMLType) -> _Repacker:
@@ -400,16 +418,17 @@ def _repacker(ggml: GGMLType) -> _Repacker:
 
 
 def _lanes_arrays(ggml: GGMLType, n_chunks: int, n_cols: int) -> list[tuple[tuple, type]]:
-    """(shape, dtype) of the codes, scales and offsets."""
+    """(shape, dtype) of the codes, scales, offsets and super-block scales."""
     if ggml.name in FLOAT_TYPES:
-        empty = ((n_chunks, 0, CHUNK), np.float32)
-        return [((n_chunks, n_cols, CHUNK), np.float32), empty, empty]
+        empty = ((n_chunks, 0, CHUNK), np.uint16)
+        return [((n_chunks, n_cols, CHUNK), np.float32), empty, empty, ((n_chunks, 0, 1, CHUNK), np.uint16)]
     how = _repacker(ggml)
     n_blocks = n_cols // how.group
     n_quads = _CODE_BYTES.get(how.kind, how.group) // 4
-    scale_type = np.uint16 if how.f16_scales else np.float32
-    return [((n_chunks, n_blocks, n_quads, CHUNK, 4), np.uint8), ((n_chunks, n_blocks, CHUNK), scale_type),
-            ((n_chunks, n_blocks if how.offsets else 0, CHUNK), scale_type)]
+    n_super = n_cols // SUPER if how.scale_type != np.uint16 else 0
+    return [((n_chunks, n_blocks, n_quads, CHUNK, 4), np.uint8), ((n_chunks, n_blocks, CHUNK), how.scale_type),
+            ((n_chunks, n_blocks if how.offsets else 0, CHUNK), how.scale_type),
+            ((n_chunks, n_super, 1 + how.offsets, CHUNK), np.uint16)]
 
 
 def _n_chunks(n_rows: int) -> int:
@@ -426,17 +445,28 @@ def block_codes(w: LaneMatrix) -> np.ndarray:
     n_chunks, n_blocks, n_quads = w.codes.shape[:3]
     plain = w.codes.transpose(0, 1, 2, 4, 3).reshape(n_chunks, n_blocks, 4 * n_quads, CHUNK).astype(np.int16)
     if w.nibbles:
-        nibbles = plain[:, :, :16]
+        half = w.group // 2
+        nibbles = plain[:, :, :half]
         plain = np.concatenate([nibbles & 15, nibbles >> 4], axis=2)
-        if w.kind == "u5":
-            high = w.codes[:, :, 4].transpose(0, 1, 3, 2).astype(np.int16)  # [.., m, row]
-            bit = 2 * (np.arange(32) % 16 // 4) + np.arange(32) // 16  # code j's bit: 2q + half
-            plain |= ((high[:, :, np.arange(32) % 4] >> bit[None, None, :, None]) & 1) << 4
+        if w.kind != "u4":  # the quad of top bits (see _put_high_bits)
+            width = 1 if w.kind == "u5" else 2
+            high = w.codes[:, :, half // 4].transpose(0, 1, 3, 2).astype(np.int16)  # [.., m, row]
+            j = np.arange(w.group)
+            at = 2 * width * (j % half // 4) + width * (j // half)
+            plain |= ((high[:, :, j % 4] >> at[None, None, :, None]) & (2**width - 1)) << 4
     return plain - w.code_bias
 
 
-def _scales_f32(a: np.ndarray) -> np.ndarray:
-    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a
+def block_scales(w: LaneMatrix) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each block's scale and offset (None without offsets) as float32 [n_chunks, n_blocks, CHUNK]: float16
+    bits as they are, or a K-quant's d * sc and -(dmin * mn), with NumPy."""
+    if w.scale.dtype == np.uint16:
+        as_float = lambda a: a.view(np.float16).astype(np.float32)
+        return as_float(w.scale), as_float(w.offset) if w.offset.shape[1] else None
+    per_super = SUPER // w.group
+    d = w.supers.view(np.float16).astype(np.float32).repeat(per_super, axis=1)  # [.., n_blocks, 1 or 2, CHUNK]
+    scale = d[:, :, 0] * w.scale.astype(np.float32)
+    return scale, -(d[:, :, 1] * w.offset.astype(np.float32)) if w.offset.shape[1] else None
 
 
 def lanes_to_float(w: LaneMatrix) -> np.ndarray:
@@ -444,9 +474,10 @@ def lanes_to_float(w: LaneMatrix) -> np.ndarray:
     if w.kind == "f32":
         vals = w.codes  # [n_chunks, n_cols, CHUNK]
     else:
-        vals = _scales_f32(w.scale)[:, :, None, :] * block_codes(w).astype(np.float32)
-        if w.offset.shape[1]:
-            vals = vals + _scales_f32(w.offset)[:, :, None, :]
+        scale, offset = block_scales(w)
+        vals = scale[:, :, None, :] * block_codes(w).astype(np.float32)
+        if offset is not None:
+            vals = vals + offset[:, :, None, :]
         vals = vals.reshape(vals.shape[0], -1, CHUNK)
     return vals.transpose(0, 2, 1).reshape(-1, w.n_cols)[: w.n_rows].copy()
 
@@ -459,32 +490,22 @@ class WeightArena:
     gets them: SmolLM2 decoded 13-16% faster at 1 thread (Gemma, whose 178 MB output had them already, no
     measurable change). The repacking writes straight into it: fresh memory faults on first touch, costly on
     a VM, and copying into the mapping afterwards touched the weights' bytes twice (0.05-0.5 s for Gemma).
-    Reserve what the lanes will take (lanes_nbytes); should it run out, arrays come from NumPy instead.
+    Reserve what the lanes will take (lanes_nbytes); should it run out, arrays come from NumPy instead."""
 
-    An arena may also start `filled`, from an earlier load's bytes (models/lanes_cache.py): the same
-    allocations in the same order then hand out the arrays as they were repacked, and nothing is repacked."""
-
-    def __init__(self, reserve: int, filled: np.ndarray | None = None):
+    def __init__(self, reserve: int):
         try:
-            self._buffer = _huge_page_buffer(max(reserve, ALIGN)) if filled is None else filled
+            self._buffer = _huge_page_buffer(max(reserve, ALIGN))
         except (OSError, MemoryError):
             raise LlambaError(f"not enough memory for the model's weights ({reserve / 1e9:.1f} GB once repacked)") from None
-        self.filled = filled is not None
-        self.overflowed = False  # some array did not fit (it came from NumPy, so the buffer lacks it)
         self._used = 0
 
     def zeros(self, shape: tuple, dtype) -> np.ndarray:
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if self._used + n > len(self._buffer):
-            self.overflowed = True
             return np.zeros(shape, dtype)
         array = self._buffer[self._used : self._used + n].view(dtype).reshape(shape)  # never used: still zero
         self._used += _aligned(n)
         return array
-
-    @property
-    def contents(self) -> np.ndarray:
-        return self._buffer
 
 
 def _huge_page_buffer(size: int) -> np.ndarray:
