@@ -56,10 +56,10 @@ def _bytes(value: int):
     return ir.Constant(_BYTES, [value] * 64)
 
 
-def _top_bits(builder, high, bit: int, width: int):
-    """Bits bit .. bit + width - 1 of each byte of the high-bit quad, moved to bit 4: a code's top bits."""
+def _fifth_bit(builder, high, bit: int):
+    """Bit `bit` of each byte of the high-bit quad, moved to bit 4 (value 16), the fifth bit of a code."""
     moved = builder.shl(high, _bytes(4 - bit)) if bit <= 4 else builder.lshr(high, _bytes(bit - 4))
-    return builder.and_(moved, _bytes(((1 << width) - 1) << 4))
+    return builder.and_(moved, _bytes(16))
 
 
 def _splat(builder, scalar, vector_type):
@@ -74,20 +74,24 @@ def _fma(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
+def _load_quad(builder, codes_ptr, q: int, v: int):
+    """Quad q of a block for row vector v: 16 rows x 4 code bytes."""
+    at = builder.gep(codes_ptr, [ir.Constant(_I64, q * QUAD_BYTES + v * 64)])
+    return builder.load(builder.bitcast(at, _BYTES.as_pointer()), align=1)
+
+
 class _Layout:
     """How a block's codes sit: n_quads quads of code bytes, as nibbles (two codes a byte) or not, with or
-    without a quad of top bits (high_bits of them per code, see repack's _put_high_bits); group columns
-    per block."""
+    without a fifth quad of top bits; group columns per block."""
 
-    def __init__(self, n_quads: int, nibbles: bool, high_bits: int = 0):
+    def __init__(self, n_quads: int, nibbles: bool, high_bits: bool = False):
         self.n_quads, self.nibbles, self.high_bits = n_quads, nibbles, high_bits
         self.group = 8 * n_quads if nibbles else 4 * n_quads
-        self.block_bytes = (n_quads + (high_bits > 0)) * QUAD_BYTES
+        self.block_bytes = (n_quads + high_bits) * QUAD_BYTES
 
     def weights(self, builder, codes_ptr, v: int) -> list:
         """Row vector v's weights of one block as (16 rows x 4 codes, activation word) pairs."""
-        load = lambda q: builder.load(builder.bitcast(
-            builder.gep(codes_ptr, [ir.Constant(_I64, q * QUAD_BYTES + v * 64)]), _BYTES.as_pointer()), align=1)
+        load = lambda q: _load_quad(builder, codes_ptr, q, v)
         high = load(self.n_quads) if self.high_bits else None
         pairs = []
         for q in range(self.n_quads):
@@ -97,11 +101,27 @@ class _Layout:
                 continue
             low, top = builder.and_(w, _bytes(15)), builder.lshr(w, _bytes(4))
             if high is not None:
-                width = self.high_bits
-                low = builder.or_(low, _top_bits(builder, high, 2 * width * q, width))
-                top = builder.or_(top, _top_bits(builder, high, 2 * width * q + width, width))
-            pairs += [(low, q), (top, q + self.n_quads)]
+                low = builder.or_(low, _fifth_bit(builder, high, 2 * q))
+                top = builder.or_(top, _fifth_bit(builder, high, 2 * q + 1))
+            pairs += [(low, q), (top, q + 4)]
         return pairs
+
+
+class _SixBitLayout(_Layout):
+    """repack's u6: 16 6-bit codes in 3 quads, each byte a code in bits 0-5 and two bits of one of the last
+    four codes in bits 6-7."""
+
+    def __init__(self):
+        super().__init__(3, False)
+        self.group = 16
+
+    def weights(self, builder, codes_ptr, v: int) -> list:
+        quads = [_load_quad(builder, codes_ptr, q, v) for q in range(3)]
+        pairs = [(builder.and_(w, _bytes(63)), q) for q, w in enumerate(quads)]
+        last = builder.lshr(quads[0], _bytes(6))
+        for p, w in enumerate(quads[1:], 1):  # bits 2p, 2p + 1 of the last codes, from bits 6-7 of quad p
+            last = builder.or_(last, builder.and_(builder.lshr(w, _bytes(6 - 2 * p)), _bytes(3 << (2 * p))))
+        return pairs + [(last, 3)]
 
 
 class _Args:
@@ -285,7 +305,7 @@ def _chunk_product(layout: _Layout, scale_types: tuple[str, ...]):
 _HAS_OFFSETS = {"uint8": True, "int8": False}  # K-quant scales: unsigned ones come with mins, signed without
 # The layouts (repack.LAYOUTS, in order) and the scale types their block types use.
 chunk_product_u4 = _chunk_product(_Layout(4, True), ("uint16", "uint8"))  # 32 4-bit codes: Q4_0, Q4_1, Q4_K
-chunk_product_u5 = _chunk_product(_Layout(4, True, 1), ("uint16", "uint8"))  # 32 5-bit codes: Q5_0, Q5_1, Q5_K
-chunk_product_u6 = _chunk_product(_Layout(2, True, 2), ("int8",))  # 16 6-bit codes: Q6_K
+chunk_product_u5 = _chunk_product(_Layout(4, True, True), ("uint16", "uint8"))  # 32 5-bit codes: Q5_0, Q5_1, Q5_K
+chunk_product_u6 = _chunk_product(_SixBitLayout(), ("int8",))  # 16 6-bit codes: Q6_K
 chunk_product_q8_32 = _chunk_product(_Layout(8, False), ("uint16",))  # 32 byte codes: Q8_0
 chunk_product_q8_16 = _chunk_product(_Layout(4, False), ("uint8", "int8"))  # 16 byte codes: Q2_K, Q3_K

@@ -281,27 +281,32 @@ def _block_scale(scale, offset, supers, c, b, i, group):
 
 
 @kernel
-def _code(codes, c, b, i, j, group, nibbles, high_bits):
-    """Code j of row i of chunk c's block b (see repack's layouts; high_bits: top bits per code, u5 1, u6 2)."""
-    if not nibbles:
+def _code(codes, c, b, i, j, layout):
+    """Code j of row i of chunk c's block b, for the layout (its index in repack.LAYOUTS)."""
+    if layout >= 3:  # one code a byte
         return np.int32(codes[c, b, j >> 2, i, j & 3])
-    half = group // 2
-    k, upper = j % half, j // half
+    if layout == 2:  # u6: bits 0-5 of byte j, or of the last four codes two bits from each of three bytes
+        if j < 12:
+            return np.int32(codes[c, b, j >> 2, i, j & 3]) & 63
+        code = np.int32(0)
+        for p in range(3):
+            code |= (np.int32(codes[c, b, p, i, j - 12]) >> 6) << (2 * p)
+        return code
+    k, upper = j % 16, j // 16  # u4, u5: nibbles, and for u5 a fifth bit from the quad of top bits
     code = (np.int32(codes[c, b, k >> 2, i, k & 3]) >> (4 * upper)) & 15
-    if high_bits:
-        at = 2 * high_bits * (k >> 2) + high_bits * upper
-        code |= ((np.int32(codes[c, b, half >> 2, i, k & 3]) >> at) & ((1 << high_bits) - 1)) << 4
+    if layout == 1:
+        code |= ((np.int32(codes[c, b, 4, i, k & 3]) >> (2 * (k >> 2) + upper)) & 1) << 4
     return code
 
 
 @kernel
-def _row(out, codes, scale, offset, supers, code_bias, group, nibbles, high_bits, r):
+def _row(out, codes, scale, offset, supers, code_bias, group, layout, r):
     """Row r of quantized lanes weights as float32 (out [n_cols])."""
     c, i = r // CHUNK, r % CHUNK
     for b in range(codes.shape[1]):
         s, o = _block_scale(scale, offset, supers, c, b, i, group)
         for j in range(group):
-            out[b * group + j] = s * np.float32(_code(codes, c, b, i, j, group, nibbles, high_bits) - code_bias) + o
+            out[b * group + j] = s * np.float32(_code(codes, c, b, i, j, layout) - code_bias) + o
 
 
 def gather_rows(w: LaneMatrix, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -310,8 +315,8 @@ def gather_rows(w: LaneMatrix, rows: np.ndarray, out: np.ndarray | None = None) 
     for t, r in enumerate(rows):
         r = int(r)
         if w.kind != "f32":
-            high_bits = {"u5": 1, "u6": 2}.get(w.kind, 0)
-            _row(out[t], w.codes, w.scale, w.offset, w.supers, w.code_bias, w.group, w.nibbles, high_bits, r)
+            codes, scale, offset, supers, code_bias, group, layout = w.int8_operands
+            _row(out[t], codes, scale, offset, supers, code_bias, group, layout, r)
         else:
             out[t] = w.codes[r // CHUNK, :, r % CHUNK]
     return out

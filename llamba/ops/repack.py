@@ -8,10 +8,11 @@ contiguous run of memory, read front to back, which the prefetchers love. Every 
 
 - `u4`: 4-bit codes, 32 per block, byte j holding codes j (low nibble) and j+16 (high nibble);
                                                                                   (Q4_0, Q4_1, Q4_K)
-- `u5`: 5-bit codes, 32 per block: the nibbles as u4, then 4 bytes of top bits (see _put_high_bits);
+- `u5`: 5-bit codes, 32 per block: the nibbles as u4, then 4 bytes of top bits (see _put_u5_tops);
                                                                                   (Q5_0, Q5_1, Q5_K)
-- `u6`: 6-bit codes, 16 per block: 8 bytes of nibbles (byte j: codes j and j+8), then 4 bytes of the codes'
-  two top bits (see _put_high_bits);                                                        (Q6_K)
+- `u6`: 6-bit codes, 16 per block in 12 bytes: byte j < 12 holds code j in bits 0-5 and bits 2p, 2p + 1 of
+  code 12 + j % 4 (p = j // 4) in bits 6-7, so 12 codes are a mask away and the last 4 take three shifts
+  (the fewest operations per code we found: nibbles plus a quad of top bits took twice as many); (Q6_K)
 - `q8`: one code per byte, `group` (16 or 32) per block;                           (Q8_0, Q2_K, Q3_K)
 - `f32`: plain floats, codes [n_chunks, n_cols, CHUNK] float32.                    (F32, F16, BF16)
 
@@ -63,8 +64,8 @@ class LaneMatrix:
 
     @property
     def nibbles(self) -> bool:
-        """Codes packed two to a byte (u4; u5 and u6 with a quad of top bits)."""
-        return self.kind in ("u4", "u5", "u6")
+        """Codes packed two to a byte (u4, and u5 with its quad of top bits)."""
+        return self.kind in ("u4", "u5")
 
     @property
     def group(self) -> int:
@@ -116,18 +117,15 @@ def _u32(src, r, at):
 
 
 @kernel
-def _put_high_bits(quads, c, b, i, tops, width, n_codes):
-    """The top `width` bits of a block's n_codes codes (bits width*l.. of `tops` for code l) as the quad after
-    its nibbles, n_codes // 8 quads in: byte m holds, for q = 0 .. n_codes // 8 - 1, code 4q + m's bits at
-    2 width q and code 4q + m + n_codes / 2's at 2 width q + width (u5: width 1, 32 codes; u6: 2, 16)."""
-    half = n_codes // 2  # also where the quad goes: after the half-block of nibble bytes
-    mask = (np.uint32(1) << width) - np.uint32(1)
+def _put_u5_tops(quads, c, b, i, tops):
+    """The top bits of a u5 block's 32 codes (bit l of `tops` for code l) as its code bytes 16..19: byte m
+    holds bit 2q for code 4q + m and bit 2q + 1 for code 4q + m + 16 (q = 0..3)."""
     for m in range(4):
         byte = np.uint32(0)
-        for q in range(n_codes // 8):
-            byte |= ((tops >> (width * (4 * q + m))) & mask) << (2 * width * q)
-            byte |= ((tops >> (width * (4 * q + m + half))) & mask) << (2 * width * q + width)
-        _put(quads, c, b, half + m, i, np.uint8(byte))
+        for q in range(4):
+            byte |= ((tops >> (4 * q + m)) & 1) << (2 * q)
+            byte |= ((tops >> (4 * q + m + 16)) & 1) << (2 * q + 1)
+        _put(quads, c, b, 16 + m, i, np.uint8(byte))
 
 
 @kernel(parallel=True)
@@ -205,7 +203,7 @@ def _repack_q5_0(quads, scale, offset, supers, src):
             scale[c, b, i] = _f16_bits(src, r, at)  # code - 16 is the signed value
             for j in range(16):
                 _put(quads, c, b, j, i, src[r, at + 6 + j])  # ggml's nibbles are u4's already
-            _put_high_bits(quads, c, b, i, _u32(src, r, at + 2), 1, 32)
+            _put_u5_tops(quads, c, b, i, _u32(src, r, at + 2))
 
 
 @kernel(parallel=True)
@@ -219,7 +217,7 @@ def _repack_q5_1(quads, scale, offset, supers, src):
             offset[c, b, i] = _f16_bits(src, r, at + 2)
             for j in range(16):
                 _put(quads, c, b, j, i, src[r, at + 8 + j])
-            _put_high_bits(quads, c, b, i, _u32(src, r, at + 4), 1, 32)
+            _put_u5_tops(quads, c, b, i, _u32(src, r, at + 4))
 
 
 @kernel(parallel=True)
@@ -235,7 +233,7 @@ def _repack_q5_k(quads, scale, offset, supers, src):
                 tops = np.uint32(0)
                 for l in range(32):
                     tops |= np.uint32((src[r, at + 16 + l] >> s) & 1) << l
-                _put_high_bits(quads, c, sb * 8 + s, i, tops, 1, 32)
+                _put_u5_tops(quads, c, sb * 8 + s, i, tops)
 
 
 @kernel(parallel=True)
@@ -259,12 +257,10 @@ def _repack_q6_k(quads, scale, offset, supers, src):
                     codes[e + 64] = (lo >> 4) | (((h >> 4) & 3) << 4)
                     codes[e + 96] = (hi >> 4) | (((h >> 6) & 3) << 4)
             for g in range(16):
-                b, tops = sb * 16 + g, np.uint32(0)
-                for j in range(8):
-                    _put(quads, c, b, j, i, np.uint8((codes[16 * g + j] & 15) | ((codes[16 * g + j + 8] & 15) << 4)))
-                for j in range(16):
-                    tops |= (codes[16 * g + j] >> 4) << (2 * j)
-                _put_high_bits(quads, c, b, i, tops, 2, 16)
+                for j in range(12):
+                    last = codes[16 * g + 12 + j % 4]  # two of its bits go with code j
+                    byte = codes[16 * g + j] | (((last >> (2 * (j // 4))) & 3) << 6)
+                    _put(quads, c, sb * 16 + g, j, i, np.uint8(byte))
 
 
 @kernel(parallel=True)
@@ -445,15 +441,16 @@ def block_codes(w: LaneMatrix) -> np.ndarray:
     n_chunks, n_blocks, n_quads = w.codes.shape[:3]
     plain = w.codes.transpose(0, 1, 2, 4, 3).reshape(n_chunks, n_blocks, 4 * n_quads, CHUNK).astype(np.int16)
     if w.nibbles:
-        half = w.group // 2
-        nibbles = plain[:, :, :half]
+        nibbles = plain[:, :, :16]
         plain = np.concatenate([nibbles & 15, nibbles >> 4], axis=2)
-        if w.kind != "u4":  # the quad of top bits (see _put_high_bits)
-            width = 1 if w.kind == "u5" else 2
-            high = w.codes[:, :, half // 4].transpose(0, 1, 3, 2).astype(np.int16)  # [.., m, row]
-            j = np.arange(w.group)
-            at = 2 * width * (j % half // 4) + width * (j // half)
-            plain |= ((high[:, :, j % 4] >> at[None, None, :, None]) & (2**width - 1)) << 4
+        if w.kind == "u5":
+            high = w.codes[:, :, 4].transpose(0, 1, 3, 2).astype(np.int16)  # [.., m, row]
+            bit = 2 * (np.arange(32) % 16 // 4) + np.arange(32) // 16  # code j's bit: 2q + half
+            plain |= ((high[:, :, np.arange(32) % 4] >> bit[None, None, :, None]) & 1) << 4
+    elif w.kind == "u6":
+        tops = plain >> 6  # [.., 12, row]: bits 2p, 2p + 1 of code 12 + m in byte 4p + m
+        last = tops[:, :, 0:4] | (tops[:, :, 4:8] << 2) | (tops[:, :, 8:12] << 4)
+        plain = np.concatenate([plain & 63, last], axis=2)
     return plain - w.code_bias
 
 
