@@ -175,6 +175,18 @@ def test_many_clients_get_what_they_would_alone(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "slots_idle": 4, "slots_processing": 0}
 
 
+def _wait_for_idle_slot(s, headers: dict, timeout: float = 30.0) -> None:
+    """Until /metrics shows a free slot: a closed stream frees its slot at the next decode step, which on a
+    busy machine can take longer than any fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = httpx.get(f"{s.url}/metrics", headers=headers).text.splitlines()
+        if any(line.startswith("llamba_slots_idle ") and float(line.split()[1]) >= 1 for line in lines):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no slot came free within {timeout} s of the client closing its stream")
+
+
 def test_full_server_answers_503_and_keys_are_checked(smollm2_path):
     s = Server(smollm2_path, "-np", "1", "--queue", "0", "--api-key", "secret")
     try:
@@ -188,7 +200,7 @@ def test_full_server_answers_503_and_keys_are_checked(smollm2_path):
         assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
         assert reply.json()["error"]["type"] == "server_busy"
         busy.close()
-        time.sleep(0.5)
+        _wait_for_idle_slot(s, headers={"authorization": "Bearer secret"})
         assert "Paris" in _chat(client, "Tell me the capital of France.", 20).choices[0].message.content
     finally:
         s.stop()
