@@ -12,7 +12,7 @@ from llamba.formats.gguf import open_gguf
 from llamba.runtime.tokenizer import Tokenizer
 from llamba.store import KNOWN_MODELS, resolve_model
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference_data"
 
 
 def mixed_text(n_bytes: int) -> str:

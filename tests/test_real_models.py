@@ -1,4 +1,4 @@
-"""Both real test models against llama.cpp's reference outputs in ../shared/reference.
+"""Both real test models against llama.cpp's reference outputs in tests/reference_data.
 
 Tolerances, measured rather than assumed: llama.cpp quantizes activations to 8 bits inside every quantized
 matrix product and keeps its KV cache in float16, so its logits are not the exact ones. On an F32 conversion of
