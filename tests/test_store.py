@@ -119,22 +119,21 @@ def test_sha_mismatch_is_one_line_and_keeps_nothing(fake_model, monkeypatch):
 def test_list_shows_models_and_other_bytes_and_rm_removes_what_was_derived(fake_model):
     model, whole = fake_model
     path = store.pull(model.name, say=lambda m: None)
-    from llamba.models.lanes_cache import cache_file
-
-    lanes = cache_file(str(path))
-    lanes.parent.mkdir(parents=True)
-    lanes.write_bytes(b"x" * (1 << 20))
-    other = cache_file(str(path.with_name("other.gguf")))
-    other.write_bytes(b"y" * 1000)
+    lanes = store.llamba_home() / "lanes"  # what an older llamba left: shown, never silently kept
+    lanes.mkdir(parents=True)
+    (lanes / "old.lanes").write_bytes(b"x" * (1 << 20))
+    pull = store.models_dir() / f".pull-{model.name}"  # an unfinished pull of the same model
+    pull.mkdir()
+    (pull / "part.whl").write_bytes(b"y" * 1000)
 
     out = CliRunner().invoke(main, ["list"])
     assert out.exit_code == 0, out.output
     assert re.search(rf"{model.name}\s+{len(whole) / 2**20:.1f} MiB\s+{model.filename}", out.output)
-    assert re.search(rf"1.0 MiB\s+{re.escape(str(lanes.parent))}", out.output)
+    assert re.search(rf"1.0 MiB\s+{re.escape(str(lanes))}", out.output)
 
     out = CliRunner().invoke(main, ["rm", model.name])
     assert out.exit_code == 0, out.output
-    assert not path.exists() and not lanes.exists() and other.exists()  # another model's weights stay
+    assert not path.exists() and not pull.exists() and lanes.exists()  # the model and its pull go, nothing else
 
     out = CliRunner().invoke(main, ["rm", model.name])
     errors = [line for line in out.output.splitlines() if line.startswith("llamba: error:")]
