@@ -44,7 +44,7 @@ def list_models() -> None:
 @click.command()
 @click.argument("name")
 def rm(name: str) -> None:
-    """Remove a model from the local store, with its repacked weights and any unfinished pull."""
+    """Remove a model from the local store, with any unfinished pull of it."""
     for path in store.remove(name):
         click.echo(f"removed {path}")
 
