@@ -13,7 +13,8 @@ from llamba import store
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("LLAMBA_REFERENCE") or REPO / "tests" / "reference_data")
-REFERENCE_FILES = {"smollm2-135m": "smollm2-135m-q4_1", "gemma3-270m": "gemma3-270m-q4_k_m"}
+REFERENCE_FILES = {"smollm2-135m": "smollm2-135m-q4_1", "gemma3-270m": "gemma3-270m-q4_k_m",
+                   "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b-q4_k_m"}
 
 
 def _model(name: str) -> Path:

@@ -1,4 +1,5 @@
-"""Both real test models against llama.cpp's reference outputs in tests/reference_data.
+"""The real test models against llama.cpp's reference outputs in tests/reference_data (SmolLM2 and Gemma from
+llama.cpp's tools, Qwen2.5-Coder-1.5B from llama-cpp-python: benchmarks/make_reference.py).
 
 Tolerances, measured rather than assumed: llama.cpp quantizes activations to 8 bits inside every quantized
 matrix product and keeps its KV cache in float16, so its logits are not the exact ones. On an F32 conversion of
@@ -19,17 +20,19 @@ import pytest
 
 from llamba.models import load_transformer
 from llamba.runtime.kv_cache import KVCache
-from tests.conftest import REFERENCE_FILES, load_reference
+from tests.conftest import REFERENCE_FILES, _model, load_reference
 
-MAX_ABS_DIFF = {"smollm2-135m": 1.0, "gemma3-270m": 2.0}
+MAX_ABS_DIFF = {"smollm2-135m": 1.0, "gemma3-270m": 2.0, "qwen2.5-coder-1.5b": 1.0}
 NEAR_TIE = 0.3
 
 
-@pytest.fixture(scope="module")
-def loaded(model_name, model_path, reference_dir):
-    ref = load_reference(reference_dir, model_name)
-    logits = np.load(reference_dir / f"{REFERENCE_FILES[model_name]}.logits.npz")
-    return model_name, load_transformer(model_path), ref, logits
+@pytest.fixture(scope="module", params=list(REFERENCE_FILES))
+def loaded(request, reference_dir):
+    """The laptop-class 1.5B too (a 1 GB pull on a fresh machine, once): the lead must hold where users are."""
+    name = request.param
+    ref = load_reference(reference_dir, name)
+    logits = np.load(reference_dir / f"{REFERENCE_FILES[name]}.logits.npz")
+    return name, load_transformer(_model(name)), ref, logits
 
 
 def test_last_position_logits(loaded):
@@ -80,15 +83,19 @@ def test_free_running_greedy_follows_llama_cpp_until_a_near_tie(loaded):
             pos += 1
 
 
-LLAMA_CPP_PERPLEXITY = {"smollm2-135m": 18.3914, "gemma3-270m": 13.9062}  # llama-perplexity -c 512 on gpl-3.txt
+# llama-perplexity -c 512 on gpl-3.txt: (perplexity, chunks, tolerance); the 1.5B's from llama-cpp-python on 4
+# chunks, within the laptop-class issue's 1% (a perplexity this low, 1.77, moves 0.7% for 0.006 nats a token)
+LLAMA_CPP_PERPLEXITY = {"smollm2-135m": (18.3914, 14, 0.005), "gemma3-270m": (13.9062, 14, 0.005),
+                        "qwen2.5-coder-1.5b": (1.7711, 4, 0.01)}
 
 
-def test_perplexity_within_half_a_percent_of_llama_cpp(loaded, reference_dir):
+def test_perplexity_close_to_llama_cpp(loaded, reference_dir):
     from llamba.runtime.perplexity import perplexity
     from llamba.runtime.tokenizer import Tokenizer
 
     name, model, _, _ = loaded
     text = (reference_dir / "gpl-3.txt").read_text(encoding="utf-8")
-    result = perplexity(model, Tokenizer(model.gguf.metadata), KVCache.for_model(model.hp, 512), text, 512)
-    assert result.chunks == 14
-    assert abs(result.ppl / LLAMA_CPP_PERPLEXITY[name] - 1) < 0.005, result.ppl
+    expected, chunks, tolerance = LLAMA_CPP_PERPLEXITY[name]
+    result = perplexity(model, Tokenizer(model.gguf.metadata), KVCache.for_model(model.hp, 512), text, 512, chunks)
+    assert result.chunks == chunks
+    assert abs(result.ppl / expected - 1) < tolerance, result.ppl
