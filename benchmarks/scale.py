@@ -1,7 +1,7 @@
 """How llamba's speed scales with model size, against llama-cpp-python measured in the same run.
 
     python benchmarks/scale.py [--model 0.5b --model 1.5b --model 3b --model 8b] [--types Q4_K_M,Q4_0]
-                               [-n 16] [--prompt 64] [--repeats 3] [--ttft/--no-ttft]
+                               [-n 12] [--prompt 48] [--repeats 3] [--ttft/--no-ttft]
 
 Models: the Qwen2.5-Coder 0.5B and 1.5B test files, and random-weight GGUFs at the exact tensor shapes of a
 real Qwen2.5-3B (36 layers, 2048 wide, 16 / 2 heads of 128, ffn 11008, vocab 151936, untied) and
@@ -46,6 +46,7 @@ from llamba.runtime.kv_cache import KVCache  # noqa: E402
 REAL = {"0.5b": "/work/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "1.5b": "/work/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}
 TOKENIZER_SOURCE = REAL["1.5b"]
+TTFT_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -284,13 +285,13 @@ def ttft(n_prompt: int, repeats: int, threads: int = 2) -> tuple[float, float]:
         peer.llm.eval(ids)
         peer.llm.sample(temp=0.0)
 
+    warm = rng.integers(100, 100000, 16).tolist()
+    ours(warm), theirs(warm)  # compiles, pages in
     times = {"llamba": [], "llama.cpp": []}
-    for rep in range(repeats + 1):  # a fresh prompt each time: llamba's stream_tokens reuses a cached prefix
+    for _ in range(repeats):  # a fresh prompt each time: llamba's stream_tokens reuses a cached prefix
         ids = rng.integers(100, 100000, n_prompt).tolist()
         for engine, fn in (("llamba", ours), ("llama.cpp", theirs)):
-            seconds = _timed(lambda: fn(ids))
-            if rep:  # the first is a warm-up
-                times[engine].append(seconds)
+            times[engine].append(_timed(lambda: fn(ids)))
     return statistics.median(times["llamba"]), statistics.median(times["llama.cpp"])
 
 
@@ -299,8 +300,8 @@ def ttft(n_prompt: int, repeats: int, threads: int = 2) -> tuple[float, float]:
               type=click.Choice([*REAL, *SHAPES]))
 @click.option("--types", default="Q4_K_M", show_default=True,
               help="comma-separated mixes for the random 3b/8b files: Q4_K_M, Q4_0, Q8_0 (real files are Q4_K_M)")
-@click.option("-n", "n_gen", default=16, show_default=True, help="decoded tokens per tg repeat")
-@click.option("--prompt", "n_prompt", default=64, show_default=True, help="tokens per pp repeat")
+@click.option("-n", "n_gen", default=12, show_default=True, help="decoded tokens per tg repeat")
+@click.option("--prompt", "n_prompt", default=48, show_default=True, help="tokens per pp repeat")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--pp-threads", default="2", show_default=True, help="thread counts at which to measure pp")
 @click.option("--ttft/--no-ttft", "ttft_on", default=True, show_default=True)
@@ -314,7 +315,7 @@ def main(models, types, n_gen, n_prompt, repeats, pp_threads, ttft_on, cache_dir
     runs = [(key, "Q4_K_M") for key in models if key in REAL]
     runs += [(key, mix) for mix in mixes for key in models if key in SHAPES]
     paths = {run: model_path(run[0], run[1], Path(cache_dir).expanduser()) for run in runs}  # writes first
-    bandwidth = {t: read_bandwidth(t, repeats=5) for t in (1, 2)}
+    bandwidth = {t: read_bandwidth(t, repeats=5) for t in (1, 2)}  # again at the end: the better of the two
     rows = []
     for key, mix in runs:
         path = paths[(key, mix)]
@@ -325,17 +326,20 @@ def main(models, types, n_gen, n_prompt, repeats, pp_threads, ttft_on, cache_dir
         for threads in (1, 2):
             r = measure(engines, threads, n_gen, n_prompt, repeats, pp=threads in pp_at)
             for test, rates in r.items():
-                rows.append((name, path.stat().st_size, ours_b, theirs_b, test, threads, rates, bandwidth[threads]))
+                rows.append([name, path.stat().st_size, ours_b, theirs_b, test, threads, rates, 0.0])
                 click.echo(f"  {test} {threads}t: llamba {rates['llamba']:.2f}, llama.cpp {rates['llama.cpp']:.2f} t/s",
                            err=True)
         del engines
         gc.collect()
+    bandwidth = {t: max(bw, read_bandwidth(t, repeats=5)) for t, bw in bandwidth.items()}
+    for row in rows:
+        row[-1] = bandwidth[row[5]]
     load = os.getloadavg()
-    click.echo(f"read bandwidth (STREAM-style sum, best of 5): 1 thread {bandwidth[1]:.1f} GB/s, "
+    click.echo(f"read bandwidth (STREAM-style sum, best of 5 before and 5 after): 1 thread {bandwidth[1]:.1f} GB/s, "
                f"2 threads {bandwidth[2]:.1f} GB/s; tg {n_gen} tokens after 8, pp {n_prompt}, "
                f"median of {repeats} interleaved repeats; load average at the end {load[0]:.2f}\n")
     click.echo("| model | file GB | read/token llamba / llama.cpp MB | test | threads | llamba t/s | llama.cpp t/s | "
-               "ratio | llamba GB/s | llama.cpp GB/s | read bandwidth GB/s | llamba / llama.cpp share |")
+               "ratio llamba / llama.cpp | llamba GB/s | llama.cpp GB/s | read bandwidth GB/s | llamba / llama.cpp share |")
     click.echo("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, file_bytes, ours_b, theirs_b, test, threads, rates, bw in rows:
         ours, theirs = rates["llamba"], rates["llama.cpp"]
@@ -348,8 +352,8 @@ def main(models, types, n_gen, n_prompt, repeats, pp_threads, ttft_on, cache_dir
                    f"{test}{n_gen if test == 'tg' else n_prompt} | {threads} | {ours:.2f} | {theirs:.2f} | "
                    f"{ours / theirs:.2f} | {traffic} |")
     if ttft_on:
-        ours, theirs = ttft(1000, repeats=2)
-        click.echo(f"\ntime to first token, 1,000-token prompt, Qwen2.5-Coder-1.5B Q4_K_M, 2 threads (median of 2): "
+        ours, theirs = ttft(1000, repeats=TTFT_REPEATS)
+        click.echo(f"\ntime to first token, 1,000-token prompt, Qwen2.5-Coder-1.5B Q4_K_M, 2 threads (median of {TTFT_REPEATS}): "
                    f"llamba {ours:.2f} s, llama.cpp {theirs:.2f} s (ratio {theirs / ours:.2f} in llamba's favour "
                    f"when > 1)")
 
