@@ -49,7 +49,8 @@ def llamba_disk_bytes() -> tuple[int, list[str]]:
     from llamba.store import llamba_home
 
     root = llamba_home()
-    files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in ("models", "bench-models")]
+    skip = ("models", "bench-models")
+    files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in skip]
     return sum(p.stat().st_size for p in files), [str(p.relative_to(root)) for p in files]
 
 

@@ -339,7 +339,8 @@ def main(models, types, n_gen, n_prompt, repeats, pp_threads, ttft_on, cache_dir
                f"2 threads {bandwidth[2]:.1f} GB/s; tg {n_gen} tokens after 8, pp {n_prompt}, "
                f"median of {repeats} interleaved repeats; load average at the end {load[0]:.2f}\n")
     click.echo("| model | file GB | read/token llamba / llama.cpp MB | test | threads | llamba t/s | llama.cpp t/s | "
-               "ratio llamba / llama.cpp | llamba GB/s | llama.cpp GB/s | read bandwidth GB/s | llamba / llama.cpp share |")
+               "ratio llamba / llama.cpp | llamba GB/s | llama.cpp GB/s | read bandwidth GB/s | "
+               "llamba / llama.cpp share |")
     click.echo("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, file_bytes, ours_b, theirs_b, test, threads, rates, bw in rows:
         ours, theirs = rates["llamba"], rates["llama.cpp"]
@@ -353,7 +354,8 @@ def main(models, types, n_gen, n_prompt, repeats, pp_threads, ttft_on, cache_dir
                    f"{ours / theirs:.2f} | {traffic} |")
     if ttft_on:
         ours, theirs = ttft(1000, repeats=TTFT_REPEATS)
-        click.echo(f"\ntime to first token, 1,000-token prompt, Qwen2.5-Coder-1.5B Q4_K_M, 2 threads (median of {TTFT_REPEATS}): "
+        click.echo(f"\ntime to first token, 1,000-token prompt, Qwen2.5-Coder-1.5B Q4_K_M, 2 threads "
+                   f"(median of {TTFT_REPEATS}): "
                    f"llamba {ours:.2f} s, llama.cpp {theirs:.2f} s (ratio {theirs / ours:.2f} in llamba's favour "
                    f"when > 1)")
 
