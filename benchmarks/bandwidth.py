@@ -4,10 +4,11 @@
 
 Decoding one token reads every weight matrix once (the embedding only one row), so its speed is bounded by
 bytes per token / read bandwidth. Prints the machine's read bandwidth (a STREAM-style sum over 512 MB at 1
-and 2 threads), then per model: the file's tensor bytes, the resident weights, the bytes read per token (ours
-against the file's for the same matrices, which is what llama.cpp reads), and decode speed at 1 and 2 threads
-with the GB/s it achieves, for llamba and llama-cpp-python measured in the same run. --context: tokens already
-in the cache when decoding starts (attention reads the cache as well as the weights: a long chat).
+and 2 threads), then per model: the file's tensor bytes, the resident weights (the lanes matrices: an untied
+embedding stays in the file), the bytes read per token (ours against the file's for the same matrices, which
+is what llama.cpp reads), and decode speed at 1 and 2 threads with the GB/s it achieves, for llamba and
+llama-cpp-python measured in the same run. --context: tokens already in the cache when decoding starts
+(attention reads the cache as well as the weights: a long chat).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def weight_bytes(llm: Llama) -> dict[str, int]:
     matrices = [model.output] + [w for layer in model.layers
                                  for w in layer.matrices]
     per_token = sum(w.nbytes for w in matrices)
-    resident = per_token + (model.tok_embd.nbytes if model.tok_embd is not model.output else 0)
+    # Resident weights are the lanes matrices only: an untied token_embd is a FileRows, left in the file and
+    # read a row per token (a few KB, not counted).
+    resident = per_token
     tensors = model.gguf.tensors
     file_total = sum(t.n_bytes for t in tensors.values())
     file_per_token = file_total - (tensors["token_embd.weight"].n_bytes if "output.weight" in tensors else 0)
