@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import LlambaError
+from .errors import BadRequestError, LlambaError
 from .models import load_transformer
 from .models.metadata import MAX_CONTEXT
 from .ops.jit import kernels_compiled, release_compiler_pages
@@ -127,9 +127,9 @@ class Llama:
                       sampler: Sampler | None = None, decoding: str | None = None, **sampling: Any) -> Iterator[Step]:
         """The core loop with prefix reuse: yields Steps; `last_stats` holds the timings after."""
         if not prompt_ids:
-            raise LlambaError("the prompt is empty")
+            raise BadRequestError("the prompt is empty")
         if max_tokens < -1:
-            raise LlambaError(f"max_tokens must be >= 0, or -1 for no limit but the context (got {max_tokens})")
+            raise BadRequestError(f"max_tokens must be >= 0, or -1 for no limit but the context (got {max_tokens})")
         if max_tokens == -1:
             max_tokens = self.n_ctx
         sampler = sampler or Sampler(**_sampling_args(sampling))
@@ -245,5 +245,5 @@ def _context_size(n_ctx: int | None, n_ctx_train: int) -> int:
 def _sampling_args(options: dict[str, Any]) -> dict[str, Any]:
     unknown = set(options) - _SAMPLING_KEYS
     if unknown:
-        raise LlambaError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        raise BadRequestError(f"unknown option(s): {', '.join(sorted(unknown))}")
     return {k: v for k, v in options.items() if v is not None}

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .api import Llama
-from .errors import LlambaError
+from .errors import BadRequestError, ContextOverflowError, LlambaError
 from .runtime.generate import Step
 from .runtime.sampling import SamplingParams
 
@@ -38,11 +38,11 @@ class ChatSettings:
                  "repeat_last_n": "repeat_last_n", "seed": "seed", "max_tokens": "max_tokens"}
         name = names.get(key)
         if name is None:
-            raise LlambaError(f"unknown setting {key!r} (settings: {', '.join(sorted(set(names) - {'temperature'}))})")
+            raise BadRequestError(f"unknown setting {key!r} (settings: {', '.join(sorted(set(names) - {'temperature'}))})")
         try:
             parsed = int(value) if name in ("top_k", "repeat_last_n", "seed", "max_tokens") else float(value)
         except ValueError:
-            raise LlambaError(f"{key} needs a number, not {value!r}") from None
+            raise BadRequestError(f"{key} needs a number, not {value!r}") from None
         if name == "max_tokens":
             if parsed < 1:
                 raise LlambaError("max_tokens must be >= 1")
@@ -107,7 +107,7 @@ class ChatSession:
                 break
             if self.settings.overflow == "stop" or len(self.messages) <= 1:
                 self.messages.pop()  # the new user message is not part of the history after all
-                raise LlambaError(f"the conversation ({len(ids)} tokens) no longer fits the context of "
+                raise ContextOverflowError(f"the conversation ({len(ids)} tokens) no longer fits the context of "
                                   f"{self.llm.n_ctx} tokens with room to answer: /reset, or start with a larger -c")
             self.messages = self.messages[2:] if len(self.messages) > 2 else self.messages[1:]
             dropped += 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import GGUFError, LlambaError, NumericalError
+from ..errors import ContextOverflowError, GGUFError, LlambaError, NumericalError
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize
 from ..ops.activations import geglu_tanh, softcap, swiglu
@@ -176,7 +176,7 @@ class Transformer:
         if len(tokens) == 0:
             raise LlambaError("forward needs at least one token")
         if start_pos + len(tokens) > cache.n_ctx:
-            raise LlambaError(f"context is full: {start_pos} + {len(tokens)} tokens exceed the context of {cache.n_ctx}")
+            raise ContextOverflowError(f"context is full: {start_pos} + {len(tokens)} tokens exceed the context of {cache.n_ctx}")
         cache.remove(0, start_pos)
         batch = Batch.chain(tokens, start_pos, logits="all" if all_logits else "last")
         batch.want_logits[:logits_from] = False

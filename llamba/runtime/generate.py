@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..errors import LlambaError
+from ..errors import ContextOverflowError
 from .decoding import Speculation, decode_tokens
 from .sampling import Sampler
 
@@ -94,7 +94,7 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
     """
     stats = stats if stats is not None else GenerationStats()
     if len(prompt_ids) > cache.n_ctx:
-        raise LlambaError(f"prompt of {len(prompt_ids)} tokens is longer than the context ({cache.n_ctx})")
+        raise ContextOverflowError(f"prompt of {len(prompt_ids)} tokens is longer than the context ({cache.n_ctx})")
     if start_pos >= len(prompt_ids):
         start_pos = len(prompt_ids) - 1  # re-run the last token: its logits are needed
     stats.prompt_tokens = len(prompt_ids)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LlambaError
+from ..errors import ContextOverflowError, LlambaError
 from ..ops.jit import kernel
 from .batch import Batch
 
@@ -104,7 +104,7 @@ class KVCache:
         n = keys[0].shape[1]
         cells = np.flatnonzero(self.cell_seqs == 0)[:n]
         if len(cells) < n or n > self.n_ctx:
-            raise LlambaError(f"{n} saved positions do not fit this context of {self.n_ctx}")
+            raise ContextOverflowError(f"{n} saved positions do not fit this context of {self.n_ctx}")
         for layer, (k, v) in enumerate(zip(keys, values)):
             self.k[layer][:, cells] = k
             self.v[layer][:, cells] = v
@@ -137,10 +137,10 @@ class KVCache:
             if len(cells) and self.cell_pos[cells[-1]] >= first:
                 raise LlambaError(f"position {first} of sequence {s} is already in the cache (remove it first)")
         if batch.positions.max() >= self.n_ctx:
-            raise LlambaError(f"context is full: position {batch.positions.max()} is past the context of {self.n_ctx}")
+            raise ContextOverflowError(f"context is full: position {batch.positions.max()} is past the context of {self.n_ctx}")
         free = np.flatnonzero(self.cell_seqs == 0)[: len(batch)]
         if len(free) < len(batch):
-            raise LlambaError(f"the KV cache has no room for {len(batch)} more tokens ({self.n_cells} cells)")
+            raise ContextOverflowError(f"the KV cache has no room for {len(batch)} more tokens ({self.n_cells} cells)")
         self.cell_pos[free] = batch.positions
         self.cell_seqs[free] = np.left_shift(np.uint64(1), batch.seq_ids.astype(np.uint64))
         self.last_cells = free.astype(np.int64)  # so a caller can free single rows (rejected guesses) after

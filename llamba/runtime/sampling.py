@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import LlambaError
+from ..errors import BadRequestError
 
 
 @dataclass
@@ -44,10 +44,10 @@ class SamplingParams:
         ]
         for name, value in vars(self).items():
             if isinstance(value, float) and not math.isfinite(value):
-                raise LlambaError(f"{name} must be a finite number (got {value})")
+                raise BadRequestError(f"{name} must be a finite number (got {value})")
         for ok, message in checks:
             if not ok:
-                raise LlambaError(message)
+                raise BadRequestError(message)
         return self
 
 
@@ -58,7 +58,7 @@ class Sampler:
         params = params or SamplingParams()
         for key, value in overrides.items():
             if not hasattr(params, key):
-                raise LlambaError(f"unknown sampling option {key!r}")
+                raise BadRequestError(f"unknown sampling option {key!r}")
             setattr(params, key, value)
         self.params = params.validate()
         self.rng = np.random.default_rng(None if params.seed == -1 else params.seed)

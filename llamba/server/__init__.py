@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from ..errors import LlambaError
 from .app import create_app
-from .engine import GUESSING, Engine, Event, QueueFull, Request
+from .engine import GUESSING, Engine, Event, Request
 
-__all__ = ["Engine", "Event", "QueueFull", "Request", "create_app", "run"]
+__all__ = ["Engine", "Event", "Request", "create_app", "run"]
 
 
 def run(llm, host: str, port: int, parallel: int, max_queue: int, api_key: str | None, aliases=(),

@@ -17,9 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import LlambaError
+from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadError
 from ..runtime.sampling import Sampler
-from .engine import Engine, Event, QueueFull, Request
+from .engine import Engine, Event, Request
 
 
 class _Body(BaseModel):
@@ -97,6 +97,16 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _error_for(e: LlambaError) -> JSONResponse:
+    """The OpenAI error a LlambaError becomes, chosen by its type (any other kind is the client's bad request)."""
+    if isinstance(e, OverloadError):
+        return _error(503, str(e), kind="server_busy", headers={"Retry-After": "1"})
+    if isinstance(e, NotFoundError):
+        return _error(404, str(e), code="not_found")
+    code = "context_length_exceeded" if isinstance(e, ContextOverflowError) else None
+    return _error(400, str(e), code=code)
+
+
 class _HTTPError(Exception):
     def __init__(self, response: JSONResponse):
         self.response = response
@@ -144,11 +154,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             inbox: asyncio.Queue[Event] = asyncio.Queue()
             request.deliver = lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event)
             engine.submit(request)
-        except QueueFull as e:
-            raise _HTTPError(_error(503, str(e), kind="server_busy", headers={"Retry-After": "1"}))
         except LlambaError as e:
-            code = "context_length_exceeded" if "context" in str(e) else None
-            raise _HTTPError(_error(400, str(e), code=code))
+            raise _HTTPError(_error_for(e))
         return request, inbox
 
     async def events(request: Request, inbox: asyncio.Queue):

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import LlambaError
+from ..errors import BadRequestError, ContextOverflowError, LlambaError, OverloadError
 from ..runtime.batch import MAX_SEQUENCES, Batch
 from ..runtime.decoding import DECODERS, Speculation, make_speculation
 from ..runtime.decoding.speculative import Draft, guess, settle
@@ -31,10 +31,6 @@ from ..runtime.kv_cache import SPARE_CELLS, KVCache
 from ..runtime.sampling import Sampler
 
 PREFILL_CHUNK = 256  # prompt tokens per step: a long prompt never stalls the running streams for long
-
-
-class QueueFull(LlambaError):
-    """Every slot is busy and the waiting queue is full."""
 
 
 @dataclass
@@ -124,12 +120,12 @@ class Engine:
 
     def submit(self, request: Request) -> Request:
         if request.decoding not in self.decoders:
-            raise LlambaError(f"decoding {request.decoding!r} is not offered here (offered: {', '.join(self.decoders)})")
+            raise BadRequestError(f"decoding {request.decoding!r} is not offered here (offered: {', '.join(self.decoders)})")
         if len(request.prompt_ids) >= self.n_ctx:
-            raise LlambaError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.n_ctx}")
+            raise ContextOverflowError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.n_ctx}")
         with self._wake:
             if len(self.waiting) >= self.max_queue + self.free_slots():
-                raise QueueFull("the server is busy: every slot is taken and the queue is full")
+                raise OverloadError("the server is busy: every slot is taken and the queue is full")
             self.waiting.append(request)
             self.counters["requests"] += 1
             self._wake.notify()
@@ -140,7 +136,7 @@ class Engine:
         from ..store import resolve_model
 
         if not decoding.startswith("draft:") or not decoding[len("draft:"):]:
-            raise LlambaError(f"unknown decoding {decoding!r} (choose from {', '.join(DECODERS)})")
+            raise BadRequestError(f"unknown decoding {decoding!r} (choose from {', '.join(DECODERS)})")
         return load_transformer(resolve_model(decoding[len("draft:"):]))
 
     def _speculation(self, slot: _Slot, decoding: str) -> Speculation | None:
