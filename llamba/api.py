@@ -27,12 +27,12 @@ from .models.metadata import MAX_CONTEXT
 from .ops.jit import kernels_compiled, release_compiler_pages
 from .ops.threads import set_threads
 from .ops.matmul import SMALL_BATCH
-from .runtime.chat_template import load_chat_template, turn_terminator
-from .runtime.decoding import DEFAULT_DECODING, Speculation, make_speculation
-from .runtime.generate import GenerationStats, Step, generate_steps
-from .runtime.kv_cache import KVCache
-from .runtime.sampling import Sampler, SamplingParams
-from .runtime.tokenizer import Tokenizer
+from .text.chat_template import load_chat_template, turn_terminator
+from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
+from .generation.generate import GenerationStats, Step, generate_steps
+from .memory.kv_cache import KVCache
+from .generation.sampling import Sampler, SamplingParams
+from .text.tokenizer import Tokenizer
 from .store import resolve_model
 
 DEFAULT_CTX = 4096

@@ -19,8 +19,8 @@ import numpy as np
 
 from .api import Llama
 from .errors import BadRequestError, ContextOverflowError, LlambaError
-from .runtime.generate import Step
-from .runtime.sampling import SamplingParams
+from .generation.generate import Step
+from .generation.sampling import SamplingParams
 
 FORMAT = "llamba-chat-session/1"
 

@@ -7,9 +7,9 @@ import pytest
 
 from llamba.api import Llama
 from llamba.errors import LlambaError
-from llamba.runtime.generate import StopFilter
+from llamba.generation.generate import StopFilter
 from llamba.session import ChatSession, ChatSettings
-from llamba.runtime.sampling import SamplingParams
+from llamba.generation.sampling import SamplingParams
 
 GREEDY = {"temperature": 0.0}
 

@@ -12,7 +12,7 @@ import pytest
 
 from llamba import Llama, store
 from llamba.errors import LlambaError, NumericalError
-from llamba.runtime.chat_template import ChatTemplate
+from llamba.text.chat_template import ChatTemplate
 from llamba.session import ChatSession, ChatSettings
 from tests import fuzz
 from tests.test_cli import assert_one_line_error, llamba

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llamba.models import lanes_cache, load_transformer
-from llamba.runtime.kv_cache import KVCache
+from llamba.memory.kv_cache import KVCache
 from tests.tiny_models import write_tiny_model
 
 TOKENS = [1, 5, 9, 2, 7]

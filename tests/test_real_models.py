@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from llamba.models import load_transformer
-from llamba.runtime.kv_cache import KVCache
+from llamba.memory.kv_cache import KVCache
 from tests.conftest import REFERENCE_FILES, load_reference
 
 MAX_ABS_DIFF = {"smollm2-135m": 1.0, "gemma3-270m": 2.0}
@@ -84,8 +84,8 @@ LLAMA_CPP_PERPLEXITY = {"smollm2-135m": 18.3914, "gemma3-270m": 13.9062}  # llam
 
 
 def test_perplexity_within_half_a_percent_of_llama_cpp(loaded, reference_dir):
-    from llamba.runtime.perplexity import perplexity
-    from llamba.runtime.tokenizer import Tokenizer
+    from llamba.generation.perplexity import perplexity
+    from llamba.text.tokenizer import Tokenizer
 
     name, model, _, _ = loaded
     text = (reference_dir / "gpl-3.txt").read_text(encoding="utf-8")

@@ -224,7 +224,7 @@ def _setup_readline() -> None:
 def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, decoding,
          **kwargs) -> None:
     """Chat with MODEL (default: smollm2-135m) in the terminal, answers streaming as they come."""
-    from ..runtime.sampling import SamplingParams
+    from ..generation.sampling import SamplingParams
     from ..session import ChatSession, ChatSettings
 
     sampling = SamplingParams(**pop_sampling(kwargs)).validate()

@@ -69,7 +69,7 @@ def decoding_option(default: str | None = None, note: str = "draft:MODEL takes a
     """--decoding: how generation guesses ahead (the output is the same; only the speed changes)."""
     import click
 
-    from ..runtime.decoding import DECODERS, DEFAULT_DECODING
+    from ..generation.decoding import DECODERS, DEFAULT_DECODING
 
     return click.option("--decoding", default=default or DEFAULT_DECODING, show_default=True, metavar="NAME",
                         help=f"Guess ahead and verify in one batch: {' | '.join(DECODERS)} ({note}).")

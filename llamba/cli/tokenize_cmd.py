@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..formats.gguf import open_gguf
-from ..runtime.tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from ..store import resolve_model
 from .common import read_text_option
 

@@ -27,7 +27,7 @@ from ..ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
 from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, stack_runs
 from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
-from ..runtime.batch import Batch
+from ..memory.batch import Batch
 from . import lanes_cache
 from .metadata import HParams
 

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadError
-from ..runtime.sampling import Sampler
+from ..generation.sampling import Sampler
 from .engine import Engine, Event, Request
 
 
@@ -43,7 +43,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    decoding: str | None = None  # llamba's: guess ahead (same output): see runtime/decoding
+    decoding: str | None = None  # llamba's: guess ahead (same output): see generation/decoding
 
     def sampler(self) -> Sampler:
         return Sampler(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,

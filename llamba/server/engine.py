@@ -2,7 +2,7 @@
 
 Each slot is a sequence of the shared KV cache (its own cells, its own sampler, its own text stream). A step
 gathers one token from every decoding slot and a piece of one waiting prompt into a single batch, so the
-weights are read once for all of them (the batch mechanism of runtime/batch.py). The kernels are batch
+weights are read once for all of them (the batch mechanism of memory/batch.py). The kernels are batch
 invariant, so a request's tokens are the same whether it was served alone or beside others.
 
 A request that arrives when every slot is busy waits in a bounded queue; the next step after a slot frees,
@@ -23,12 +23,12 @@ from typing import Callable
 import numpy as np
 
 from ..errors import BadRequestError, ContextOverflowError, LlambaError, OverloadError
-from ..runtime.batch import MAX_SEQUENCES, Batch
-from ..runtime.decoding import DECODERS, Speculation, make_speculation
-from ..runtime.decoding.speculative import Draft, guess, settle
-from ..runtime.generate import StopFilter
-from ..runtime.kv_cache import SPARE_CELLS, KVCache
-from ..runtime.sampling import Sampler
+from ..memory.batch import MAX_SEQUENCES, Batch
+from ..generation.decoding import DECODERS, Speculation, make_speculation
+from ..generation.decoding.speculative import Draft, guess, settle
+from ..generation.generate import StopFilter
+from ..memory.kv_cache import SPARE_CELLS, KVCache
+from ..generation.sampling import Sampler
 
 PREFILL_CHUNK = 256  # prompt tokens per step: a long prompt never stalls the running streams for long
 
@@ -52,7 +52,7 @@ class Request:
     sampler: Sampler
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best
-    decoding: str = "greedy"  # a name from runtime/decoding: guesses checked in the same batch
+    decoding: str = "greedy"  # a name from generation/decoding: guesses checked in the same batch
     events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
     deliver: Callable[[Event], None] | None = None  # called from the engine thread; default: put in events
     cancelled: threading.Event = field(default_factory=threading.Event)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kv_cache import KVCache
+from ...memory.kv_cache import KVCache
 from .draft_model import DraftModel
 
 CALIBRATION = 64  # tokens the choice is measured on

@@ -8,7 +8,7 @@ samplers), and the target accepts by speculative sampling against those probabil
 from __future__ import annotations
 
 from ...errors import LlambaError
-from ..kv_cache import KVCache
+from ...memory.kv_cache import KVCache
 from ..sampling import Sampler
 from .speculative import Draft
 

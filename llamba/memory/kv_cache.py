@@ -2,7 +2,7 @@
 
 Cells are handed out lowest-free-first. A cell belongs to one or more sequences (a bit mask, so a shared
 prompt prefix can serve several), and what a new token attends to follows from those records (see
-`runtime/batch.py`): its sequence's cached cells in position order, then its ancestors in the batch. Because
+`memory/batch.py`): its sequence's cached cells in position order, then its ancestors in the batch. Because
 attention always walks the visible cells in position order, where a cell sits never changes a result: a token
 attends identically alone, among guesses, or beside other sequences.
 """
