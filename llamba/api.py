@@ -22,18 +22,18 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import BadRequestError, LlambaError
+from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
+from .generation.generate import GenerationStats, Step, generate_steps
+from .generation.sampling import Sampler, SamplingParams
+from .memory.kv_cache import KVCache
 from .models import load_transformer
 from .models.metadata import MAX_CONTEXT
 from .ops.jit import kernels_compiled, release_compiler_pages
-from .ops.threads import set_threads
 from .ops.matmul import SMALL_BATCH
-from .text.chat_template import load_chat_template, turn_terminator
-from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
-from .generation.generate import GenerationStats, Step, generate_steps
-from .memory.kv_cache import KVCache
-from .generation.sampling import Sampler, SamplingParams
-from .text.tokenizer import Tokenizer
+from .ops.threads import set_threads
 from .store import resolve_model
+from .text.chat_template import load_chat_template, turn_terminator
+from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
 MIN_CTX = 8

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ContextOverflowError, GGUFError, LlambaError, NumericalError
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize
+from ..memory.batch import Batch
 from ..ops.activations import geglu_tanh, softcap, swiglu
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.heads import split_heads
@@ -27,7 +28,6 @@ from ..ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
 from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, stack_runs
 from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
-from ..memory.batch import Batch
 from . import lanes_cache
 from .metadata import HParams
 
