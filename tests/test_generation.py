@@ -7,7 +7,7 @@ import pytest
 
 from llamba.api import Llama
 from llamba.errors import LlambaError
-from llamba.generation.generate import StopFilter
+from llamba.text.stream import StopFilter
 from llamba.session import ChatSession, ChatSettings
 from llamba.generation.sampling import SamplingParams
 

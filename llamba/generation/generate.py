@@ -1,18 +1,18 @@
 """The generation loop: a generator of tokens and text pieces, with stop conditions and timing.
 
 `generate_steps` evaluates the prompt (from `start_pos`, so a cache that already holds a prefix is reused),
-then samples one token at a time. Text goes through the streaming detokenizer and a stop-string filter
-that holds back any tail which could still become a stop string, so stop strings are never printed even
-when they span tokens.
+then samples one token at a time. Text comes from text/stream.py's TextStream (detokenizing, stop strings,
+held-back tails, finish reasons), the one the server uses too.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import ContextOverflowError
+from ..text.stream import TextStream
 from .decoding import Speculation, decode_tokens
 from .sampling import Sampler
 
@@ -56,34 +56,6 @@ class GenerationStats:
         return n / self.generate_seconds if n > 0 and self.generate_seconds else 0.0
 
 
-@dataclass
-class StopFilter:
-    """Holds back text that might be the start of a stop string; reports a stop when one appears."""
-
-    stops: list[str] = field(default_factory=list)
-    _held: str = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string was found)."""
-        buf = self._held + text
-        first = min((i for i in (buf.find(s) for s in self.stops if s) if i >= 0), default=-1)
-        if first >= 0:
-            self._held = ""
-            return buf[:first], True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), 0, -1):
-                if buf.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        self._held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        rest, self._held = self._held, ""
-        return rest
-
-
 def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Sampler, max_tokens: int,
                    start_pos: int = 0, stop: list[str] | None = None, stats: GenerationStats | None = None,
                    history: list[int] | None = None, speculation: Speculation | None = None) -> Iterator[Step]:
@@ -107,8 +79,7 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
         return
     history = list(history if history is not None else prompt_ids)
     tokens = decode_tokens(model, cache, logits, len(prompt_ids), history, sampler, speculation, max_tokens)
-    detok = tokenizer.streamer()
-    stopper = StopFilter(list(stop or []))
+    stream = TextStream(tokenizer, stop)
     stats.finish_reason = ""
     try:
         for token in tokens:
@@ -118,27 +89,15 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
                 # the token loop has started the speculation: this generation's statistics
                 stats.speculation = speculation.stats if speculation is not None else None
             stats.generated_tokens += 1
-            if token in tokenizer.eog_ids:
-                stats.finish_reason = "stop"
-                yield Step(token, _remaining_text(detok, stopper))
+            yield Step(token, stream.push(token))
+            if stream.finish_reason:
                 break
-            text, stopped = stopper.feed(detok.push(token))
-            if stopped:
-                stats.finish_reason = "stop"
-                yield Step(token, text)
-                break
-            yield Step(token, text)
             stats.generate_seconds = time.perf_counter() - t0
     finally:
         tokens.close()
-    if not stats.finish_reason:  # the tokens ran out: the budget, or the context
-        stats.finish_reason = "length" if stats.generated_tokens >= max_tokens else "context"
-        tail = _remaining_text(detok, stopper)
+    if not stream.finish_reason:  # the tokens ran out: the budget, or the context
+        tail = stream.finish("length" if stats.generated_tokens >= max_tokens else "context")
         if tail:
             yield Step(-1, tail)
+    stats.finish_reason = stream.finish_reason
     stats.generate_seconds = time.perf_counter() - t0
-
-
-def _remaining_text(detok, stopper: StopFilter) -> str:
-    """What the detokenizer and the stop filter still hold when generation ends (cut at a stop string)."""
-    return stopper.feed(detok.flush())[0] + stopper.flush()

@@ -23,12 +23,12 @@ from typing import Callable
 import numpy as np
 
 from ..errors import BadRequestError, ContextOverflowError, LlambaError, OverloadError
-from ..memory.batch import MAX_SEQUENCES, Batch
 from ..generation.decoding import DECODERS, Speculation, make_speculation
 from ..generation.decoding.speculative import Draft, guess, settle
-from ..generation.generate import StopFilter
-from ..memory.kv_cache import SPARE_CELLS, KVCache
 from ..generation.sampling import Sampler
+from ..memory.batch import MAX_SEQUENCES, Batch
+from ..memory.kv_cache import SPARE_CELLS, KVCache
+from ..text.stream import TextStream
 
 PREFILL_CHUNK = 256  # prompt tokens per step: a long prompt never stalls the running streams for long
 
@@ -74,8 +74,7 @@ class _Slot:
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # tokens to evaluate next
     history: list[int] = field(default_factory=list)  # prompt + generated (for penalties)
-    detok: object = None
-    stopper: StopFilter | None = None
+    text: TextStream | None = None
     speculation: Speculation | None = None
     decoders: dict = field(default_factory=dict)  # decoding name -> this slot's Speculation (a draft's cache)
     last_used: float = 0.0
@@ -195,7 +194,7 @@ class Engine:
         self.cache.remove(slot.seq, keep)
         slot.cached = slot.cached[:keep]
         slot.request, slot.pending, slot.history = request, list(prompt[keep:]), list(prompt)
-        slot.detok, slot.stopper = self.tokenizer.streamer(), StopFilter(list(request.stop))
+        slot.text = TextStream(self.tokenizer, request.stop)
         slot.speculation = self._speculation(slot, request.decoding)
         if slot.speculation is not None:
             slot.speculation.start()
@@ -278,13 +277,9 @@ class Engine:
         if request.first_token_seconds is None:
             request.first_token_seconds = time.perf_counter() - request.submitted
         logprobs = _logprobs(logits, token, request.top_logprobs) if request.top_logprobs is not None else None
-        if token in self.tokenizer.eog_ids:
-            self._finish(slot, reason="stop", token=token, logprobs=logprobs)
-            return False
-        text, stopped = slot.stopper.feed(slot.detok.push(token))
-        request.send(Event(text, token, logprobs))
-        if stopped:
-            self._finish(slot, reason="stop", flush=False)
+        request.send(Event(slot.text.push(token), token, logprobs))
+        if slot.text.finish_reason:  # an end-of-generation token or a stop string
+            self._finish(slot)
             return False
         slot.history.append(token)
         if request.generated >= request.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
@@ -293,14 +288,14 @@ class Engine:
         slot.pending = [token]
         return True
 
-    def _finish(self, slot: _Slot, reason: str = "stop", error: str | None = None, token: int = -1,
-                logprobs: dict | None = None, flush: bool = True) -> None:
+    def _finish(self, slot: _Slot, reason: str = "stop", error: str | None = None) -> None:
+        """End the slot's request: the text still held back, then the finish event (reason, or the error)."""
         request = slot.request
-        tail = ""
-        if flush and error is None and slot.stopper is not None:
-            tail = slot.stopper.feed(slot.detok.flush())[0] + slot.stopper.flush()
-        if tail or token >= 0:
-            request.send(Event(tail, token, logprobs))
+        if error is None and slot.text is not None:
+            tail = slot.text.finish(reason)
+            if tail:
+                request.send(Event(tail))
+            reason = slot.text.finish_reason
         request.send(Event(finish_reason=reason if error is None else "error", error=error))
         slot.request, slot.pending = None, []
         if error is not None:  # the cells of a failed step may be half written: start this slot afresh
