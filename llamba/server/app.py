@@ -15,10 +15,10 @@ from typing import Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadError
-from ..generation.sampling import Sampler
+from ..generation.sampling import OPTIONS, Sampler, option_type
 from .engine import Engine, Event, Request
 
 
@@ -30,15 +30,19 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+def _sampling_fields() -> dict:
+    """A request field per option of SamplingParams: its default, and its range as OpenAI bounds it."""
+    def annotation(option):
+        return option_type(option) if option.default is not None else option_type(option) | None
+
+    return {o.name: (annotation(o), Field(o.default, **o.metadata["api_bounds"])) for o in OPTIONS}
+
+
+_SamplingFields = create_model("_SamplingFields", __base__=_Body, **_sampling_fields())
+
+
+class _Sampling(_SamplingFields):
     model: str | None = None
-    temperature: float = Field(0.8, ge=0, le=2)
-    top_p: float = Field(0.95, gt=0, le=1)
-    top_k: int = Field(40, ge=0)
-    min_p: float = Field(0.05, ge=0, le=1)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -46,9 +50,7 @@ class _Sampling(_Body):
     decoding: str | None = None  # llamba's: guess ahead (same output): see generation/decoding
 
     def sampler(self) -> Sampler:
-        return Sampler(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                       frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-                       seed=self.seed)
+        return Sampler(**{o.name: getattr(self, o.name) for o in OPTIONS})
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
