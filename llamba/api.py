@@ -26,6 +26,7 @@ from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
 from .generation.generate import GenerationStats, Step, generate_steps
 from .generation.sampling import Sampler, SamplingParams
 from .memory.kv_cache import KVCache
+from .memory.sequence import Sequence
 from .models import load_transformer
 from .models.metadata import MAX_CONTEXT
 from .ops.jit import kernels_compiled, release_compiler_pages
@@ -62,7 +63,7 @@ class Llama:
         hp = self.model.hp
         self.n_ctx = _context_size(n_ctx, hp.n_ctx_train)
         self.cache = KVCache.for_model(hp, self.n_ctx, kv_type)
-        self._tokens: list[int] = []  # what the cache holds, position by position
+        self.sequence = Sequence(self.cache)  # what the cache holds, position by position
         self.last_stats = GenerationStats()
         self.decoding = decoding or DEFAULT_DECODING
         self._speculations: dict[str, Speculation | None] = {}
@@ -105,23 +106,14 @@ class Llama:
     # ------------------------------------------------------------------------------------- evaluation
 
     def reset(self) -> None:
-        self._tokens = []
-        self.cache.trim(0)
+        self.sequence.keep(0)
 
     def logits(self, ids: list[int], all_positions: bool = False) -> np.ndarray:
         """Logits for ids evaluated from position 0 on a fresh cache (the cache is reset)."""
         self.reset()
         out = self.model.forward_tokens(ids, 0, self.cache, all_logits=all_positions)
-        self._tokens = list(ids)
+        self.sequence.extend(ids)
         return out
-
-    def _reusable_prefix(self, ids: list[int]) -> int:
-        n = 0
-        for a, b in zip(self._tokens, ids):
-            if a != b:
-                break
-            n += 1
-        return n
 
     def stream_tokens(self, prompt_ids: list[int], max_tokens: int = 256, stop: list[str] | None = None,
                       sampler: Sampler | None = None, decoding: str | None = None, **sampling: Any) -> Iterator[Step]:
@@ -133,7 +125,7 @@ class Llama:
         if max_tokens == -1:
             max_tokens = self.n_ctx
         sampler = sampler or Sampler(**_sampling_args(sampling))
-        start = self._reusable_prefix(prompt_ids)
+        start = self.sequence.common_prefix(prompt_ids)
         stats = self.last_stats = GenerationStats()
         generated: list[int] = []
         try:
@@ -147,8 +139,7 @@ class Llama:
             stats.finish_reason = "interrupted"
             raise
         finally:
-            # the cache holds every position evaluated: the prompt and all sampled tokens but the last
-            self._tokens = (list(prompt_ids) + generated)[: self.cache.n_past]
+            self.sequence.evaluated(list(prompt_ids) + generated)
 
     # ------------------------------------------------------------------------------------- text API
 

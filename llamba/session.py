@@ -151,7 +151,7 @@ class ChatSession:
         n = keys[0].shape[1]
         arrays = {f"k{i}": k for i, k in enumerate(keys)} | {f"v{i}": v for i, v in enumerate(values)}
         marks = {"kv_type": np.array(self.llm.cache.kv_type), "identity": np.array(json.dumps(identity))}
-        _write_atomically(path, lambda f: np.savez(f, tokens=np.asarray(self.llm._tokens[:n], dtype=np.int64),
+        _write_atomically(path, lambda f: np.savez(f, tokens=np.asarray(self.llm.sequence.tokens[:n], dtype=np.int64),
                                                    **marks, **arrays))
 
     def load(self, path: str | Path) -> None:
@@ -179,8 +179,7 @@ class ChatSession:
         except _Unusable as e:
             self.notify(f"{path.name}: {e}; the cache will be recomputed")
             return
-        self.llm.cache.write_seq(0, keys, values)
-        self.llm._tokens = tokens
+        self.llm.sequence.restore(tokens, keys, values)
 
 
 class _Unusable(Exception):

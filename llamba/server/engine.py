@@ -28,6 +28,7 @@ from ..generation.decoding.speculative import Draft, guess, settle
 from ..generation.sampling import Sampler
 from ..memory.batch import MAX_SEQUENCES, Batch
 from ..memory.kv_cache import SPARE_CELLS, KVCache
+from ..memory.sequence import Sequence
 from ..text.stream import TextStream
 
 PREFILL_CHUNK = 256  # prompt tokens per step: a long prompt never stalls the running streams for long
@@ -69,8 +70,7 @@ class Request:
 
 @dataclass
 class _Slot:
-    seq: int
-    cached: list[int] = field(default_factory=list)  # the tokens the cache holds for this sequence
+    sequence: Sequence  # the tokens the cache holds for this slot's sequence
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # tokens to evaluate next
     history: list[int] = field(default_factory=list)  # prompt + generated (for penalties)
@@ -94,7 +94,7 @@ class Engine:
         self.n_ctx = llm.n_ctx
         self.cache = KVCache.for_model(self.model.hp, self.n_ctx, llm.cache.kv_type,
                                        n_cells=parallel * self.n_ctx + SPARE_CELLS)
-        self.slots = [_Slot(seq) for seq in range(parallel)]
+        self.slots = [_Slot(Sequence(self.cache, seq)) for seq in range(parallel)]
         self.max_queue = max_queue
         self.waiting: deque[Request] = deque()
         self.counters = {"requests": 0, "prompt_tokens": 0, "evaluated_prompt_tokens": 0, "generated_tokens": 0}
@@ -185,14 +185,13 @@ class Engine:
             if not free:
                 return
             self.waiting.popleft()
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, request.prompt_ids), -s.last_used))
+            slot = max(free, key=lambda s: (s.sequence.common_prefix(request.prompt_ids), -s.last_used))
             self._assign(slot, request)
 
     def _assign(self, slot: _Slot, request: Request) -> None:
         prompt = request.prompt_ids
-        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last token runs for its logits
-        self.cache.remove(slot.seq, keep)
-        slot.cached = slot.cached[:keep]
+        keep = min(slot.sequence.common_prefix(prompt), len(prompt) - 1)  # the last token runs for its logits
+        slot.sequence.keep(keep)
         slot.request, slot.pending, slot.history = request, list(prompt[keep:]), list(prompt)
         slot.text = TextStream(self.tokenizer, request.stop)
         slot.speculation = self._speculation(slot, request.decoding)
@@ -214,12 +213,12 @@ class Engine:
             if len(slot.pending) == 1 and slot.request.generated:  # decoding: the token and any guesses
                 draft = self._guesses(slot)
                 take = slot.pending + draft.tokens
-                parts.append(draft.batch(slot.pending[0], len(slot.cached), slot.seq))
+                parts.append(draft.batch(slot.pending[0], len(slot.sequence), slot.sequence.seq))
             elif budget > 0 or len(slot.pending) == 1:  # a prompt, a chunk at a time
                 take = slot.pending[: max(budget, 1)]
                 budget -= len(take)
                 wanted = "last" if len(take) == len(slot.pending) else "none"
-                parts.append(Batch.chain(take, len(slot.cached), slot.seq, logits=wanted))
+                parts.append(Batch.chain(take, len(slot.sequence), slot.sequence.seq, logits=wanted))
             else:
                 continue
             owners.append((slot, take, len(take) >= len(slot.pending), draft))
@@ -234,7 +233,7 @@ class Engine:
             slot.last_used = time.perf_counter()
             at += len(taken)
             if not done:
-                slot.cached.extend(taken)
+                slot.sequence.extend(taken)
                 slot.pending = slot.pending[len(taken):]
                 continue
             rows = logits[row : row + len(taken) if draft is not None else row + 1]
@@ -248,7 +247,7 @@ class Engine:
         spec, request = slot.speculation, slot.request
         if spec is None:
             return Draft([])
-        room = min(request.max_tokens - request.generated - 1, self.n_ctx - 2 - len(slot.cached))
+        room = min(request.max_tokens - request.generated - 1, self.n_ctx - 2 - len(slot.sequence))
         return guess(spec, slot.history, room, request.sampler)
 
     def _accept(self, slot: _Slot, taken: list[int], draft: Draft | None, rows: np.ndarray, cells: np.ndarray,
@@ -259,10 +258,10 @@ class Engine:
         if slot.speculation is not None and draft is not None:
             verdict = settle(slot.speculation, self.cache, cells, draft, rows, request.sampler, slot.history,
                              seconds)
-            slot.cached.extend(taken[i] for i in verdict.kept)
+            slot.sequence.extend(taken[i] for i in verdict.kept)
             tokens, rows = verdict.accepted + [verdict.following], rows[verdict.kept]
         else:
-            slot.cached.extend(taken)
+            slot.sequence.extend(taken)
             tokens = [request.sampler.sample(rows[0], slot.history)]
         slot.pending = []
         for sent, (token, logits) in enumerate(zip(tokens, rows), 1):
@@ -282,7 +281,7 @@ class Engine:
             self._finish(slot)
             return False
         slot.history.append(token)
-        if request.generated >= request.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
+        if request.generated >= request.max_tokens or len(slot.sequence) + 1 >= self.n_ctx:
             self._finish(slot, reason="length")
             return False
         slot.pending = [token]
@@ -299,17 +298,7 @@ class Engine:
         request.send(Event(finish_reason=reason if error is None else "error", error=error))
         slot.request, slot.pending = None, []
         if error is not None:  # the cells of a failed step may be half written: start this slot afresh
-            self.cache.remove(slot.seq, 0)
-            slot.cached = []
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+            slot.sequence.keep(0)
 
 
 def _logprobs(logits: np.ndarray, token: int, n_top: int) -> dict:
