@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,6 +31,7 @@ from .ops.jit import kernels_compiled, release_compiler_pages
 from .ops.matmul import SMALL_BATCH
 from .ops.threads import set_threads
 from .store import resolve_model
+from .text import openai
 from .text.chat_template import load_chat_template, turn_terminator
 from .text.tokenizer import Tokenizer
 
@@ -158,17 +157,13 @@ class Llama:
         if stream:
             return self._completion_chunks(steps, meta)
         text = "".join(step.text for step in steps)
-        return {**meta, "object": "text_completion",
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": self._finish()}],
-                "usage": self._usage()}
+        return openai.completion(meta, text, self._finish(), self._usage())
 
     def _completion_chunks(self, steps, meta) -> Iterator[dict]:
         for step in steps:
             if step.text:
-                yield {**meta, "object": "text_completion",
-                       "choices": [{"text": step.text, "index": 0, "logprobs": None, "finish_reason": None}]}
-        yield {**meta, "object": "text_completion",
-               "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": self._finish()}]}
+                yield openai.completion_chunk(meta, step.text)
+        yield openai.completion_chunk(meta, "", self._finish())
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None,
                                stop: str | list[str] | None = None, stream: bool = False, **sampling: Any):
@@ -180,30 +175,23 @@ class Llama:
         if stream:
             return self._chat_chunks(steps, meta)
         text = "".join(step.text for step in steps)
-        return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": self._finish()}],
-                "usage": self._usage()}
+        return openai.chat_completion(meta, text, self._finish(), self._usage())
 
     def _chat_chunks(self, steps, meta) -> Iterator[dict]:
-        chunk = {**meta, "object": "chat.completion.chunk"}
-        yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+        yield openai.chat_chunk(meta, {"role": "assistant"})
         for step in steps:
             if step.text:
-                yield {**chunk, "choices": [{"index": 0, "delta": {"content": step.text}, "finish_reason": None}]}
-        yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": self._finish()}]}
+                yield openai.chat_chunk(meta, {"content": step.text})
+        yield openai.chat_chunk(meta, {}, self._finish())
 
     def _meta(self, kind: str) -> dict:
-        return {"id": f"{kind}-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": str(self.model_path)}
+        return openai.response_meta(kind, str(self.model_path))
 
     def _finish(self) -> str:
-        reason = self.last_stats.finish_reason
-        return "length" if reason in ("length", "context") else reason or "stop"
+        return openai.openai_finish_reason(self.last_stats.finish_reason)
 
     def _usage(self) -> dict:
-        s = self.last_stats
-        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
-                "total_tokens": s.prompt_tokens + s.generated_tokens}
+        return openai.usage(self.last_stats.prompt_tokens, self.last_stats.generated_tokens)
 
 
 _COMPILING_CHILD = "LLAMBA_COMPILING_KERNELS"

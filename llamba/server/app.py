@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from typing import Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadError
 from ..generation.sampling import OPTIONS, Sampler, option_type
+from ..text import openai
 from .engine import Engine, Event, Request
 
 
@@ -188,12 +188,10 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         return None
 
     def meta(kind: str) -> dict:
-        return {"id": f"{kind}-{uuid.uuid4().hex[:16]}", "created": int(time.time()), "model": model_id}
+        return openai.response_meta(kind, model_id)
 
     def usage(request: Request) -> dict:
-        n_prompt = len(request.prompt_ids)
-        return {"prompt_tokens": n_prompt, "completion_tokens": request.generated,
-                "total_tokens": n_prompt + request.generated}
+        return openai.usage(len(request.prompt_ids), request.generated)
 
     def finish(event: Event) -> str:
         if event.error:
@@ -261,23 +259,19 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         text, entries, last = await collect(request, inbox)
         if last.error:
             return _error(500, last.error, kind="server_error")
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(last),
-                  "logprobs": chat_logprobs(entries) if n_top is not None else None}
-        return {**meta("chatcmpl"), "object": "chat.completion", "choices": [choice], "usage": usage(request)}
+        logprobs = chat_logprobs(entries) if n_top is not None else None
+        return openai.chat_completion(meta("chatcmpl"), text, finish(last), usage(request), logprobs)
 
     async def chat_chunks(request, inbox, head: dict, body: ChatRequest):
-        chunk = {**head, "object": "chat.completion.chunk"}
-        yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        yield openai.chat_chunk(head, {"role": "assistant", "content": ""})
         async for event in events(request, inbox):
             entry = logprob_entry(event)
             if event.text or entry:
-                delta = {"index": 0, "delta": {"content": event.text}, "finish_reason": None,
-                         "logprobs": chat_logprobs([entry]) if entry else None}
-                yield {**chunk, "choices": [delta]}
+                yield openai.chat_chunk(head, {"content": event.text}, logprobs=chat_logprobs([entry]) if entry else None)
             if event.finish_reason is not None:
-                yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish(event)}]}
+                yield openai.chat_chunk(head, {}, finish(event))
         if body.stream_options and body.stream_options.include_usage:
-            yield {**chunk, "choices": [], "usage": usage(request)}
+            yield openai.usage_chunk(head, "chat.completion.chunk", usage(request))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -295,21 +289,18 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         text, entries, last = await collect(request, inbox)
         if last.error:
             return _error(500, last.error, kind="server_error")
-        choice = {"index": 0, "text": text, "finish_reason": finish(last),
-                  "logprobs": completion_logprobs(entries) if body.logprobs is not None else None}
-        return {**meta("cmpl"), "object": "text_completion", "choices": [choice], "usage": usage(request)}
+        logprobs = completion_logprobs(entries) if body.logprobs is not None else None
+        return openai.completion(meta("cmpl"), text, finish(last), usage(request), logprobs)
 
     async def completion_chunks(request, inbox, head: dict, body: CompletionRequest):
-        chunk = {**head, "object": "text_completion"}
         async for event in events(request, inbox):
             entry = logprob_entry(event)
             if event.text or entry:
-                yield {**chunk, "choices": [{"index": 0, "text": event.text, "finish_reason": None,
-                                             "logprobs": completion_logprobs([entry]) if entry else None}]}
+                yield openai.completion_chunk(head, event.text, logprobs=completion_logprobs([entry]) if entry else None)
             if event.finish_reason is not None:
-                yield {**chunk, "choices": [{"index": 0, "text": "", "finish_reason": finish(event), "logprobs": None}]}
+                yield openai.completion_chunk(head, "", finish(event))
         if body.stream_options and body.stream_options.include_usage:
-            yield {**chunk, "choices": [], "usage": usage(request)}
+            yield openai.usage_chunk(head, "text_completion", usage(request))
 
     return app
 
