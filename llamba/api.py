@@ -33,6 +33,7 @@ from .ops.threads import set_threads
 from .store import resolve_model
 from .text import openai
 from .text.chat_template import load_chat_template, turn_terminator
+from .text.stream import TextStream
 from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -128,8 +129,8 @@ class Llama:
         stats = self.last_stats = GenerationStats()
         generated: list[int] = []
         try:
-            for step in generate_steps(self.model, self.tokenizer, self.cache, prompt_ids, sampler,
-                                       max_tokens, start_pos=start, stop=stop, stats=stats,
+            for step in generate_steps(self.model, TextStream(self.tokenizer, stop), self.cache, prompt_ids,
+                                       sampler, max_tokens, start_pos=start, stats=stats,
                                        speculation=self.speculation(decoding)):
                 if step.token >= 0:
                     generated.append(step.token)

@@ -1,20 +1,30 @@
 """The generation loop: a generator of tokens and text pieces, with stop conditions and timing.
 
 `generate_steps` evaluates the prompt (from `start_pos`, so a cache that already holds a prefix is reused),
-then samples one token at a time. Text comes from text/stream.py's TextStream (detokenizing, stop strings,
-held-back tails, finish reasons), the one the server uses too.
+then samples one token at a time, handing each to the caller's text sink (text/stream.py's TextStream:
+detokenizing, stop strings, held-back tails, finish reasons, the one the server uses too), which also says
+when the text has ended.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from ..errors import ContextOverflowError
-from ..text.stream import TextStream
 from .decoding import Speculation, decode_tokens
 from .sampling import Sampler
+
+
+class TextSink(Protocol):
+    """What the loop hands its tokens to (text/stream.py's TextStream): text out, and whether it has ended."""
+
+    finish_reason: str | None
+
+    def push(self, token: int) -> str: ...
+
+    def finish(self, reason: str) -> str: ...
 
 
 @dataclass
@@ -56,12 +66,13 @@ class GenerationStats:
         return n / self.generate_seconds if n > 0 and self.generate_seconds else 0.0
 
 
-def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Sampler, max_tokens: int,
-                   start_pos: int = 0, stop: list[str] | None = None, stats: GenerationStats | None = None,
-                   history: list[int] | None = None, speculation: Speculation | None = None) -> Iterator[Step]:
-    """Yield Steps until an end-of-generation token, a stop string, max_tokens, or a full context.
+def generate_steps(model, text: TextSink, cache, prompt_ids: list[int], sampler: Sampler, max_tokens: int,
+                   start_pos: int = 0, stats: GenerationStats | None = None, history: list[int] | None = None,
+                   speculation: Speculation | None = None) -> Iterator[Step]:
+    """Yield Steps until the text ends (an end-of-generation token, a stop string), max_tokens, or a full context.
 
-    prompt_ids[:start_pos] must already be in the cache. `stats` (if given) is filled in as it goes.
+    `text` turns the tokens into text (text/stream.py's TextStream). prompt_ids[:start_pos] must already be
+    in the cache. `stats` (if given) is filled in as it goes.
     `speculation` (a decoder that guesses ahead) changes how fast tokens come, never which: see decoding/.
     """
     stats = stats if stats is not None else GenerationStats()
@@ -79,7 +90,6 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
         return
     history = list(history if history is not None else prompt_ids)
     tokens = decode_tokens(model, cache, logits, len(prompt_ids), history, sampler, speculation, max_tokens)
-    stream = TextStream(tokenizer, stop)
     stats.finish_reason = ""
     try:
         for token in tokens:
@@ -89,15 +99,15 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
                 # the token loop has started the speculation: this generation's statistics
                 stats.speculation = speculation.stats if speculation is not None else None
             stats.generated_tokens += 1
-            yield Step(token, stream.push(token))
-            if stream.finish_reason:
+            yield Step(token, text.push(token))
+            if text.finish_reason:
                 break
             stats.generate_seconds = time.perf_counter() - t0
     finally:
         tokens.close()
-    if not stream.finish_reason:  # the tokens ran out: the budget, or the context
-        tail = stream.finish("length" if stats.generated_tokens >= max_tokens else "context")
+    if not text.finish_reason:  # the tokens ran out: the budget, or the context
+        tail = text.finish("length" if stats.generated_tokens >= max_tokens else "context")
         if tail:
             yield Step(-1, tail)
-    stats.finish_reason = stream.finish_reason
+    stats.finish_reason = text.finish_reason
     stats.generate_seconds = time.perf_counter() - t0
