@@ -1,5 +1,9 @@
 """`llamba serve`: an OpenAI-compatible HTTP server whose slots are decoded together (engine.py) behind
-FastAPI endpoints (app.py)."""
+FastAPI endpoints (app.py).
+
+It wires and prints: it may import the API, models, memory (Batch, cache, Sequence), generation (sampler,
+decoders), text (TextStream) and errors, whose types it maps to HTTP statuses.
+"""
 
 from __future__ import annotations
 
