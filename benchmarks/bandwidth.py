@@ -23,7 +23,7 @@ import numpy as np
 from llamba import Llama
 from llamba.bench import LlamaCppRunner
 from llamba.ops.threads import ThreadGovernor, set_threads
-from llamba.runtime.kv_cache import KVCache
+from llamba.memory.kv_cache import KVCache
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)

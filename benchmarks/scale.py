@@ -41,7 +41,7 @@ from llamba.bench import LlamaCppRunner  # noqa: E402
 from llamba.formats.gguf import open_gguf  # noqa: E402
 from llamba.models import load_transformer  # noqa: E402
 from llamba.ops.threads import ThreadGovernor, set_threads  # noqa: E402
-from llamba.runtime.kv_cache import KVCache  # noqa: E402
+from llamba.memory.kv_cache import KVCache  # noqa: E402
 
 REAL = {"0.5b": "/work/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "1.5b": "/work/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}

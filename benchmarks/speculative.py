@@ -14,8 +14,8 @@ import click
 import numpy as np
 
 from llamba import Llama
-from llamba.runtime.batch import Batch
-from llamba.runtime.kv_cache import KVCache
+from llamba.memory.batch import Batch
+from llamba.memory.kv_cache import KVCache
 
 CODE = '''def moving_average(values, window):
     """Average of each run of `window` consecutive values."""

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from llamba.formats.gguf import open_gguf
-from llamba.runtime.tokenizer import Tokenizer
+from llamba.text.tokenizer import Tokenizer
 from llamba.store import KNOWN_MODELS, resolve_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference_data"

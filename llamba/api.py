@@ -14,26 +14,27 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import LlambaError
+from .errors import BadRequestError, LlambaError
+from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
+from .generation.generate import GenerationStats, Step, generate_steps
+from .generation.sampling import Sampler, SamplingParams
+from .memory.kv_cache import KVCache
+from .memory.sequence import Sequence
 from .models import load_transformer
 from .models.metadata import MAX_CONTEXT
 from .ops.jit import kernels_compiled, release_compiler_pages
-from .ops.threads import set_threads
 from .ops.matmul import SMALL_BATCH
-from .runtime.chat_template import load_chat_template, turn_terminator
-from .runtime.decoding import DEFAULT_DECODING, Speculation, make_speculation
-from .runtime.generate import GenerationStats, Step, generate_steps
-from .runtime.kv_cache import KVCache
-from .runtime.sampling import Sampler, SamplingParams
-from .runtime.tokenizer import Tokenizer
+from .ops.threads import set_threads
 from .store import resolve_model
+from .text import openai
+from .text.chat_template import load_chat_template, turn_terminator
+from .text.stream import TextStream
+from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
 MIN_CTX = 8
@@ -62,7 +63,7 @@ class Llama:
         hp = self.model.hp
         self.n_ctx = _context_size(n_ctx, hp.n_ctx_train)
         self.cache = KVCache.for_model(hp, self.n_ctx, kv_type)
-        self._tokens: list[int] = []  # what the cache holds, position by position
+        self.sequence = Sequence(self.cache)  # what the cache holds, position by position
         self.last_stats = GenerationStats()
         self.decoding = decoding or DEFAULT_DECODING
         self._speculations: dict[str, Speculation | None] = {}
@@ -105,40 +106,31 @@ class Llama:
     # ------------------------------------------------------------------------------------- evaluation
 
     def reset(self) -> None:
-        self._tokens = []
-        self.cache.trim(0)
+        self.sequence.keep(0)
 
     def logits(self, ids: list[int], all_positions: bool = False) -> np.ndarray:
         """Logits for ids evaluated from position 0 on a fresh cache (the cache is reset)."""
         self.reset()
         out = self.model.forward_tokens(ids, 0, self.cache, all_logits=all_positions)
-        self._tokens = list(ids)
+        self.sequence.extend(ids)
         return out
-
-    def _reusable_prefix(self, ids: list[int]) -> int:
-        n = 0
-        for a, b in zip(self._tokens, ids):
-            if a != b:
-                break
-            n += 1
-        return n
 
     def stream_tokens(self, prompt_ids: list[int], max_tokens: int = 256, stop: list[str] | None = None,
                       sampler: Sampler | None = None, decoding: str | None = None, **sampling: Any) -> Iterator[Step]:
         """The core loop with prefix reuse: yields Steps; `last_stats` holds the timings after."""
         if not prompt_ids:
-            raise LlambaError("the prompt is empty")
+            raise BadRequestError("the prompt is empty")
         if max_tokens < -1:
-            raise LlambaError(f"max_tokens must be >= 0, or -1 for no limit but the context (got {max_tokens})")
+            raise BadRequestError(f"max_tokens must be >= 0, or -1 for no limit but the context (got {max_tokens})")
         if max_tokens == -1:
             max_tokens = self.n_ctx
         sampler = sampler or Sampler(**_sampling_args(sampling))
-        start = self._reusable_prefix(prompt_ids)
+        start = self.sequence.common_prefix(prompt_ids)
         stats = self.last_stats = GenerationStats()
         generated: list[int] = []
         try:
-            for step in generate_steps(self.model, self.tokenizer, self.cache, prompt_ids, sampler,
-                                       max_tokens, start_pos=start, stop=stop, stats=stats,
+            for step in generate_steps(self.model, TextStream(self.tokenizer, stop), self.cache, prompt_ids,
+                                       sampler, max_tokens, start_pos=start, stats=stats,
                                        speculation=self.speculation(decoding)):
                 if step.token >= 0:
                     generated.append(step.token)
@@ -147,8 +139,7 @@ class Llama:
             stats.finish_reason = "interrupted"
             raise
         finally:
-            # the cache holds every position evaluated: the prompt and all sampled tokens but the last
-            self._tokens = (list(prompt_ids) + generated)[: self.cache.n_past]
+            self.sequence.evaluated(list(prompt_ids) + generated)
 
     # ------------------------------------------------------------------------------------- text API
 
@@ -167,17 +158,13 @@ class Llama:
         if stream:
             return self._completion_chunks(steps, meta)
         text = "".join(step.text for step in steps)
-        return {**meta, "object": "text_completion",
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": self._finish()}],
-                "usage": self._usage()}
+        return openai.completion(meta, text, self._finish(), self._usage())
 
     def _completion_chunks(self, steps, meta) -> Iterator[dict]:
         for step in steps:
             if step.text:
-                yield {**meta, "object": "text_completion",
-                       "choices": [{"text": step.text, "index": 0, "logprobs": None, "finish_reason": None}]}
-        yield {**meta, "object": "text_completion",
-               "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": self._finish()}]}
+                yield openai.completion_chunk(meta, step.text)
+        yield openai.completion_chunk(meta, "", self._finish())
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None,
                                stop: str | list[str] | None = None, stream: bool = False, **sampling: Any):
@@ -189,30 +176,23 @@ class Llama:
         if stream:
             return self._chat_chunks(steps, meta)
         text = "".join(step.text for step in steps)
-        return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": self._finish()}],
-                "usage": self._usage()}
+        return openai.chat_completion(meta, text, self._finish(), self._usage())
 
     def _chat_chunks(self, steps, meta) -> Iterator[dict]:
-        chunk = {**meta, "object": "chat.completion.chunk"}
-        yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+        yield openai.chat_chunk(meta, {"role": "assistant"})
         for step in steps:
             if step.text:
-                yield {**chunk, "choices": [{"index": 0, "delta": {"content": step.text}, "finish_reason": None}]}
-        yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": self._finish()}]}
+                yield openai.chat_chunk(meta, {"content": step.text})
+        yield openai.chat_chunk(meta, {}, self._finish())
 
     def _meta(self, kind: str) -> dict:
-        return {"id": f"{kind}-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": str(self.model_path)}
+        return openai.response_meta(kind, str(self.model_path))
 
     def _finish(self) -> str:
-        reason = self.last_stats.finish_reason
-        return "length" if reason in ("length", "context") else reason or "stop"
+        return openai.openai_finish_reason(self.last_stats.finish_reason)
 
     def _usage(self) -> dict:
-        s = self.last_stats
-        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
-                "total_tokens": s.prompt_tokens + s.generated_tokens}
+        return openai.usage(self.last_stats.prompt_tokens, self.last_stats.generated_tokens)
 
 
 _COMPILING_CHILD = "LLAMBA_COMPILING_KERNELS"
@@ -245,5 +225,5 @@ def _context_size(n_ctx: int | None, n_ctx_train: int) -> int:
 def _sampling_args(options: dict[str, Any]) -> dict[str, Any]:
     unknown = set(options) - _SAMPLING_KEYS
     if unknown:
-        raise LlambaError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        raise BadRequestError(f"unknown option(s): {', '.join(sorted(unknown))}")
     return {k: v for k, v in options.items() if v is not None}

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import LlambaError
-from .runtime.kv_cache import KVCache
+from .memory.kv_cache import KVCache
 
 
 @dataclass

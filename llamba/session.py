@@ -18,9 +18,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .api import Llama
-from .errors import LlambaError
-from .runtime.generate import Step
-from .runtime.sampling import SamplingParams
+from .errors import BadRequestError, ContextOverflowError, LlambaError
+from .generation.generate import Step
+from .generation.sampling import OPTIONS, SamplingParams, option_type, repl_key
 
 FORMAT = "llamba-chat-session/1"
 
@@ -33,23 +33,31 @@ class ChatSettings:
 
     def set(self, key: str, value: str) -> None:
         """Set one setting from text, as the REPL's /set does; raises LlambaError on a bad key or value."""
-        names = {"temp": "temperature", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                 "min_p": "min_p", "typical_p": "typical_p", "repeat_penalty": "repeat_penalty",
-                 "repeat_last_n": "repeat_last_n", "seed": "seed", "max_tokens": "max_tokens"}
-        name = names.get(key)
-        if name is None:
-            raise LlambaError(f"unknown setting {key!r} (settings: {', '.join(sorted(set(names) - {'temperature'}))})")
+        option = SETTINGS.get(key) or (SETTINGS["temp"] if key == "temperature" else None)
+        if option is None:
+            raise BadRequestError(f"unknown setting {key!r} (settings: {', '.join(sorted(SETTINGS))})")
         try:
-            parsed = int(value) if name in ("top_k", "repeat_last_n", "seed", "max_tokens") else float(value)
+            parsed = int(value) if option is MAX_TOKENS or option_type(option) is int else float(value)
         except ValueError:
-            raise LlambaError(f"{key} needs a number, not {value!r}") from None
-        if name == "max_tokens":
+            raise BadRequestError(f"{key} needs a number, not {value!r}") from None
+        if option is MAX_TOKENS:
             if parsed < 1:
-                raise LlambaError("max_tokens must be >= 1")
+                raise BadRequestError("max_tokens must be >= 1")
             self.max_tokens = parsed
             return
-        candidate = SamplingParams(**{**asdict(self.sampling), name: parsed})
+        candidate = SamplingParams(**{**asdict(self.sampling), option.name: parsed})
         self.sampling = candidate.validate()
+
+
+MAX_TOKENS = "max_tokens"  # the one setting that is not a sampling option
+# the REPL's /set keys, generated from SamplingParams: key -> its option (or MAX_TOKENS)
+SETTINGS = {**{repl_key(option): option for option in OPTIONS}, "max_tokens": MAX_TOKENS}
+
+
+def settings_help() -> str:
+    """The /set keys with their help, for the REPL's /help."""
+    lines = [f"    {repl_key(o):<18} {o.metadata['help']}" for o in OPTIONS]
+    return "\n".join(lines + [f"    {'max_tokens':<18} Tokens an answer may have at most."])
 
 
 class ChatSession:
@@ -107,7 +115,7 @@ class ChatSession:
                 break
             if self.settings.overflow == "stop" or len(self.messages) <= 1:
                 self.messages.pop()  # the new user message is not part of the history after all
-                raise LlambaError(f"the conversation ({len(ids)} tokens) no longer fits the context of "
+                raise ContextOverflowError(f"the conversation ({len(ids)} tokens) no longer fits the context of "
                                   f"{self.llm.n_ctx} tokens with room to answer: /reset, or start with a larger -c")
             self.messages = self.messages[2:] if len(self.messages) > 2 else self.messages[1:]
             dropped += 1
@@ -143,7 +151,7 @@ class ChatSession:
         n = keys[0].shape[1]
         arrays = {f"k{i}": k for i, k in enumerate(keys)} | {f"v{i}": v for i, v in enumerate(values)}
         marks = {"kv_type": np.array(self.llm.cache.kv_type), "identity": np.array(json.dumps(identity))}
-        _write_atomically(path, lambda f: np.savez(f, tokens=np.asarray(self.llm._tokens[:n], dtype=np.int64),
+        _write_atomically(path, lambda f: np.savez(f, tokens=np.asarray(self.llm.sequence.tokens[:n], dtype=np.int64),
                                                    **marks, **arrays))
 
     def load(self, path: str | Path) -> None:
@@ -171,8 +179,7 @@ class ChatSession:
         except _Unusable as e:
             self.notify(f"{path.name}: {e}; the cache will be recomputed")
             return
-        self.llm.cache.write_seq(0, keys, values)
-        self.llm._tokens = tokens
+        self.llm.sequence.restore(tokens, keys, values)
 
 
 class _Unusable(Exception):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import LlambaError
+from .errors import LlambaError, NotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -111,7 +111,7 @@ def resolve_model(model: str | os.PathLike | None, pull_missing: bool = True,
             raise LlambaError(f"model {name} is not downloaded yet: run `llamba pull {name}`")
         return pull(name, say=say)
     known = ", ".join(KNOWN_MODELS)
-    raise LlambaError(f"{name}: no such file, and not a known model name (known: {known})")
+    raise NotFoundError(f"{name}: no such file, and not a known model name (known: {known})")
 
 
 def pull(name: str, force: bool = False, say: Callable[[str], None] | None = None,

@@ -10,8 +10,8 @@ import pytest
 from llamba.errors import LlambaError
 from llamba.models import load_transformer
 from llamba.ops.threads import ThreadGovernor
-from llamba.runtime.batch import Batch
-from llamba.runtime.kv_cache import KVCache
+from llamba.memory.batch import Batch
+from llamba.memory.kv_cache import KVCache
 from tests.tiny_models import write_tiny_model
 
 PROMPT = [5, 17, 299, 0, 42, 42, 7, 123, 250, 3, 88]

@@ -7,8 +7,8 @@ import pytest
 
 from llamba.errors import LlambaError
 from llamba.formats.gguf import open_gguf
-from llamba.runtime.chat_template import BUILTIN_TEMPLATES, ChatTemplate, load_chat_template, turn_terminator
-from llamba.runtime.tokenizer import Tokenizer
+from llamba.text.chat_template import BUILTIN_TEMPLATES, ChatTemplate, load_chat_template, turn_terminator
+from llamba.text.tokenizer import Tokenizer
 from tests.conftest import load_reference
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]

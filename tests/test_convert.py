@@ -26,8 +26,8 @@ from llamba.formats.gguf import open_gguf
 from llamba.formats.hf import HFCheckpoint
 from llamba.formats.quants import dequantize
 from llamba.models import load_transformer
-from llamba.runtime.kv_cache import KVCache
-from llamba.runtime.tokenizer import Tokenizer
+from llamba.memory.kv_cache import KVCache
+from llamba.text.tokenizer import Tokenizer
 from tests.hf_checkpoints import CORPUS, MODELS, hf_forward, write_checkpoint
 
 IDS = [5, 17, 99, 0, 42, 42, 7, 123, 250, 3, 88]  # longer than the tiny Gemma's window of 4

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from llamba.models import load_transformer
-from llamba.runtime.decoding import Controller, Speculation, make_speculation
-from llamba.runtime.decoding.draft_model import DraftModel
-from llamba.runtime.decoding.lookahead import Lookahead
-from llamba.runtime.decoding.prompt_lookup import PromptLookup
-from llamba.runtime.decoding.self_speculation import SelfSpeculation, choose_skipped_layers
-from llamba.runtime.decoding.speculative import Draft, _accept, decode_tokens, verify_guesses
-from llamba.runtime.kv_cache import KVCache
-from llamba.runtime.sampling import Sampler
+from llamba.generation.decoding import Controller, Speculation, make_speculation
+from llamba.generation.decoding.draft_model import DraftModel
+from llamba.generation.decoding.lookahead import Lookahead
+from llamba.generation.decoding.prompt_lookup import PromptLookup
+from llamba.generation.decoding.self_speculation import SelfSpeculation, choose_skipped_layers
+from llamba.generation.decoding.speculative import Draft, _accept, decode_tokens, verify_guesses
+from llamba.memory.kv_cache import KVCache
+from llamba.generation.sampling import Sampler
 from tests.tiny_models import write_tiny_model
 
 REPEATING = [5, 17, 299, 42, 7, 123, 5, 17, 299, 42, 7, 123, 5, 17]  # prompt lookup has something to copy

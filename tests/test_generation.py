@@ -7,9 +7,9 @@ import pytest
 
 from llamba.api import Llama
 from llamba.errors import LlambaError
-from llamba.runtime.generate import StopFilter
+from llamba.text.stream import StopFilter
 from llamba.session import ChatSession, ChatSettings
-from llamba.runtime.sampling import SamplingParams
+from llamba.generation.sampling import SamplingParams
 
 GREEDY = {"temperature": 0.0}
 
@@ -91,7 +91,7 @@ def test_second_turn_evaluates_only_new_tokens(llm):
     "".join(step.text for step in session.send("What is 2+2?"))
     first = llm.last_stats
     assert first.evaluated_prompt_tokens == first.prompt_tokens  # a fresh cache: the whole prompt
-    cached = list(llm._tokens)
+    cached = llm.sequence.tokens
     "".join(step.text for step in session.send("And 3+3?"))
     second = llm.last_stats
     ids = llm.chat_prompt_ids(session.conversation()[:-1])
@@ -106,7 +106,7 @@ def test_interrupted_answer_keeps_the_cache_consistent(llm):
     for _ in range(5):
         next(steps)
     steps.close()
-    assert len(llm._tokens) == llm.cache.n_past
+    assert len(llm.sequence) == llm.cache.n_past
     expected = llm.generate("Count: 1, 2, 3,", max_tokens=8, **GREEDY)  # reuses the cache
     llm.reset()
     assert llm.generate("Count: 1, 2, 3,", max_tokens=8, **GREEDY) == expected

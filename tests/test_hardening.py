@@ -12,7 +12,7 @@ import pytest
 
 from llamba import Llama, store
 from llamba.errors import LlambaError, NumericalError
-from llamba.runtime.chat_template import ChatTemplate
+from llamba.text.chat_template import ChatTemplate
 from llamba.session import ChatSession, ChatSettings
 from tests import fuzz
 from tests.test_cli import assert_one_line_error, llamba
@@ -175,7 +175,7 @@ def test_f16_session_loads_into_f32_exactly(tiny, tmp_path):
     f32.load(saved)
     keys, _ = f32.llm.cache.read_seq(0)
     saved_keys, _ = saved_session.llm.cache.read_seq(0)
-    assert len(f32.llm._tokens) == keys[0].shape[1] > 0
+    assert len(f32.llm.sequence) == keys[0].shape[1] > 0
     np.testing.assert_array_equal(keys[0], saved_keys[0].view(np.float16).astype(np.float32))
     assert f32.messages == saved_session.messages
     list(f32.send("and again"))
@@ -188,7 +188,7 @@ def test_f32_session_into_f16_is_recomputed_not_misread(tiny, tmp_path):
     notes = []
     f16 = ChatSession(Llama(str(tiny), n_ctx=128, n_threads=1, kv_type="f16"), notify=notes.append)
     f16.load(saved)
-    assert any("would round" in n for n in notes) and f16.llm._tokens == []
+    assert any("would round" in n for n in notes) and f16.llm.sequence.tokens == []
     fresh = ChatSession(Llama(str(tiny), n_ctx=128, n_threads=1, kv_type="f16"))
     fresh.load(saved.with_name("f32.json"))
     assert len(f16.messages) == 2 and next_answer(f16) == next_answer(fresh)
@@ -200,7 +200,7 @@ def test_a_cache_from_another_model_is_not_used(tiny, tmp_path):
     notes = []
     session = ChatSession(Llama(str(other), n_ctx=128, n_threads=1), notify=notes.append)
     session.load(saved)
-    assert any("different model" in n for n in notes) and session.llm._tokens == [] and len(session.messages) == 2
+    assert any("different model" in n for n in notes) and session.llm.sequence.tokens == [] and len(session.messages) == 2
 
 
 @pytest.mark.parametrize("field, value", [
@@ -235,7 +235,7 @@ def test_broken_kv_files_are_recomputed(tiny, tmp_path, damage):
     notes = []
     session.notify = notes.append
     session.load(saved)
-    assert notes and "recomputed" in notes[0] and session.llm._tokens == [] and len(session.messages) == 2
+    assert notes and "recomputed" in notes[0] and session.llm.sequence.tokens == [] and len(session.messages) == 2
 
 
 # ----------------------------------------------------------------------------------------------- the store

@@ -9,7 +9,7 @@ import pytest
 from llamba.errors import UnsupportedError
 from llamba.formats.gguf import open_gguf
 from llamba.models import load_transformer
-from llamba.runtime.kv_cache import KVCache
+from llamba.memory.kv_cache import KVCache
 from tests.reference import ReferenceModel
 from tests.tiny_models import write_tiny_model
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from llamba.models import load_transformer
-from llamba.runtime.kv_cache import KVCache
+from llamba.memory.kv_cache import KVCache
 from tests.conftest import REFERENCE_FILES, _model, load_reference
 
 MAX_ABS_DIFF = {"smollm2-135m": 1.0, "gemma3-270m": 2.0, "qwen2.5-coder-1.5b": 1.0}
@@ -90,8 +90,8 @@ LLAMA_CPP_PERPLEXITY = {"smollm2-135m": (18.3914, 14, 0.005), "gemma3-270m": (13
 
 
 def test_perplexity_close_to_llama_cpp(loaded, reference_dir):
-    from llamba.runtime.perplexity import perplexity
-    from llamba.runtime.tokenizer import Tokenizer
+    from llamba.generation.perplexity import perplexity
+    from llamba.text.tokenizer import Tokenizer
 
     name, model, _, _ = loaded
     text = (reference_dir / "gpl-3.txt").read_text(encoding="utf-8")

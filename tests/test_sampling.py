@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llamba.errors import LlambaError
-from llamba.runtime.sampling import Sampler
+from llamba.generation.sampling import Sampler
 
 LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], dtype=np.float32))  # probabilities at temperature 1
 

@@ -113,8 +113,12 @@ def test_bad_requests_are_openai_errors(server):
         _chat(client, "hi", 4, extra_body={"temperature": 5})
     with pytest.raises(openai.BadRequestError, match="n"):
         _chat(client, "hi", 4, n=2)
-    with pytest.raises(openai.BadRequestError, match="context"):
+    with pytest.raises(openai.BadRequestError, match="context") as overflow:
         _chat(client, "word " * 1500, 4)
+    assert overflow.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="decoding") as unknown:
+        _chat(client, "hi", 4, extra_body={"decoding": "nonsense"})
+    assert unknown.value.code is None
     with pytest.raises(openai.NotFoundError, match="not served"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     for body in ("{not json", '{"messages": "hi"}', '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "x"}',

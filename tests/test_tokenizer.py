@@ -7,7 +7,7 @@ import pytest
 
 from llamba.errors import UnsupportedError
 from llamba.formats.gguf import open_gguf
-from llamba.runtime.tokenizer import Tokenizer
+from llamba.text.tokenizer import Tokenizer
 from tests.conftest import load_reference
 from tests.tiny_vocab import write_bpe_vocab, write_spm_vocab
 

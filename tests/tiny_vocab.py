@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gguf
 
-from llamba.runtime.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, _byte_to_char
+from llamba.text.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, _byte_to_char
 
 BPE_EXTRA = ["Ġw", "or", "Ġwor", "ld", "Ġworld", "12", "<|im_start|>", "<tool>"]
 BPE_MERGES = ["Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2"]

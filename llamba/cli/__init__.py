@@ -1,4 +1,8 @@
-"""The `llamba` command: a click group whose subcommands live one per file in this package."""
+"""The `llamba` command: a click group whose subcommands live one per file in this package.
+
+The top room: it wires and prints. It may import anything below (the API, session, server, store, text,
+generation for the sampling options); commands import their heavy parts lazily to keep start-up light.
+"""
 
 from __future__ import annotations
 

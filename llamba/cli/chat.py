@@ -17,7 +17,7 @@ HELP = """commands:
   /exit                 leave (Ctrl-D too)
   /reset                forget the conversation
   /system TEXT          set the system prompt (and reset)
-  /set KEY VALUE        temp, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n, seed, max_tokens
+  /set KEY VALUE        change a setting (keys below)
   /show                 the model and the settings
   /save FILE [--kv]     save the conversation (and the KV cache with --kv)
   /load FILE            load a saved conversation
@@ -25,7 +25,9 @@ HELP = """commands:
   /stats                show or hide the line of statistics after each answer
 input: type and press Enter (a pasted block of lines is one message); a line of three double quotes starts
 and ends a multi-line block;
-a line ending in a backslash continues on the next; Ctrl-C stops an answer."""
+a line ending in a backslash continues on the next; Ctrl-C stops an answer.
+settings (/set KEY VALUE):
+{settings}"""
 
 
 class Repl:
@@ -136,7 +138,9 @@ class Repl:
         if name in ("exit", "quit", "bye"):
             return "exit"
         if name == "help":
-            click.echo(HELP)
+            from ..session import settings_help
+
+            click.echo(HELP.replace("{settings}", settings_help()))
         elif name == "reset":
             session.reset()
             self.info("conversation forgotten")
@@ -224,7 +228,7 @@ def _setup_readline() -> None:
 def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, decoding,
          **kwargs) -> None:
     """Chat with MODEL (default: smollm2-135m) in the terminal, answers streaming as they come."""
-    from ..runtime.sampling import SamplingParams
+    from ..generation.sampling import SamplingParams
     from ..session import ChatSession, ChatSettings
 
     sampling = SamplingParams(**pop_sampling(kwargs)).validate()

@@ -36,40 +36,42 @@ def status_line():
 
 
 def sampling_options(fn):
-    """The sampling flags `generate` and `chat` share (llama.cpp's names and defaults)."""
+    """The sampling flags `generate` and `chat` share, one per field of SamplingParams (llama.cpp's names and
+    defaults). Whole numbers are range-checked by click (a usage error, as for -t, -c, -n); decimals by
+    SamplingParams.validate, which also refuses NaN."""
     import click
 
-    options = [
-        click.option("--temp", "temperature", type=float, default=0.8, show_default=True, help="Temperature; 0 is greedy."),
-        click.option("--top-k", type=int, default=40, show_default=True, help="Keep the k likeliest tokens (0: off)."),
-        click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus mass to keep (1: off)."),
-        click.option("--min-p", type=float, default=0.05, show_default=True, help="Drop tokens below min_p x the best."),
-        click.option("--typical-p", type=float, default=1.0, show_default=True, help="Locally typical mass (1: off)."),
-        click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Penalty for repeats (1: off)."),
-        click.option("--repeat-last-n", type=int, default=64, show_default=True, help="Window of the penalties (-1: all)."),
-        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
-        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
-        click.option("--seed", type=click.IntRange(-1, 2**64 - 1), default=None,
-                     help="Seed for a repeatable draw (-1 or none: random)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
+    from ..generation.sampling import OPTIONS, cli_flag, option_type
+
+    for option in reversed(OPTIONS):
+        kind = option_type(option)
+        if kind is int:
+            kind = _int_range(option.metadata["bounds"])
+        fn = click.option(cli_flag(option), option.name, type=kind, default=option.default,
+                          show_default=option.default is not None, help=option.metadata["help"])(fn)
     return fn
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
-                 "frequency_penalty", "presence_penalty", "seed")
+def _int_range(bounds: dict):
+    import click
+
+    low = bounds.get("ge", bounds["gt"] + 1 if "gt" in bounds else None)
+    high = bounds.get("le", bounds["lt"] - 1 if "lt" in bounds else None)
+    return click.IntRange(low, high)
 
 
 def pop_sampling(kwargs: dict) -> dict:
-    return {k: kwargs.pop(k) for k in SAMPLING_KEYS}
+    """Take the sampling options out of a command's keyword arguments."""
+    from ..generation.sampling import OPTIONS
+
+    return {option.name: kwargs.pop(option.name) for option in OPTIONS}
 
 
 def decoding_option(default: str | None = None, note: str = "draft:MODEL takes a smaller GGUF with the same vocabulary"):
     """--decoding: how generation guesses ahead (the output is the same; only the speed changes)."""
     import click
 
-    from ..runtime.decoding import DECODERS, DEFAULT_DECODING
+    from ..generation.decoding import DECODERS, DEFAULT_DECODING
 
     return click.option("--decoding", default=default or DEFAULT_DECODING, show_default=True, metavar="NAME",
                         help=f"Guess ahead and verify in one batch: {' | '.join(DECODERS)} ({note}).")

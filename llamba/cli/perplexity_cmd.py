@@ -7,8 +7,8 @@ import time
 
 import click
 
-from ..runtime.kv_cache import KVCache
-from ..runtime.perplexity import perplexity
+from ..generation.perplexity import perplexity
+from ..memory.kv_cache import KVCache
 from .common import model_options, open_llama, read_text_option
 
 

@@ -8,8 +8,8 @@ import sys
 import click
 
 from ..formats.gguf import open_gguf
-from ..runtime.tokenizer import Tokenizer
 from ..store import resolve_model
+from ..text.tokenizer import Tokenizer
 from .common import read_text_option
 
 

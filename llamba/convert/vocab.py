@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import LlambaError, UnsupportedError
 from ..formats.hf import read_json, read_optional_json
-from ..runtime.tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED
+from ..text.tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED
 
 BYTE = 6
 SPACE_MARK = "\u2581"  # SentencePiece's visible space

@@ -1,4 +1,9 @@
-"""Architecture registry: GGUF `general.architecture` -> module with `hparams(gguf) -> HParams`."""
+"""Models: the architecture registry (GGUF `general.architecture` -> module with `hparams(gguf) -> HParams`),
+the shared transformer (`forward(batch, cache) -> logits`), one module per family, and the repacked-weights cache.
+
+It may import ops/ (kernels), memory/ (Batch, the cache's per-layer view), formats/ and errors; it knows no
+sampling, text or serving.
+"""
 
 from __future__ import annotations
 

@@ -17,18 +17,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import GGUFError, LlambaError, NumericalError
+from ..errors import ContextOverflowError, GGUFError, LlambaError, NumericalError
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize
+from ..memory.batch import Batch
 from ..ops.activations import geglu_tanh, softcap, swiglu
-from ..ops.attention import attention_chain, attention_listed
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.heads import split_heads
 from ..ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
 from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, stack_runs
 from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
-from ..runtime.batch import Batch
 from .metadata import HParams
 
 
@@ -182,7 +181,7 @@ class Transformer:
         if len(tokens) == 0:
             raise LlambaError("forward needs at least one token")
         if start_pos + len(tokens) > cache.n_ctx:
-            raise LlambaError(f"context is full: {start_pos} + {len(tokens)} tokens exceed the context of {cache.n_ctx}")
+            raise ContextOverflowError(f"context is full: {start_pos} + {len(tokens)} tokens exceed the context of {cache.n_ctx}")
         cache.remove(0, start_pos)
         batch = Batch.chain(tokens, start_pos, logits="all" if all_logits else "last")
         batch.want_logits[:logits_from] = False
@@ -221,23 +220,21 @@ class Transformer:
                                  "the model's weights or hyperparameters are broken")
 
     def _attention_over(self, batch: Batch, placement, cache, exact: bool):
-        """attend(out, q, layer, window): the attention kernel this batch takes, its visibility worked out once
+        """attend(out, q, kv, window): the attention kernel this batch takes, its visibility worked out once
         for all layers. Long prompts go through query blocks; everything else through the listed kernel."""
         hp = self.hp
         scale = np.float32(hp.attn_scale or 1.0 / math.sqrt(hp.head_dim))
         capped = np.float32(hp.attn_softcap)
         if len(batch) > SMALL_BATCH and placement.is_chain and not exact:
-            keys = placement.chain_keys()
-            key_pos = cache.cell_pos[keys]
+            keys, key_pos = placement.chain_keys()
 
-            def attend(out, q, i, window):
-                attention_chain(out, q, cache.k[i], cache.v[i], keys, key_pos, batch.positions, scale, window, capped)
+            def attend(out, q, kv, window):
+                kv.attend_chain(out, q, keys, key_pos, batch.positions, scale, window, capped)
         else:
             visible, counts = placement.visible_lists()
 
-            def attend(out, q, i, window):
-                attention_listed(out, q, cache.k[i], cache.v[i], visible, counts, cache.cell_pos, batch.positions,
-                                 scale, window, capped)
+            def attend(out, q, kv, window):
+                kv.attend_listed(out, q, visible, counts, batch.positions, scale, window, capped)
         return attend
 
     def _project(self, h: np.ndarray, weights: list[LaneMatrix], width: int) -> np.ndarray:
@@ -259,9 +256,10 @@ class Transformer:
         k = np.empty((n, hp.n_head_kv, hp.head_dim), np.float32)
         v = np.empty_like(k)
         split_heads(qkv, layer.bqkv, layer.q_norm, layer.k_norm, hp.norm_eps, cos, sin, hp.rope.neox, q, k, v)
-        cache.store(i, cells, k, v)
+        kv = cache.layer(i)
+        kv.write(cells, k, v)
         att = np.empty_like(q)
-        attend(att, q, i, hp.sliding_window if local else 0)
+        attend(att, q, kv, hp.sliding_window if local else 0)
         out = matmul(att.reshape(n, hp.q_dim), layer.wo)
         finite = add_block_output(x, out, layer.attn_post_norm, layer.ffn_norm, h, hp.norm_eps)
         self._check_finite(finite, f"layer {i}")

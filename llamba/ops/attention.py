@@ -1,6 +1,6 @@
 """Attention of new queries over the KV cache: grouped heads, visibility lists, sliding windows, soft-capping.
 
-Each query comes with the list of cells it sees, in position order (see `runtime/kv_cache.py`). Small batches
+Each query comes with the list of cells it sees, in position order (see `memory/kv_cache.py`). Small batches
 (decoding, verifying guesses, several sequences) run one Numba kernel, parallel over (query, head); a query's
 arithmetic depends only on its own list, so it is the same alone or in any batch. Long prompts run blocks of
 queries per head through matmul's register-blocked float loop: scores = Q K^T over the keys the block can see,

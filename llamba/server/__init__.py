@@ -1,13 +1,17 @@
 """`llamba serve`: an OpenAI-compatible HTTP server whose slots are decoded together (engine.py) behind
-FastAPI endpoints (app.py)."""
+FastAPI endpoints (app.py).
+
+It wires and prints: it may import the API, models, memory (Batch, cache, Sequence), generation (sampler,
+decoders), text (TextStream) and errors, whose types it maps to HTTP statuses.
+"""
 
 from __future__ import annotations
 
 from ..errors import LlambaError
 from .app import create_app
-from .engine import GUESSING, Engine, Event, QueueFull, Request
+from .engine import GUESSING, Engine, Event, Request
 
-__all__ = ["Engine", "Event", "QueueFull", "Request", "create_app", "run"]
+__all__ = ["Engine", "Event", "Request", "create_app", "run"]
 
 
 def run(llm, host: str, port: int, parallel: int, max_queue: int, api_key: str | None, aliases=(),

@@ -9,17 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from typing import Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..errors import LlambaError
-from ..runtime.sampling import Sampler
-from .engine import Engine, Event, QueueFull, Request
+from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadError
+from ..generation.sampling import OPTIONS, Sampler, option_type
+from ..text import openai
+from .engine import Engine, Event, Request
 
 
 class _Body(BaseModel):
@@ -30,25 +30,27 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+def _sampling_fields() -> dict:
+    """A request field per option of SamplingParams: its default, and its range as OpenAI bounds it."""
+    def annotation(option):
+        return option_type(option) if option.default is not None else option_type(option) | None
+
+    return {o.name: (annotation(o), Field(o.default, **o.metadata["api_bounds"])) for o in OPTIONS}
+
+
+_SamplingFields = create_model("_SamplingFields", __base__=_Body, **_sampling_fields())
+
+
+class _Sampling(_SamplingFields):
     model: str | None = None
-    temperature: float = Field(0.8, ge=0, le=2)
-    top_p: float = Field(0.95, gt=0, le=1)
-    top_k: int = Field(40, ge=0)
-    min_p: float = Field(0.05, ge=0, le=1)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    decoding: str | None = None  # llamba's: guess ahead (same output): see runtime/decoding
+    decoding: str | None = None  # llamba's: guess ahead (same output): see generation/decoding
 
     def sampler(self) -> Sampler:
-        return Sampler(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                       frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-                       seed=self.seed)
+        return Sampler(**{o.name: getattr(self, o.name) for o in OPTIONS})
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -95,6 +97,16 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
            code: str | None = None, headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error_for(e: LlambaError) -> JSONResponse:
+    """The OpenAI error a LlambaError becomes, chosen by its type (any other kind is the client's bad request)."""
+    if isinstance(e, OverloadError):
+        return _error(503, str(e), kind="server_busy", headers={"Retry-After": "1"})
+    if isinstance(e, NotFoundError):
+        return _error(404, str(e), code="not_found")
+    code = "context_length_exceeded" if isinstance(e, ContextOverflowError) else None
+    return _error(400, str(e), code=code)
 
 
 class _HTTPError(Exception):
@@ -144,11 +156,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             inbox: asyncio.Queue[Event] = asyncio.Queue()
             request.deliver = lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event)
             engine.submit(request)
-        except QueueFull as e:
-            raise _HTTPError(_error(503, str(e), kind="server_busy", headers={"Retry-After": "1"}))
         except LlambaError as e:
-            code = "context_length_exceeded" if "context" in str(e) else None
-            raise _HTTPError(_error(400, str(e), code=code))
+            raise _HTTPError(_error_for(e))
         return request, inbox
 
     async def events(request: Request, inbox: asyncio.Queue):
@@ -179,12 +188,10 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         return None
 
     def meta(kind: str) -> dict:
-        return {"id": f"{kind}-{uuid.uuid4().hex[:16]}", "created": int(time.time()), "model": model_id}
+        return openai.response_meta(kind, model_id)
 
     def usage(request: Request) -> dict:
-        n_prompt = len(request.prompt_ids)
-        return {"prompt_tokens": n_prompt, "completion_tokens": request.generated,
-                "total_tokens": n_prompt + request.generated}
+        return openai.usage(len(request.prompt_ids), request.generated)
 
     def finish(event: Event) -> str:
         if event.error:
@@ -252,23 +259,19 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         text, entries, last = await collect(request, inbox)
         if last.error:
             return _error(500, last.error, kind="server_error")
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(last),
-                  "logprobs": chat_logprobs(entries) if n_top is not None else None}
-        return {**meta("chatcmpl"), "object": "chat.completion", "choices": [choice], "usage": usage(request)}
+        logprobs = chat_logprobs(entries) if n_top is not None else None
+        return openai.chat_completion(meta("chatcmpl"), text, finish(last), usage(request), logprobs)
 
     async def chat_chunks(request, inbox, head: dict, body: ChatRequest):
-        chunk = {**head, "object": "chat.completion.chunk"}
-        yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        yield openai.chat_chunk(head, {"role": "assistant", "content": ""})
         async for event in events(request, inbox):
             entry = logprob_entry(event)
             if event.text or entry:
-                delta = {"index": 0, "delta": {"content": event.text}, "finish_reason": None,
-                         "logprobs": chat_logprobs([entry]) if entry else None}
-                yield {**chunk, "choices": [delta]}
+                yield openai.chat_chunk(head, {"content": event.text}, logprobs=chat_logprobs([entry]) if entry else None)
             if event.finish_reason is not None:
-                yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish(event)}]}
+                yield openai.chat_chunk(head, {}, finish(event))
         if body.stream_options and body.stream_options.include_usage:
-            yield {**chunk, "choices": [], "usage": usage(request)}
+            yield openai.usage_chunk(head, "chat.completion.chunk", usage(request))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -286,21 +289,18 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         text, entries, last = await collect(request, inbox)
         if last.error:
             return _error(500, last.error, kind="server_error")
-        choice = {"index": 0, "text": text, "finish_reason": finish(last),
-                  "logprobs": completion_logprobs(entries) if body.logprobs is not None else None}
-        return {**meta("cmpl"), "object": "text_completion", "choices": [choice], "usage": usage(request)}
+        logprobs = completion_logprobs(entries) if body.logprobs is not None else None
+        return openai.completion(meta("cmpl"), text, finish(last), usage(request), logprobs)
 
     async def completion_chunks(request, inbox, head: dict, body: CompletionRequest):
-        chunk = {**head, "object": "text_completion"}
         async for event in events(request, inbox):
             entry = logprob_entry(event)
             if event.text or entry:
-                yield {**chunk, "choices": [{"index": 0, "text": event.text, "finish_reason": None,
-                                             "logprobs": completion_logprobs([entry]) if entry else None}]}
+                yield openai.completion_chunk(head, event.text, logprobs=completion_logprobs([entry]) if entry else None)
             if event.finish_reason is not None:
-                yield {**chunk, "choices": [{"index": 0, "text": "", "finish_reason": finish(event), "logprobs": None}]}
+                yield openai.completion_chunk(head, "", finish(event))
         if body.stream_options and body.stream_options.include_usage:
-            yield {**chunk, "choices": [], "usage": usage(request)}
+            yield openai.usage_chunk(head, "text_completion", usage(request))
 
     return app
 

@@ -2,7 +2,7 @@
 
 Each slot is a sequence of the shared KV cache (its own cells, its own sampler, its own text stream). A step
 gathers one token from every decoding slot and a piece of one waiting prompt into a single batch, so the
-weights are read once for all of them (the batch mechanism of runtime/batch.py). The kernels are batch
+weights are read once for all of them (the batch mechanism of memory/batch.py). The kernels are batch
 invariant, so a request's tokens are the same whether it was served alone or beside others.
 
 A request that arrives when every slot is busy waits in a bounded queue; the next step after a slot frees,
@@ -22,19 +22,16 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import LlambaError
-from ..runtime.batch import MAX_SEQUENCES, Batch
-from ..runtime.decoding import DECODERS, Speculation, make_speculation
-from ..runtime.decoding.speculative import Draft, guess, settle
-from ..runtime.generate import StopFilter
-from ..runtime.kv_cache import SPARE_CELLS, KVCache
-from ..runtime.sampling import Sampler
+from ..errors import BadRequestError, ContextOverflowError, LlambaError, OverloadError
+from ..generation.decoding import DECODERS, Speculation, make_speculation
+from ..generation.decoding.speculative import Draft, guess, settle
+from ..generation.sampling import Sampler
+from ..memory.batch import MAX_SEQUENCES, Batch
+from ..memory.kv_cache import SPARE_CELLS, KVCache
+from ..memory.sequence import Sequence
+from ..text.stream import TextStream
 
 PREFILL_CHUNK = 256  # prompt tokens per step: a long prompt never stalls the running streams for long
-
-
-class QueueFull(LlambaError):
-    """Every slot is busy and the waiting queue is full."""
 
 
 @dataclass
@@ -56,7 +53,7 @@ class Request:
     sampler: Sampler
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best
-    decoding: str = "greedy"  # a name from runtime/decoding: guesses checked in the same batch
+    decoding: str = "greedy"  # a name from generation/decoding: guesses checked in the same batch
     events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
     deliver: Callable[[Event], None] | None = None  # called from the engine thread; default: put in events
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -73,13 +70,11 @@ class Request:
 
 @dataclass
 class _Slot:
-    seq: int
-    cached: list[int] = field(default_factory=list)  # the tokens the cache holds for this sequence
+    sequence: Sequence  # the tokens the cache holds for this slot's sequence
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # tokens to evaluate next
     history: list[int] = field(default_factory=list)  # prompt + generated (for penalties)
-    detok: object = None
-    stopper: StopFilter | None = None
+    text: TextStream | None = None
     speculation: Speculation | None = None
     decoders: dict = field(default_factory=dict)  # decoding name -> this slot's Speculation (a draft's cache)
     last_used: float = 0.0
@@ -99,7 +94,7 @@ class Engine:
         self.n_ctx = llm.n_ctx
         self.cache = KVCache.for_model(self.model.hp, self.n_ctx, llm.cache.kv_type,
                                        n_cells=parallel * self.n_ctx + SPARE_CELLS)
-        self.slots = [_Slot(seq) for seq in range(parallel)]
+        self.slots = [_Slot(Sequence(self.cache, seq)) for seq in range(parallel)]
         self.max_queue = max_queue
         self.waiting: deque[Request] = deque()
         self.counters = {"requests": 0, "prompt_tokens": 0, "evaluated_prompt_tokens": 0, "generated_tokens": 0}
@@ -124,12 +119,12 @@ class Engine:
 
     def submit(self, request: Request) -> Request:
         if request.decoding not in self.decoders:
-            raise LlambaError(f"decoding {request.decoding!r} is not offered here (offered: {', '.join(self.decoders)})")
+            raise BadRequestError(f"decoding {request.decoding!r} is not offered here (offered: {', '.join(self.decoders)})")
         if len(request.prompt_ids) >= self.n_ctx:
-            raise LlambaError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.n_ctx}")
+            raise ContextOverflowError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.n_ctx}")
         with self._wake:
             if len(self.waiting) >= self.max_queue + self.free_slots():
-                raise QueueFull("the server is busy: every slot is taken and the queue is full")
+                raise OverloadError("the server is busy: every slot is taken and the queue is full")
             self.waiting.append(request)
             self.counters["requests"] += 1
             self._wake.notify()
@@ -140,7 +135,7 @@ class Engine:
         from ..store import resolve_model
 
         if not decoding.startswith("draft:") or not decoding[len("draft:"):]:
-            raise LlambaError(f"unknown decoding {decoding!r} (choose from {', '.join(DECODERS)})")
+            raise BadRequestError(f"unknown decoding {decoding!r} (choose from {', '.join(DECODERS)})")
         return load_transformer(resolve_model(decoding[len("draft:"):]))
 
     def _speculation(self, slot: _Slot, decoding: str) -> Speculation | None:
@@ -190,16 +185,15 @@ class Engine:
             if not free:
                 return
             self.waiting.popleft()
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, request.prompt_ids), -s.last_used))
+            slot = max(free, key=lambda s: (s.sequence.common_prefix(request.prompt_ids), -s.last_used))
             self._assign(slot, request)
 
     def _assign(self, slot: _Slot, request: Request) -> None:
         prompt = request.prompt_ids
-        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # the last token runs for its logits
-        self.cache.remove(slot.seq, keep)
-        slot.cached = slot.cached[:keep]
+        keep = min(slot.sequence.common_prefix(prompt), len(prompt) - 1)  # the last token runs for its logits
+        slot.sequence.keep(keep)
         slot.request, slot.pending, slot.history = request, list(prompt[keep:]), list(prompt)
-        slot.detok, slot.stopper = self.tokenizer.streamer(), StopFilter(list(request.stop))
+        slot.text = TextStream(self.tokenizer, request.stop)
         slot.speculation = self._speculation(slot, request.decoding)
         if slot.speculation is not None:
             slot.speculation.start()
@@ -219,12 +213,12 @@ class Engine:
             if len(slot.pending) == 1 and slot.request.generated:  # decoding: the token and any guesses
                 draft = self._guesses(slot)
                 take = slot.pending + draft.tokens
-                parts.append(draft.batch(slot.pending[0], len(slot.cached), slot.seq))
+                parts.append(draft.batch(slot.pending[0], len(slot.sequence), slot.sequence.seq))
             elif budget > 0 or len(slot.pending) == 1:  # a prompt, a chunk at a time
                 take = slot.pending[: max(budget, 1)]
                 budget -= len(take)
                 wanted = "last" if len(take) == len(slot.pending) else "none"
-                parts.append(Batch.chain(take, len(slot.cached), slot.seq, logits=wanted))
+                parts.append(Batch.chain(take, len(slot.sequence), slot.sequence.seq, logits=wanted))
             else:
                 continue
             owners.append((slot, take, len(take) >= len(slot.pending), draft))
@@ -239,7 +233,7 @@ class Engine:
             slot.last_used = time.perf_counter()
             at += len(taken)
             if not done:
-                slot.cached.extend(taken)
+                slot.sequence.extend(taken)
                 slot.pending = slot.pending[len(taken):]
                 continue
             rows = logits[row : row + len(taken) if draft is not None else row + 1]
@@ -253,7 +247,7 @@ class Engine:
         spec, request = slot.speculation, slot.request
         if spec is None:
             return Draft([])
-        room = min(request.max_tokens - request.generated - 1, self.n_ctx - 2 - len(slot.cached))
+        room = min(request.max_tokens - request.generated - 1, self.n_ctx - 2 - len(slot.sequence))
         return guess(spec, slot.history, room, request.sampler)
 
     def _accept(self, slot: _Slot, taken: list[int], draft: Draft | None, rows: np.ndarray, cells: np.ndarray,
@@ -264,10 +258,10 @@ class Engine:
         if slot.speculation is not None and draft is not None:
             verdict = settle(slot.speculation, self.cache, cells, draft, rows, request.sampler, slot.history,
                              seconds)
-            slot.cached.extend(taken[i] for i in verdict.kept)
+            slot.sequence.extend(taken[i] for i in verdict.kept)
             tokens, rows = verdict.accepted + [verdict.following], rows[verdict.kept]
         else:
-            slot.cached.extend(taken)
+            slot.sequence.extend(taken)
             tokens = [request.sampler.sample(rows[0], slot.history)]
         slot.pending = []
         for sent, (token, logits) in enumerate(zip(tokens, rows), 1):
@@ -282,43 +276,29 @@ class Engine:
         if request.first_token_seconds is None:
             request.first_token_seconds = time.perf_counter() - request.submitted
         logprobs = _logprobs(logits, token, request.top_logprobs) if request.top_logprobs is not None else None
-        if token in self.tokenizer.eog_ids:
-            self._finish(slot, reason="stop", token=token, logprobs=logprobs)
-            return False
-        text, stopped = slot.stopper.feed(slot.detok.push(token))
-        request.send(Event(text, token, logprobs))
-        if stopped:
-            self._finish(slot, reason="stop", flush=False)
+        request.send(Event(slot.text.push(token), token, logprobs))
+        if slot.text.finish_reason:  # an end-of-generation token or a stop string
+            self._finish(slot)
             return False
         slot.history.append(token)
-        if request.generated >= request.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
+        if request.generated >= request.max_tokens or len(slot.sequence) + 1 >= self.n_ctx:
             self._finish(slot, reason="length")
             return False
         slot.pending = [token]
         return True
 
-    def _finish(self, slot: _Slot, reason: str = "stop", error: str | None = None, token: int = -1,
-                logprobs: dict | None = None, flush: bool = True) -> None:
+    def _finish(self, slot: _Slot, reason: str = "stop", error: str | None = None) -> None:
+        """End the slot's request: the text still held back, then the finish event (reason, or the error)."""
         request = slot.request
-        tail = ""
-        if flush and error is None and slot.stopper is not None:
-            tail = slot.stopper.feed(slot.detok.flush())[0] + slot.stopper.flush()
-        if tail or token >= 0:
-            request.send(Event(tail, token, logprobs))
+        if error is None and slot.text is not None:
+            tail = slot.text.finish(reason)
+            if tail:
+                request.send(Event(tail))
+            reason = slot.text.finish_reason
         request.send(Event(finish_reason=reason if error is None else "error", error=error))
         slot.request, slot.pending = None, []
         if error is not None:  # the cells of a failed step may be half written: start this slot afresh
-            self.cache.remove(slot.seq, 0)
-            slot.cached = []
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+            slot.sequence.keep(0)
 
 
 def _logprobs(logits: np.ndarray, token: int, n_top: int) -> dict:

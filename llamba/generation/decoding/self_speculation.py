@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kv_cache import KVCache
+from ...memory.kv_cache import KVCache
 from .draft_model import DraftModel
 
 CALIBRATION = 64  # tokens the choice is measured on
@@ -39,7 +39,7 @@ class SelfSpeculation(DraftModel):
     def propose(self, context: list[int], k: int, sampler):
         if not self.calibrated:
             self.model.skip = choose_skipped_layers(self.model.model, context)
-            self._tokens = []  # whatever the draft cache held came from other layers
+            self.sequence.forget()  # whatever the draft cache held came from other layers
             self.calibrated = True
         return super().propose(context, k, sampler)
 

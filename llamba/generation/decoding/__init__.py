@@ -6,7 +6,7 @@ drafter (plain decoding, whatever the temperature). See each module for how its 
 
 from __future__ import annotations
 
-from ...errors import LlambaError
+from ...errors import BadRequestError, LlambaError
 from .prompt_lookup import PromptLookup
 from .speculative import Controller, Speculation, SpeculationStats, decode_tokens
 
@@ -46,7 +46,7 @@ def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: 
             raise LlambaError("draft decoding needs a model: --decoding draft:PATH_OR_NAME")
         return Speculation(DraftModel(load_model(name), n_ctx, target.hp.n_vocab, kv_type, label=name),
                            Controller(max_k=6))
-    raise LlambaError(f"unknown decoding {spec!r} (choose from {', '.join(DECODERS)})")
+    raise BadRequestError(f"unknown decoding {spec!r} (choose from {', '.join(DECODERS)})")
 
 
 __all__ = ["DECODERS", "DEFAULT_DECODING", "Controller", "Speculation", "SpeculationStats", "decode_tokens", "make_speculation"]

@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import LlambaError
+from ..errors import LlambaError, NotFoundError
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     "chatml": (
@@ -267,7 +267,7 @@ def load_chat_template(metadata: dict, tokens: list[str], token_to_id: dict[str,
         path = Path(override).expanduser()
         if not path.is_file():
             styles = ", ".join(BUILTIN_TEMPLATES)
-            raise LlambaError(f"chat template {override!r}: no such file, and not a built-in style ({styles})")
+            raise NotFoundError(f"chat template {override!r}: no such file, and not a built-in style ({styles})")
         try:
             return ChatTemplate(path.read_text(encoding="utf-8"), path.name, bos, eos)
         except UnicodeDecodeError:

@@ -8,7 +8,8 @@ samplers), and the target accepts by speculative sampling against those probabil
 from __future__ import annotations
 
 from ...errors import LlambaError
-from ..kv_cache import KVCache
+from ...memory.kv_cache import KVCache
+from ...memory.sequence import Sequence
 from ..sampling import Sampler
 from .speculative import Draft
 
@@ -23,7 +24,7 @@ class DraftModel:
         self.model = draft_model
         self.name = f"draft:{label}"
         self.cache = KVCache.for_model(draft_model.hp, n_ctx, kv_type)
-        self._tokens: list[int] = []  # what the draft's cache holds, position by position
+        self.sequence = Sequence(self.cache)  # what the draft's cache holds
 
     def reset(self) -> None:
         pass  # the cache is reused across generations: only the differing tail is recomputed
@@ -40,17 +41,13 @@ class DraftModel:
             seen.append(token)
             if i + 1 < k:
                 logits = self.model.forward_tokens([token], len(seen) - 1, self.cache)
-                self._tokens.append(token)
+                self.sequence.extend([token])
         return Draft(tokens, None if greedy else probs)
 
     def _catch_up(self, context: list[int]):
         """The draft's logits after context, evaluating only the tokens its cache does not hold."""
-        n = 0
-        for a, b in zip(self._tokens, context):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(context) - 1)  # the last token is always run: its logits are needed
+        n = min(self.sequence.common_prefix(context), len(context) - 1)  # the last token runs for its logits
+        self.sequence.keep(n)
         logits = self.model.forward_tokens(context[n:], n, self.cache)
-        self._tokens = list(context)
+        self.sequence.extend(context[n:])
         return logits

@@ -17,7 +17,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from ..batch import Batch
+from ...memory.batch import Batch
 from ..sampling import Sampler
 
 

@@ -1,20 +1,30 @@
 """The generation loop: a generator of tokens and text pieces, with stop conditions and timing.
 
 `generate_steps` evaluates the prompt (from `start_pos`, so a cache that already holds a prefix is reused),
-then samples one token at a time. Text goes through the streaming detokenizer and a stop-string filter
-that holds back any tail which could still become a stop string, so stop strings are never printed even
-when they span tokens.
+then samples one token at a time, handing each to the caller's text sink (text/stream.py's TextStream:
+detokenizing, stop strings, held-back tails, finish reasons, the one the server uses too), which also says
+when the text has ended.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Protocol
 
-from ..errors import LlambaError
+from ..errors import ContextOverflowError
 from .decoding import Speculation, decode_tokens
 from .sampling import Sampler
+
+
+class TextSink(Protocol):
+    """What the loop hands its tokens to (text/stream.py's TextStream): text out, and whether it has ended."""
+
+    finish_reason: str | None
+
+    def push(self, token: int) -> str: ...
+
+    def finish(self, reason: str) -> str: ...
 
 
 @dataclass
@@ -56,45 +66,18 @@ class GenerationStats:
         return n / self.generate_seconds if n > 0 and self.generate_seconds else 0.0
 
 
-@dataclass
-class StopFilter:
-    """Holds back text that might be the start of a stop string; reports a stop when one appears."""
+def generate_steps(model, text: TextSink, cache, prompt_ids: list[int], sampler: Sampler, max_tokens: int,
+                   start_pos: int = 0, stats: GenerationStats | None = None, history: list[int] | None = None,
+                   speculation: Speculation | None = None) -> Iterator[Step]:
+    """Yield Steps until the text ends (an end-of-generation token, a stop string), max_tokens, or a full context.
 
-    stops: list[str] = field(default_factory=list)
-    _held: str = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string was found)."""
-        buf = self._held + text
-        first = min((i for i in (buf.find(s) for s in self.stops if s) if i >= 0), default=-1)
-        if first >= 0:
-            self._held = ""
-            return buf[:first], True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), 0, -1):
-                if buf.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        self._held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        rest, self._held = self._held, ""
-        return rest
-
-
-def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Sampler, max_tokens: int,
-                   start_pos: int = 0, stop: list[str] | None = None, stats: GenerationStats | None = None,
-                   history: list[int] | None = None, speculation: Speculation | None = None) -> Iterator[Step]:
-    """Yield Steps until an end-of-generation token, a stop string, max_tokens, or a full context.
-
-    prompt_ids[:start_pos] must already be in the cache. `stats` (if given) is filled in as it goes.
+    `text` turns the tokens into text (text/stream.py's TextStream). prompt_ids[:start_pos] must already be
+    in the cache. `stats` (if given) is filled in as it goes.
     `speculation` (a decoder that guesses ahead) changes how fast tokens come, never which: see decoding/.
     """
     stats = stats if stats is not None else GenerationStats()
     if len(prompt_ids) > cache.n_ctx:
-        raise LlambaError(f"prompt of {len(prompt_ids)} tokens is longer than the context ({cache.n_ctx})")
+        raise ContextOverflowError(f"prompt of {len(prompt_ids)} tokens is longer than the context ({cache.n_ctx})")
     if start_pos >= len(prompt_ids):
         start_pos = len(prompt_ids) - 1  # re-run the last token: its logits are needed
     stats.prompt_tokens = len(prompt_ids)
@@ -107,8 +90,6 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
         return
     history = list(history if history is not None else prompt_ids)
     tokens = decode_tokens(model, cache, logits, len(prompt_ids), history, sampler, speculation, max_tokens)
-    detok = tokenizer.streamer()
-    stopper = StopFilter(list(stop or []))
     stats.finish_reason = ""
     try:
         for token in tokens:
@@ -118,27 +99,15 @@ def generate_steps(model, tokenizer, cache, prompt_ids: list[int], sampler: Samp
                 # the token loop has started the speculation: this generation's statistics
                 stats.speculation = speculation.stats if speculation is not None else None
             stats.generated_tokens += 1
-            if token in tokenizer.eog_ids:
-                stats.finish_reason = "stop"
-                yield Step(token, _remaining_text(detok, stopper))
+            yield Step(token, text.push(token))
+            if text.finish_reason:
                 break
-            text, stopped = stopper.feed(detok.push(token))
-            if stopped:
-                stats.finish_reason = "stop"
-                yield Step(token, text)
-                break
-            yield Step(token, text)
             stats.generate_seconds = time.perf_counter() - t0
     finally:
         tokens.close()
-    if not stats.finish_reason:  # the tokens ran out: the budget, or the context
-        stats.finish_reason = "length" if stats.generated_tokens >= max_tokens else "context"
-        tail = _remaining_text(detok, stopper)
+    if not text.finish_reason:  # the tokens ran out: the budget, or the context
+        tail = text.finish("length" if stats.generated_tokens >= max_tokens else "context")
         if tail:
             yield Step(-1, tail)
+    stats.finish_reason = text.finish_reason
     stats.generate_seconds = time.perf_counter() - t0
-
-
-def _remaining_text(detok, stopper: StopFilter) -> str:
-    """What the detokenizer and the stop filter still hold when generation ends (cut at a stop string)."""
-    return stopper.feed(detok.flush())[0] + stopper.flush()

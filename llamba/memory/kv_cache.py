@@ -2,7 +2,7 @@
 
 Cells are handed out lowest-free-first. A cell belongs to one or more sequences (a bit mask, so a shared
 prompt prefix can serve several), and what a new token attends to follows from those records (see
-`runtime/batch.py`): its sequence's cached cells in position order, then its ancestors in the batch. Because
+`memory/batch.py`): its sequence's cached cells in position order, then its ancestors in the batch. Because
 attention always walks the visible cells in position order, where a cell sits never changes a result: a token
 attends identically alone, among guesses, or beside other sequences.
 """
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LlambaError
+from ..errors import ContextOverflowError, LlambaError
+from ..ops.attention import attention_chain, attention_listed
 from ..ops.jit import kernel
 from .batch import Batch
 
@@ -29,6 +30,35 @@ def _write_cells(dst, cells, src):
     for t in range(src.shape[0]):
         for h in range(src.shape[1]):
             dst[h, cells[t]] = src[t, h]
+
+
+class LayerKV:
+    """One layer's keys and values as attention sees them: the model writes its new tokens' k and v, then attends
+    over the cells a placement made visible, and never sees how they are stored. A new kind of cache (quantized
+    blocks, MLA's latent vectors) is another class with these three methods, not an edit of the model.
+
+    Here: k, v [n_head_kv, n_cells, head_dim], float32, or float16 bits as uint16 (the kernels decode them).
+    """
+
+    def __init__(self, k: np.ndarray, v: np.ndarray, cell_pos: np.ndarray):
+        self.k, self.v, self.cell_pos = k, v, cell_pos
+
+    def write(self, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Store k, v [n_tokens, n_head_kv, head_dim] float32 in the given cells."""
+        _write_cells(self.k, cells, self._stored(k))
+        _write_cells(self.v, cells, self._stored(v))
+
+    def _stored(self, x: np.ndarray) -> np.ndarray:
+        return x if self.k.dtype == np.float32 else x.astype(np.float16).view(np.uint16)
+
+    def attend_chain(self, out, q, keys, key_pos, q_pos, scale, window, softcap) -> None:
+        """out = attention of q [n_tokens, n_head, head_dim] over the cells `keys` (a chain: a prompt, each query
+        seeing the keys up to its own position)."""
+        attention_chain(out, q, self.k, self.v, keys, key_pos, q_pos, scale, window, softcap)
+
+    def attend_listed(self, out, q, visible, counts, q_pos, scale, window, softcap) -> None:
+        """out = attention of q where query t sees the cells visible[t, :counts[t]], in position order."""
+        attention_listed(out, q, self.k, self.v, visible, counts, self.cell_pos, q_pos, scale, window, softcap)
 
 
 class KVCache:
@@ -53,6 +83,11 @@ class KVCache:
         self.cell_pos = np.full(self.n_cells, -1, np.int64)
         self.cell_seqs = np.zeros(self.n_cells, np.uint64)  # bit s: the cell belongs to sequence s; 0: free
         self.last_cells = np.zeros(0, np.int64)  # the cells the latest batch was given, in batch order
+        self._layers = [LayerKV(k, v, self.cell_pos) for k, v in zip(self.k, self.v)]
+
+    def layer(self, i: int) -> LayerKV:
+        """Layer i's keys and values, the only way attention reaches them."""
+        return self._layers[i]
 
     @classmethod
     def for_model(cls, hp, n_ctx: int | None = None, kv_type: str = "f32", n_cells: int | None = None) -> "KVCache":
@@ -104,7 +139,7 @@ class KVCache:
         n = keys[0].shape[1]
         cells = np.flatnonzero(self.cell_seqs == 0)[:n]
         if len(cells) < n or n > self.n_ctx:
-            raise LlambaError(f"{n} saved positions do not fit this context of {self.n_ctx}")
+            raise ContextOverflowError(f"{n} saved positions do not fit this context of {self.n_ctx}")
         for layer, (k, v) in enumerate(zip(keys, values)):
             self.k[layer][:, cells] = k
             self.v[layer][:, cells] = v
@@ -137,22 +172,14 @@ class KVCache:
             if len(cells) and self.cell_pos[cells[-1]] >= first:
                 raise LlambaError(f"position {first} of sequence {s} is already in the cache (remove it first)")
         if batch.positions.max() >= self.n_ctx:
-            raise LlambaError(f"context is full: position {batch.positions.max()} is past the context of {self.n_ctx}")
+            raise ContextOverflowError(f"context is full: position {batch.positions.max()} is past the context of {self.n_ctx}")
         free = np.flatnonzero(self.cell_seqs == 0)[: len(batch)]
         if len(free) < len(batch):
-            raise LlambaError(f"the KV cache has no room for {len(batch)} more tokens ({self.n_cells} cells)")
+            raise ContextOverflowError(f"the KV cache has no room for {len(batch)} more tokens ({self.n_cells} cells)")
         self.cell_pos[free] = batch.positions
         self.cell_seqs[free] = np.left_shift(np.uint64(1), batch.seq_ids.astype(np.uint64))
         self.last_cells = free.astype(np.int64)  # so a caller can free single rows (rejected guesses) after
-        return Placement(batch, self.last_cells, cached)
-
-    def store(self, layer: int, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Write k, v [n_tokens, n_head_kv, head_dim] float32 into the given cells."""
-        _write_cells(self.k[layer], cells, self._stored(k))
-        _write_cells(self.v[layer], cells, self._stored(v))
-
-    def _stored(self, x: np.ndarray) -> np.ndarray:
-        return x if self.kv_type == "f32" else x.astype(np.float16).view(np.uint16)
+        return Placement(batch, self.last_cells, cached, self.cell_pos)
 
     # ------------------------------------------------------------------------------------- sizes
 
@@ -174,6 +201,7 @@ class Placement:
     batch: Batch
     cells: np.ndarray  # [n] the cell of each batch token
     cached: dict[int, np.ndarray]  # sequence -> its cells from before this batch, in position order
+    cell_pos: np.ndarray  # [n_cells] the cache's position of each cell
 
     def visible_lists(self) -> tuple[np.ndarray, np.ndarray]:
         """(visible, counts): visible[t, :counts[t]] are the cells token t attends to, in position order (its
@@ -196,9 +224,10 @@ class Placement:
         b = self.batch
         return len(self.cached) == 1 and bool((b.parents == np.arange(-1, len(b) - 1)).all())
 
-    def chain_keys(self) -> np.ndarray:
-        """For a chain: every cell its last token sees, in position order."""
-        return np.concatenate([next(iter(self.cached.values())), self.cells])
+    def chain_keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """For a chain: every cell its last token sees, in position order, and their positions."""
+        keys = np.concatenate([next(iter(self.cached.values())), self.cells])
+        return keys, self.cell_pos[keys]
 
 
 def _bit(seq: int) -> np.uint64:
