@@ -12,13 +12,12 @@ rest (what makes a chat's second turn cheap).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .compiling import ensure_compiled, warm_up
 from .errors import BadRequestError, LlambaError
 from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
 from .generation.generate import GenerationStats, Step, generate_steps
@@ -27,8 +26,6 @@ from .memory.kv_cache import KVCache
 from .memory.sequence import Sequence
 from .models import load_transformer
 from .models.metadata import MAX_CONTEXT
-from .ops.jit import kernels_compiled, release_compiler_pages
-from .ops.matmul import SMALL_BATCH
 from .ops.threads import set_threads
 from .store import resolve_model
 from .text import openai
@@ -53,8 +50,7 @@ class Llama:
         self.n_threads = set_threads(n_threads)
         say = on_status or (lambda message: None)
         self.model_path = Path(resolve_model(model, say=say))
-        if not kernels_compiled() and not os.environ.get(_COMPILING_CHILD):
-            _compile_kernels_in_child(self.model_path, kv_type)
+        ensure_compiled(self.model_path, kv_type)
         self.model = load_transformer(self.model_path)
         self.tokenizer = Tokenizer(self.model.gguf.metadata, str(self.model_path))
         self.template = load_chat_template(self.model.gguf.metadata, self.tokenizer.tokens, self.tokenizer.token_to_id,
@@ -79,14 +75,8 @@ class Llama:
         return self._speculations[name]
 
     def warm_up(self) -> None:
-        """Run the kernels once on a scratch cache, so compilation (first run only) happens now, then
-        release the compiler's pages: nothing later needs them."""
-        scratch = KVCache.for_model(self.model.hp, SMALL_BATCH + 8, self.cache.kv_type)
-        later_layers = frozenset(range(1, self.model.hp.n_layer))  # every layer runs the same kernels
-        self.model.forward_tokens([0] * (SMALL_BATCH + 1), 0, scratch, skip=later_layers)  # the prefill path
-        self.model.forward_tokens([0], SMALL_BATCH + 1, scratch)  # the batch path
-        self.model.threads.reset()  # those timings included compiling
-        release_compiler_pages()
+        """Load (or, on a first run, compile) the kernels now, not at the first request."""
+        warm_up(self.model, self.cache.kv_type)
 
     # ------------------------------------------------------------------------------------- tokens
 
@@ -193,21 +183,6 @@ class Llama:
 
     def _usage(self) -> dict:
         return openai.usage(self.last_stats.prompt_tokens, self.last_stats.generated_tokens)
-
-
-_COMPILING_CHILD = "LLAMBA_COMPILING_KERNELS"
-
-
-def _compile_kernels_in_child(path: Path, kv_type: str) -> None:
-    """First run: load the model in a child process, which compiles the kernels into Numba's cache, so that this
-    process loads them from the cache like every later run. Code Numba has just compiled is not always the
-    code it caches: the fast-math attention kernel's last bits differ, and a process that compiled gave other
-    answers than every later one. Should the child fail, this process compiles them itself."""
-    code = f"from llamba import Llama; Llama({str(path)!r}, n_ctx={MIN_CTX}, kv_type={kv_type!r})"
-    try:
-        subprocess.run([sys.executable, "-c", code], env={**os.environ, _COMPILING_CHILD: "1"}, capture_output=True)
-    except OSError:  # no Python to start (an embedded interpreter): compile here
-        pass
 
 
 def _context_size(n_ctx: int | None, n_ctx_train: int) -> int:

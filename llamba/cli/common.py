@@ -105,7 +105,7 @@ def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_
     import click
 
     from ..api import Llama
-    from ..ops.jit import kernels_compiled
+    from ..compiling import kernels_compiled
 
     say = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     fresh = not kernels_compiled()

@@ -56,11 +56,6 @@ def readonly(a: np.ndarray) -> np.ndarray:
     return v
 
 
-# float16 bits -> float32, as a table: Numba has no float16 type, and a table lookup per block is cheap.
-F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-F16_TABLE.flags.writeable = False
-
-
 def kernels_compiled() -> bool:
     """Whether Numba's on-disk cache already holds compiled kernels (so start-up will not compile)."""
     from pathlib import Path
