@@ -43,6 +43,16 @@ class FileRows:
         return dequantize(self.data[rows], self.type).reshape(len(rows), -1)
 
 
+class LaneRows:
+    """An embedding table that is also the output matrix (tied): its rows come from the repacked weights."""
+
+    def __init__(self, w: LaneMatrix):
+        self.matrix = w
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        return gather_rows(self.matrix, rows)
+
+
 @dataclass
 class Layer:
     """One layer's weights; a bias or norm the model does not have is NO_WEIGHT (empty)."""
@@ -75,7 +85,8 @@ class Transformer:
         self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in repacked))
         self.output_norm = self._vector("output_norm.weight", hp.n_embd)
         if tied:
-            self.tok_embd = self.output = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
+            self.output = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
+            self.tok_embd = LaneRows(self.output)
         else:
             self.tok_embd = FileRows(self._tensor("token_embd.weight", (hp.n_embd, hp.n_vocab)))
             self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab)
@@ -194,7 +205,7 @@ class Transformer:
         Each block starts from h, its input already normed, and ends by adding its output to the stream x
         and norming x for the next block (the next layer's attention, or the output projection)."""
         hp = self.hp
-        x = self.tok_embd.gather(batch.tokens) if isinstance(self.tok_embd, FileRows) else gather_rows(self.tok_embd, batch.tokens)
+        x = self.tok_embd.gather(batch.tokens)
         if hp.embed_scale != 1.0:
             x *= np.float32(hp.embed_scale)
         self._check_finite(all_finite(x), "the token embeddings")

@@ -21,7 +21,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .repack import CHUNK, SUPER
+from .repack import CHUNK, SUPER, layout_variants
 
 HAS_VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
 NT = 4  # tokens per call: NT x ROW_VECTORS integer sums and as many float accumulators, plus the unpacked
@@ -257,15 +257,16 @@ def _scaled_into(builder, a: _Args, layout: _Layout, b, tokens: list, sums: list
     return new
 
 
-def _chunk_product(layout: _Layout, scale_types: tuple[str, ...]):
+def _chunk_product(layout: _Layout, name: str):
     """An intrinsic chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset,
     supers, supers_at, x_scales, x_code_sums, xs_at, code_bias, n_blocks, n_tokens, has_offset):
     acc [NT * CHUNK] float32 <- one chunk's rows times n_tokens (1..NT) tokens' activations, summed over
     all n_blocks blocks: per block, integer dot products scaled by the block's weight and activation scales,
     sum_k (s (q_k - bias) + o) dx c_k = s dx (sum_k q_k c_k - bias sum_k c_k) + o dx sum_k c_k,
     with float accumulators kept in registers across the blocks. Bodies are emitted only for the scale
-    types (and with offsets or not) some block type of this layout has: the others would only cost compile
-    time."""
+    types (and with offsets or not) some block type of the layout `name` has: the others would only cost
+    compile time."""
+    variants = layout_variants(name)
 
     @intrinsic
     def chunk_product(typingctx, acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset,
@@ -284,7 +285,7 @@ def _chunk_product(layout: _Layout, scale_types: tuple[str, ...]):
             scale_type = str(a.scale_type)
             for offsets, start in ((True, with_offsets), (False, without)):
                 builder.position_at_end(start)
-                if scale_type not in scale_types or offsets != _HAS_OFFSETS.get(scale_type, offsets):
+                if (scale_type, offsets) not in variants:
                     builder.branch(done)  # no block type has this: nothing to compile
                     continue
                 cases = builder.switch(a.n_tokens, done)
@@ -302,10 +303,9 @@ def _chunk_product(layout: _Layout, scale_types: tuple[str, ...]):
     return chunk_product
 
 
-_HAS_OFFSETS = {"uint8": True, "int8": False}  # K-quant scales: unsigned ones come with mins, signed without
-# The layouts (repack.LAYOUTS, in order) and the scale types their block types use.
-chunk_product_u4 = _chunk_product(_Layout(4, True), ("uint16", "uint8"))  # 32 4-bit codes: Q4_0, Q4_1, Q4_K
-chunk_product_u5 = _chunk_product(_Layout(4, True, True), ("uint16", "uint8"))  # 32 5-bit codes: Q5_0, Q5_1, Q5_K
-chunk_product_u6 = _chunk_product(_SixBitLayout(), ("int8",))  # 16 6-bit codes: Q6_K
-chunk_product_q8_32 = _chunk_product(_Layout(8, False), ("uint16",))  # 32 byte codes: Q8_0
-chunk_product_q8_16 = _chunk_product(_Layout(4, False), ("uint8", "int8"))  # 16 byte codes: Q2_K, Q3_K
+# One per layout of repack.LAYOUTS.
+chunk_product_u4 = _chunk_product(_Layout(4, True), "u4")  # 32 4-bit codes: Q4_0, Q4_1, Q4_K
+chunk_product_u5 = _chunk_product(_Layout(4, True, True), "u5")  # 32 5-bit codes: Q5_0, Q5_1, Q5_K
+chunk_product_u6 = _chunk_product(_SixBitLayout(), "u6")  # 16 6-bit codes: Q6_K
+chunk_product_q8_32 = _chunk_product(_Layout(8, False), "q8_32")  # 32 byte codes: Q8_0
+chunk_product_q8_16 = _chunk_product(_Layout(4, False), "q8_16")  # 16 byte codes: Q2_K, Q3_K

@@ -18,7 +18,7 @@ import numpy as np
 from .int8_dot import (NT, chunk_product_q8_16, chunk_product_q8_32, chunk_product_u4, chunk_product_u5,
                        chunk_product_u6)
 from .jit import as_f32, bitcast_f32, exact_kernel, f16_bits_to_f32, fma, kernel
-from .repack import CHUNK, SUPER, LaneMatrix
+from .repack import CHUNK, SUPER, Q8_16, Q8_32, U4, U5, U6, LaneMatrix
 from .threads import kernel_threads
 
 SMALL_BATCH = 64  # tokens per kernel call: their accumulators stay in L1
@@ -70,13 +70,13 @@ def _chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scal
     """int8_dot's chunk product for the weights' layout (its index in repack.LAYOUTS)."""
     args = (acc, codes, codes_at, words, words_at, row_words, scale, scale_at, offset, supers, supers_at, x_scales,
             x_code_sums, xs_at, code_bias, n_blocks, n, offset.size > 0)
-    if layout == 0:
+    if layout == U4:
         chunk_product_u4(*args)
-    elif layout == 1:
+    elif layout == U5:
         chunk_product_u5(*args)
-    elif layout == 2:
+    elif layout == U6:
         chunk_product_u6(*args)
-    elif layout == 3:
+    elif layout == Q8_32:
         chunk_product_q8_32(*args)
     else:
         chunk_product_q8_16(*args)
@@ -283,9 +283,9 @@ def _block_scale(scale, offset, supers, c, b, i, group):
 @kernel
 def _code(codes, c, b, i, j, layout):
     """Code j of row i of chunk c's block b, for the layout (its index in repack.LAYOUTS)."""
-    if layout >= 3:  # one code a byte
+    if layout == Q8_32 or layout == Q8_16:  # one code a byte
         return np.int32(codes[c, b, j >> 2, i, j & 3])
-    if layout == 2:  # u6: bits 0-5 of byte j, or of the last four codes two bits from each of three bytes
+    if layout == U6:  # u6: bits 0-5 of byte j, or of the last four codes two bits from each of three bytes
         if j < 12:
             return np.int32(codes[c, b, j >> 2, i, j & 3]) & 63
         code = np.int32(0)
@@ -294,7 +294,7 @@ def _code(codes, c, b, i, j, layout):
         return code
     k, upper = j % 16, j // 16  # u4, u5: nibbles, and for u5 a fifth bit from the quad of top bits
     code = (np.int32(codes[c, b, k >> 2, i, k & 3]) >> (4 * upper)) & 15
-    if layout == 1:
+    if layout == U5:
         code |= ((np.int32(codes[c, b, 4, i, k & 3]) >> (2 * (k >> 2) + upper)) & 1) << 4
     return code
 

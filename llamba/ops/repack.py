@@ -70,7 +70,7 @@ class LaneMatrix:
     @property
     def group(self) -> int:
         """Weights per block."""
-        return GROUPS[self.kind](self.codes.shape[2]) if self.kind != "f32" else 1
+        return 1 if self.kind == "f32" else _GROUPS.get(self.kind, 4 * self.codes.shape[2])
 
     @cached_property
     def int8_operands(self) -> tuple:
@@ -80,8 +80,7 @@ class LaneMatrix:
 
     @property
     def layout(self) -> str:
-        """The kernel layout: the kind, and for q8 its group."""
-        return f"q8_{self.group}" if self.kind == "q8" else self.kind
+        return _layout_name(self.kind, self.group)
 
     @property
     def nbytes(self) -> int:
@@ -89,8 +88,13 @@ class LaneMatrix:
 
 
 LAYOUTS = ("u4", "u5", "u6", "q8_32", "q8_16")  # the integer kernel's code layouts, by index (int8_dot's table)
-GROUPS = {"u4": lambda n_quads: 32, "u5": lambda n_quads: 32, "u6": lambda n_quads: 16,
-          "q8": lambda n_quads: 4 * n_quads}
+U4, U5, U6, Q8_32, Q8_16 = range(len(LAYOUTS))
+_GROUPS = {"u4": 32, "u5": 32, "u6": 16}  # weights per block; q8 has 4 per quad
+
+
+def _layout_name(kind: str, group: int) -> str:
+    """The kernel layout: the kind, and for q8 its group."""
+    return f"q8_{group}" if kind == "q8" else kind
 
 
 # ------------------------------------------------------------------------------------- block decoders
@@ -336,6 +340,13 @@ _REPACKERS = {
     "Q3_K": _Repacker(_repack_q3_k, "q8", 16, 128, np.int8, False),
 }
 SUPER = 256  # weights per K-quant super-block
+
+
+def layout_variants(layout: str) -> set[tuple[str, bool]]:
+    """(scale type, with offsets) of every block type that repacks into the layout: the kernel bodies the
+    integer kernel needs for it."""
+    return {(np.dtype(how.scale_type).name, how.offsets) for how in _REPACKERS.values()
+            if _layout_name(how.kind, how.group) == layout}
 _CODE_BYTES = {"u4": 16, "u5": 20, "u6": 12}  # per block; q8 has one per weight
 FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPPORTED = tuple(_REPACKERS) + FLOAT_TYPES
