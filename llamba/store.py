@@ -259,7 +259,7 @@ def list_cached() -> list[tuple[str, Path, int]]:
 def other_usage() -> list[tuple[str, Path, int]]:
     """(label, path, bytes) of what else is on disk: unfinished pulls in the store (their wheels are reused by
     the next pull), and every folder under $LLAMBA_HOME but the store (llamba itself keeps nothing else;
-    before 0.3 it kept repacked weights in `lanes`, which shows here until deleted)."""
+    earlier versions kept repacked weights in `lanes`, which shows here until deleted)."""
     found = []
     if models_dir().is_dir():
         for p in sorted(models_dir().iterdir()):
@@ -275,13 +275,13 @@ def other_usage() -> list[tuple[str, Path, int]]:
 def remove(name: str) -> list[Path]:
     """Delete a stored model (by its short name or file name) and any unfinished pull of it. Returns the paths
     removed."""
-    matches = [path for short, path, _ in list_cached() if name in (short, path.name, path.stem)]
+    stored = list_cached()
+    matches = [(short, path) for short, path, _ in stored if name in (short, path.name, path.stem)]
     if not matches:
-        stored = ", ".join(short for short, _, _ in list_cached()) or "none"
-        raise LlambaError(f"no model {name!r} in {models_dir()} (stored: {stored})")
+        names = ", ".join(short for short, _, _ in stored) or "none"
+        raise NotFoundError(f"no model {name!r} in {models_dir()} (stored: {names})")
     removed = []
-    for path in matches:
-        short = next(short for short, p, _ in list_cached() if p == path)
+    for short, path in matches:
         derived = [models_dir() / f".pull-{short}", path.with_suffix(path.suffix + ".partial")]
         for p in [path, *derived]:
             try:
