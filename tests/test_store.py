@@ -95,10 +95,12 @@ def test_multi_part_pull_counts_all_parts_once_and_never_goes_back(fake_model):
     path = store.pull(model.name, say=lambda m: None, progress=lines.append)
     assert path.read_bytes() == whole
     shown = [line for line in lines if line]
-    stages = [line.split()[0] for line in shown]
+    percent = [float(re.match(r"\s*([\d.]+)% ", line).group(1)) for line in shown]
+    assert percent == sorted(percent) and percent[-1] == 100  # one count for the whole pull, never back
+    stages = [line.split()[1] for line in shown]
     assert stages == sorted(stages, key=["downloading", "assembling"].index)  # each stage once, in order
     for stage in ("downloading", "assembling"):
-        done = [float(re.match(r"\w+ ([\d.]+) /", line).group(1)) for line in shown if line.startswith(stage)]
+        done = [float(re.search(rf"{stage} ([\d.]+) /", line).group(1)) for line in shown if stage in line]
         assert done == sorted(done), (stage, done)
         assert all(f"/ {len(whole) / 2**20:.1f} MiB" in line for line in shown)  # one total: the whole model
     assert done[-1] == pytest.approx(len(whole) / 2**20, abs=0.05)
