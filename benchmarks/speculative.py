@@ -2,6 +2,7 @@
 greedy decoding on four kinds of work, in the same run, with a check that the output is identical.
 
     python benchmarks/speculative.py [--model smollm2-135m --model gemma3-270m] [-n 256] [-t 2]
+        [--decoding auto --decoding draft:MODEL ...] [--draft MODEL] [--workload chat ...]
 
 Prints two Markdown tables. Speed is a ratio against plain greedy measured in this run (machines are noisy).
 """
@@ -35,11 +36,13 @@ QUOTE = ("The committee met on Tuesday. It decided that the bridge on Mill Road 
          "the closure was regrettable but necessary, because the inspection found cracks in two supports.")
 WORKLOADS = {
     "code rewriting": f"Rename the function below to rolling_mean and change nothing else. Repeat the whole code.\n\n{CODE}",
+    "renaming a variable": f"In the code below, rename the variable total to running_sum. Reply with the whole code.\n\n{CODE}",
+    "adding type hints": f"Add type hints to this function. Reply with the whole code and nothing else.\n\n{CODE}",
     "quoting": f"Summarise this notice, quoting its sentences exactly:\n\n{QUOTE}",
     "chat": "What are three good habits for staying healthy while working at a desk? Explain each briefly.",
     "story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 }
-DECODERS = ["prompt-lookup", "lookahead", "self-spec", "auto"]
+DECODERS = ("prompt-lookup", "lookahead", "self-spec", "auto")
 
 
 def batch_costs(llm: Llama, sizes=(1, 2, 4, 8, 16), repeats: int = 9) -> dict[int, float]:
@@ -81,10 +84,10 @@ def copy_bound(prompt_ids: list[int], output: list[int]) -> float:
     return len(output) / max(new, 1)
 
 
-def warm_up(llm: Llama, prompt_ids: list[int]) -> dict[str, float]:
+def warm_up(llm: Llama, prompt_ids: list[int], decoders) -> dict[str, float]:
     """Run every decoder once (self-spec measures its layers at its first guess); seconds each took."""
     took = {}
-    for decoding in ["greedy"] + DECODERS:
+    for decoding in ["greedy", *decoders]:
         t0 = time.perf_counter()
         run_decoder(llm, prompt_ids, 16, decoding)
         took[decoding] = time.perf_counter() - t0
@@ -95,25 +98,30 @@ def warm_up(llm: Llama, prompt_ids: list[int]) -> dict[str, float]:
 @click.option("--model", "models", multiple=True, default=["smollm2-135m", "gemma3-270m"])
 @click.option("-n", "n_tokens", default=256, show_default=True)
 @click.option("-t", "threads", default=2, show_default=True)
+@click.option("--decoding", "decoders", multiple=True, default=DECODERS, show_default=True,
+              help="decoders to compare with greedy (draft:MODEL too)")
+@click.option("--draft", default="none", show_default=True, help="the draft model auto asks where nothing can be copied")
+@click.option("--workload", "workloads", multiple=True, type=click.Choice(list(WORKLOADS)), default=list(WORKLOADS))
 @click.option("-r", "repeats", default=5, show_default=True,
               help="runs per decoder, interleaved; the median counts (3 left the median 10% apart between runs)")
-def main(models, n_tokens, threads, repeats) -> None:
+def main(models, n_tokens, threads, decoders, draft, workloads, repeats) -> None:
     cost_rows, rows, warm = [], [], []
     for name in models:
-        llm = Llama(name, n_ctx=2048, n_threads=threads)
+        llm = Llama(name, n_ctx=2048, n_threads=threads, draft_model=draft)
         costs = batch_costs(llm)
         cost_rows.append((name, costs))
         first = llm.chat_prompt_ids([{"role": "user", "content": next(iter(WORKLOADS.values()))}])
-        warm.append((name, warm_up(llm, first)))
-        for workload, text in WORKLOADS.items():
+        warm.append((name, warm_up(llm, first, decoders)))
+        for workload in workloads:
+            text = WORKLOADS[workload]
             ids = llm.chat_prompt_ids([{"role": "user", "content": text}])
-            runs = {d: [] for d in ["greedy"] + DECODERS}
+            runs = {d: [] for d in ["greedy", *decoders]}
             for _ in range(repeats):  # interleaved, so a noisy moment hits every decoder alike
                 for decoding in runs:
                     runs[decoding].append(run_decoder(llm, ids, n_tokens, decoding))
             plain = runs["greedy"][0][0]
             plain_s = float(np.median([r[1] for r in runs["greedy"]]))
-            for decoding in DECODERS:
+            for decoding in decoders:
                 seconds = float(np.median([r[1] for r in runs[decoding]]))
                 same = all(r[0] == plain for r in runs[decoding] + runs["greedy"])
                 per_step = float(np.median([r[2] for r in runs[decoding]]))

@@ -35,6 +35,7 @@ from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
 MIN_CTX = 8
+DRAFT_ENV = "LLAMBA_DRAFT"  # the draft model auto asks, when none is given (a name or a path; "none": no draft)
 
 _SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
 
@@ -44,7 +45,8 @@ class Llama:
 
     def __init__(self, model: str | os.PathLike | None = None, n_ctx: int | None = None,
                  n_threads: int | None = None, chat_template: str | None = None, kv_type: str = "f32",
-                 on_status: Callable[[str], None] | None = None, decoding: str | None = None):
+                 on_status: Callable[[str], None] | None = None, decoding: str | None = None,
+                 draft_model: str | os.PathLike | None = None):
         if n_threads is not None and n_threads < 1:
             raise LlambaError(f"threads must be at least 1 (got {n_threads}); leave it out to use every core")
         self.n_threads = set_threads(n_threads)
@@ -62,7 +64,11 @@ class Llama:
         self.sequence = Sequence(self.cache)  # what the cache holds, position by position
         self.last_stats = GenerationStats()
         self.decoding = decoding or DEFAULT_DECODING
+        self._drafts: dict[str, object] = {}  # name -> a loaded draft model, shared by the decoders that ask it
         self._speculations: dict[str, Speculation | None] = {}
+        self.draft_model = _no_none(draft_model)
+        if draft_model is None and _no_none(os.environ.get(DRAFT_ENV)):
+            self._take_configured_draft(os.environ[DRAFT_ENV], say)
         self.speculation(decoding)  # a bad name or draft model fails now, not at the first generation
         self.warm_up()
 
@@ -71,8 +77,25 @@ class Llama:
         name = decoding or self.decoding
         if name not in self._speculations:
             self._speculations[name] = make_speculation(name, self.model, self.n_ctx, self.cache.kv_type,
-                                                        load_model=lambda m: load_transformer(resolve_model(m)))
+                                                        load_model=self._load_draft, draft=self.draft_model)
         return self._speculations[name]
+
+    def _take_configured_draft(self, name: str, say: Callable[[str], None]) -> None:
+        """The draft model set in the environment, if it fits this model (one default serves every model that
+        shares its vocabulary; any other just copies)."""
+        try:
+            n_vocab = self._load_draft(name).hp.n_vocab
+        except LlambaError as e:
+            raise LlambaError(f"{DRAFT_ENV}: {e}") from None
+        if n_vocab == self.model.hp.n_vocab:
+            self.draft_model = name
+        else:
+            say(f"{DRAFT_ENV}={name} has another vocabulary than this model: auto guesses by copying only")
+
+    def _load_draft(self, name: str):
+        if name not in self._drafts:
+            self._drafts[name] = load_transformer(resolve_model(name))
+        return self._drafts[name]
 
     def warm_up(self) -> None:
         """Load (or, on a first run, compile) the kernels now, not at the first request."""
@@ -183,6 +206,11 @@ class Llama:
 
     def _usage(self) -> dict:
         return openai.usage(self.last_stats.prompt_tokens, self.last_stats.generated_tokens)
+
+
+def _no_none(name):
+    """A draft model's name, None for none ('none' or empty is how a command line or environment says none)."""
+    return None if name is None or str(name).strip().lower() in ("", "none") else name
 
 
 def _context_size(n_ctx: int | None, n_ctx_train: int) -> int:

@@ -57,6 +57,18 @@ def test_generate_json(smollm2_path):
     assert data["gen_tok_per_s"] > 0 and data["prompt_tok_per_s"] > 0
 
 
+def test_a_draft_model_of_another_vocabulary(smollm2_path, gemma3_path, monkeypatch):
+    """--draft of another vocabulary is a one-line error; the same model set once in LLAMBA_DRAFT (a default for
+    every model) is left out with a note, and the answer is the same."""
+    args = ("generate", smollm2_path, "-p", "The capital of France is", "-n", "8", "--temp", "0")
+    assert_one_line_error(llamba(*args, "--draft", gemma3_path), "must share the vocabulary")
+    plain = llamba(*args, "--draft", "none")
+    monkeypatch.setenv("LLAMBA_DRAFT", str(gemma3_path))
+    configured = llamba(*args)
+    assert configured.returncode == 0 and configured.stdout == plain.stdout and "Paris" in plain.stdout
+    assert "LLAMBA_DRAFT" in configured.stderr and "copying only" in configured.stderr
+
+
 def test_generate_reads_stdin(smollm2_path):
     out = llamba("generate", smollm2_path, "-n", "4", "--temp", "0", stdin="The capital of France is")
     assert out.returncode == 0 and "Paris" in out.stdout

@@ -8,6 +8,8 @@ import pytest
 
 from llamba.models import load_transformer
 from llamba.generation.decoding import Controller, Speculation, make_speculation
+from llamba.generation.decoding import draft_model
+from llamba.generation.decoding.auto import DRAFT, AutoDrafter
 from llamba.generation.decoding.draft_model import DraftModel
 from llamba.generation.decoding.lookahead import Lookahead
 from llamba.generation.decoding.prompt_lookup import PromptLookup
@@ -93,6 +95,33 @@ def test_accept_rule_reproduces_the_target():
         counts[guess if ok else token] += 1
     observed = np.array([counts[int(t)] for t in ids], float)
     assert _chi2_pvalue(observed, p * n) > 0.01
+
+
+def test_auto_copies_where_the_context_matches_and_asks_the_draft_elsewhere(tiny_pair, monkeypatch):
+    """auto with a draft model: the output is still plain greedy's; both kinds of guess were checked (copies
+    after a match of two tokens or more, the draft's where the context offered none)."""
+    monkeypatch.setattr(draft_model, "MIN_CONFIDENCE", 0.0)  # a random tiny model is rarely sure of anything
+    target, draft = tiny_pair
+    prompt = REPEATING[:7] + [250, 251, 252, 253]  # the end matches nothing earlier: the draft is asked first
+    plain = _generate(target, prompt, 40)
+    auto = Speculation(AutoDrafter(PromptLookup(), DraftModel(draft, 128, target.hp.n_vocab)), Controller(fixed_k=3))
+    assert _generate(target, prompt, 40, auto) == plain
+    kinds = set(auto.controller.accept_rates)
+    assert DRAFT in kinds and any(k != DRAFT and k >= 2 for k in kinds), kinds
+
+
+def test_a_draft_head_of_the_first_tokens_guesses_only_those(tiny_pair, monkeypatch):
+    """With the draft's logits cut to its first rows (one chunk of 32 here), it guesses none past them, and
+    the output is still plain greedy's."""
+    monkeypatch.setattr(draft_model, "DRAFT_VOCAB", 20)
+    monkeypatch.setattr(draft_model, "MIN_CONFIDENCE", 0.0)
+    target, draft = tiny_pair
+    plain = _generate(target, REPEATING, 30)
+    drafter = DraftModel(draft, 128, target.hp.n_vocab)
+    guesses = drafter.propose(REPEATING, 4, Sampler(temperature=0)).tokens
+    assert len(guesses) == 4 and max(guesses) < 32 and np.isneginf(drafter.logits[32:]).all()
+    drafter.reset()
+    assert _generate(target, REPEATING, 30, Speculation(drafter, Controller(fixed_k=3))) == plain
 
 
 def test_sampling_with_guesses_matches_plain_sampling(tiny_pair):

@@ -18,7 +18,8 @@ from llamba.ops.jit import softmax_exp
 from llamba.ops.matmul import SMALL_BATCH, gather_rows, matmul, matvec
 from llamba.ops.heads import split_heads
 from llamba.ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
-from llamba.ops.repack import SUPPORTED, WeightArena, lanes_nbytes, lanes_to_float, stack_lanes, stack_runs, to_lanes
+from llamba.ops.repack import (CHUNK, SUPPORTED, WeightArena, lanes_nbytes, lanes_to_float, leading_rows, stack_lanes,
+                               stack_runs, to_lanes)
 from llamba.ops.rope import RopeConfig, rope_tables, rotate_head
 from tests import reference
 from tests.blocks import random_blocks
@@ -63,6 +64,19 @@ def test_matvec_matmul_and_rows(type_name):
     assert np.abs(into[:, 50:250] - expected[:19]).max() < tol and not into[:, :50].any()
     rows = np.array([0, 199, 63, 64])
     assert np.array_equal(gather_rows(lanes, rows), w[rows])
+
+
+@pytest.mark.parametrize("type_name", SUPPORTED)
+def test_leading_rows_are_the_first_rows_of_the_product(type_name):
+    """A matrix's first rows (a draft's head of frequent tokens) give bit for bit the first outputs of the
+    whole matrix, rounded up to whole chunks, sharing its memory."""
+    raw, _ = _random_matrix(type_name, 136, 512)
+    lanes = to_lanes(raw, ggml_type(type_name), 512)
+    x = RNG.standard_normal((3, 512)).astype(np.float32)
+    head = leading_rows(lanes, 40)
+    assert head.n_rows == 2 * CHUNK and np.shares_memory(head.codes, lanes.codes)
+    assert np.array_equal(matmul(x, head), matmul(x, lanes)[:, : 2 * CHUNK])
+    assert leading_rows(lanes, 1000).n_rows == 136  # no more rows than the matrix has
 
 
 @pytest.mark.parametrize("type_name", SUPPORTED)

@@ -225,14 +225,14 @@ def _setup_readline() -> None:
 @click.option("--no-stats", is_flag=True, help="Hide the statistics line after each answer.")
 @decoding_option()
 @sampling_options
-def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, decoding,
+def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, decoding, draft,
          **kwargs) -> None:
     """Chat with MODEL (default: smollm2-135m) in the terminal, answers streaming as they come."""
     from ..generation.sampling import SamplingParams
     from ..session import ChatSession, ChatSettings
 
     sampling = SamplingParams(**pop_sampling(kwargs)).validate()
-    llm = open_llama(model, ctx_size, threads, chat_template, kv_type=kv_type, decoding=decoding)
+    llm = open_llama(model, ctx_size, threads, chat_template, kv_type=kv_type, decoding=decoding, draft=draft)
     repl = Repl(None, show_stats=not no_stats)
     settings = ChatSettings(sampling=sampling, max_tokens=max_tokens, overflow=overflow)
     repl.session = ChatSession(llm, system=system, settings=settings, notify=repl.info)

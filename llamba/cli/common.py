@@ -67,14 +67,22 @@ def pop_sampling(kwargs: dict) -> dict:
     return {option.name: kwargs.pop(option.name) for option in OPTIONS}
 
 
-def decoding_option(default: str | None = None, note: str = "draft:MODEL takes a smaller GGUF with the same vocabulary"):
-    """--decoding: how generation guesses ahead (the output is the same; only the speed changes)."""
+def decoding_option(default: str | None = None, note: str = "draft:MODEL takes a smaller GGUF with the same vocabulary",
+                    with_draft: bool = True):
+    """--decoding: how generation guesses ahead (the output is the same; only the speed changes); --draft: the
+    draft model auto asks where nothing can be copied (set it once in LLAMBA_DRAFT)."""
     import click
 
+    from ..api import DRAFT_ENV
     from ..generation.decoding import DECODERS, DEFAULT_DECODING
 
-    return click.option("--decoding", default=default or DEFAULT_DECODING, show_default=True, metavar="NAME",
-                        help=f"Guess ahead and verify in one batch: {' | '.join(DECODERS)} ({note}).")
+    decoding = click.option("--decoding", default=default or DEFAULT_DECODING, show_default=True, metavar="NAME",
+                            help=f"Guess ahead and verify in one batch: {' | '.join(DECODERS)} ({note}).")
+    draft = click.option("--draft", metavar="MODEL",
+                         help="A smaller model with the same vocabulary that auto asks for guesses where nothing "
+                              f"can be copied (qwen2.5-coder-0.5b for the 1.5B); 'none': copying only. Default: "
+                              f"${DRAFT_ENV}, where it shares the model's vocabulary.")
+    return (lambda fn: decoding(draft(fn))) if with_draft else decoding
 
 
 def speed_line(s) -> str:
@@ -100,7 +108,7 @@ def model_options(fn):
 
 
 def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_type: str = "f32",
-               decoding: str | None = None):
+               decoding: str | None = None, draft: str | None = None):
     """Load a model for a command, telling the user about downloads and first-run kernel compilation."""
     import click
 
@@ -111,7 +119,7 @@ def open_llama(model, ctx_size, threads, chat_template, quiet: bool = False, kv_
     fresh = not kernels_compiled()
     with _Progress("compiling kernels, first run only", enabled=fresh and not quiet) as progress:
         llm = Llama(model, n_ctx=ctx_size, n_threads=threads, chat_template=chat_template, kv_type=kv_type,
-                    on_status=say, decoding=decoding)  # compiles the kernels on the first run
+                    on_status=say, decoding=decoding, draft_model=draft)  # compiles the kernels on the first run
     if fresh:
         say(f"kernels compiled in {progress.elapsed:.1f} s")
     return llm

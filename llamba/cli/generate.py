@@ -25,11 +25,11 @@ from .common import (decoding_option, model_options, open_llama, pop_sampling, r
 @decoding_option()
 @sampling_options
 def generate(model, ctx_size, threads, chat_template, kv_type, prompt, path, max_tokens, stop, chat, special, as_json,
-             decoding, **kwargs) -> None:
+             decoding, draft, **kwargs) -> None:
     """Continue a prompt and print the text as it is generated."""
     sampling = pop_sampling(kwargs)
     text = read_text_option(prompt, path)
-    llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json, kv_type=kv_type, decoding=decoding)
+    llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json, kv_type=kv_type, decoding=decoding, draft=draft)
     ids = llm.chat_prompt_ids([{"role": "user", "content": text}]) if chat else llm.tokenize(text, special=special)
     generated, pieces = [], []
     for step in llm.stream_tokens(ids, max_tokens=max_tokens, stop=list(stop), **sampling):

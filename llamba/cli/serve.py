@@ -15,7 +15,8 @@ from .common import decoding_option, model_options, open_llama
 @click.option("--queue", "max_queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait for a slot; past it the server answers 503.")
 @click.option("--api-key", default=None, help="Require this bearer token on /v1 requests.")
-@decoding_option(default="greedy", note="requests may choose their own; draft:MODEL loads that model for every slot")
+@decoding_option(default="greedy", note="requests may choose their own; draft:MODEL loads that model for every slot",
+                 with_draft=False)
 def serve(model, ctx_size, threads, chat_template, kv_type, host, port, parallel, max_queue, api_key, decoding) -> None:
     """Serve a model over HTTP with OpenAI's API (chat, completions, streaming), several users at once."""
     from ..server import run

@@ -25,7 +25,7 @@ from ..ops.activations import geglu_tanh, softcap, swiglu
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.heads import split_heads
 from ..ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
-from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, stack_runs
+from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, leading_rows, stack_lanes, stack_runs
 from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
 from .metadata import HParams
@@ -152,7 +152,8 @@ class Transformer:
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def forward(self, batch: Batch, cache, exact: bool = False, skip: frozenset[int] = frozenset()) -> np.ndarray:
+    def forward(self, batch: Batch, cache, exact: bool = False, skip: frozenset[int] = frozenset(),
+                vocab: int | None = None) -> np.ndarray:
         """Run a batch through the model, its K/V joining the cache; returns float32 logits [n_rows, n_vocab]
         for the rows with want_logits, in batch order.
 
@@ -161,13 +162,15 @@ class Transformer:
         SMALL_BATCH tokens (a long prompt) takes blocks of register-blocked products, 15-20% faster at 512
         tokens, whose bits depend on where the prompt was split. exact: never that path, so every token's
         logits are bit-identical however the batches were cut (what the server promises). skip: layers left
-        out (the model as its own cheaper draft; those layers' cache cells are left unwritten).
+        out (the model as its own cheaper draft; those layers' cache cells are left unwritten). vocab: the
+        logits of the first `vocab` tokens only (rounded up to whole chunks of rows): a draft model's guesses
+        need only the frequent tokens, and the output matrix is over a third of what a small model reads.
         """
         batch.validate(self.hp.n_vocab)
         with self.threads.run(len(batch), variant=len(skip)):
-            return self._forward(batch, cache, exact, skip)
+            return self._forward(batch, cache, exact, skip, vocab)
 
-    def _forward(self, batch: Batch, cache, exact: bool, skip: frozenset[int]) -> np.ndarray:
+    def _forward(self, batch: Batch, cache, exact: bool, skip: frozenset[int], vocab: int | None) -> np.ndarray:
         hp = self.hp
         placement = cache.place(batch)
         try:
@@ -175,14 +178,14 @@ class Transformer:
         except BaseException:
             cache.remove_cells(placement.cells)  # a failed pass leaves nothing behind
             raise
-        logits = matmul(h[batch.want_logits], self.output)
+        logits = matmul(h[batch.want_logits], self.output if vocab is None else leading_rows(self.output, vocab))
         if hp.final_softcap:
             softcap(logits, hp.final_softcap)
         self._check_finite(all_finite(logits), "the output projection")
         return logits
 
     def forward_tokens(self, tokens, start_pos: int, cache, all_logits: bool = False, logits_from: int = 0,
-                       skip: frozenset[int] = frozenset()) -> np.ndarray:
+                       skip: frozenset[int] = frozenset(), vocab: int | None = None) -> np.ndarray:
         """One sequence (0): tokens at positions start_pos.., replacing whatever the cache held from there.
 
         Returns logits [n_tokens - logits_from, n_vocab] if all_logits (the output projection is the costliest
@@ -196,7 +199,7 @@ class Transformer:
         cache.remove(0, start_pos)
         batch = Batch.chain(tokens, start_pos, logits="all" if all_logits else "last")
         batch.want_logits[:logits_from] = False
-        logits = self.forward(batch, cache, skip=skip)
+        logits = self.forward(batch, cache, skip=skip, vocab=vocab)
         return logits if all_logits else logits[0]
 
     def _layers(self, batch: Batch, placement, cache, exact: bool, skip: frozenset[int]) -> np.ndarray:

@@ -33,7 +33,7 @@ The layout is built once at load, in parallel.
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Callable, NamedTuple
 
@@ -85,6 +85,14 @@ class LaneMatrix:
     @property
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scale.nbytes + self.offset.nbytes + self.supers.nbytes
+
+
+def leading_rows(w: LaneMatrix, n: int) -> LaneMatrix:
+    """The matrix's first n rows (rounded up to whole chunks), a view of the same memory: every array's first
+    axis is the chunk of rows."""
+    chunks = min(-(-n // CHUNK), w.codes.shape[0])
+    return replace(w, n_rows=min(w.n_rows, chunks * CHUNK), codes=w.codes[:chunks], scale=w.scale[:chunks],
+                   offset=w.offset[:chunks], supers=w.supers[:chunks])
 
 
 LAYOUTS = ("u4", "u5", "u6", "q8_32", "q8_16")  # the integer kernel's code layouts, by index (int8_dot's table)

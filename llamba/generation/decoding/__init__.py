@@ -7,6 +7,7 @@ drafter (plain decoding, whatever the temperature). See each module for how its 
 from __future__ import annotations
 
 from ...errors import BadRequestError, LlambaError
+from .auto import AutoDrafter
 from .prompt_lookup import PromptLookup
 from .speculative import Controller, Speculation, SpeculationStats, decode_tokens
 
@@ -21,13 +22,17 @@ DEFAULT_DECODING = "auto"
 
 
 def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: str = "f32",
-                     load_model=None) -> Speculation | None:
-    """A decoder name -> its Speculation (None for plain decoding). load_model(name) loads a draft model."""
+                     load_model=None, draft: str | None = None) -> Speculation | None:
+    """A decoder name -> its Speculation (None for plain decoding). load_model(name) loads a draft model;
+    draft names the draft model `auto` asks where nothing can be copied (None: auto only copies)."""
     spec = (spec or "greedy").strip()
     if spec in ("greedy", "none", "plain"):
         return None
-    if spec in ("prompt-lookup", "auto"):  # auto: prompt lookup, its guess count chosen step by step
+    if spec == "prompt-lookup":
         return Speculation(PromptLookup(), Controller(max_k=8))
+    if spec == "auto":  # prompt lookup, and the draft model where nothing matches; guess counts step by step
+        helper = _draft_model(draft, target, n_ctx, kv_type, load_model) if draft else None
+        return Speculation(AutoDrafter(PromptLookup(), helper), Controller(max_k=8))
     if spec == "lookahead":
         from .lookahead import Lookahead
 
@@ -39,14 +44,16 @@ def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: 
             raise LlambaError("self-speculative decoding needs the model")
         return Speculation(SelfSpeculation(target, n_ctx, kv_type), Controller(max_k=6))
     if spec.startswith("draft:"):
-        from .draft_model import DraftModel
-
-        name = spec[len("draft:") :]
-        if not name or load_model is None or target is None:
-            raise LlambaError("draft decoding needs a model: --decoding draft:PATH_OR_NAME")
-        return Speculation(DraftModel(load_model(name), n_ctx, target.hp.n_vocab, kv_type, label=name),
-                           Controller(max_k=6))
+        return Speculation(_draft_model(spec[len("draft:") :], target, n_ctx, kv_type, load_model), Controller(max_k=6))
     raise BadRequestError(f"unknown decoding {spec!r} (choose from {', '.join(DECODERS)})")
+
+
+def _draft_model(name: str, target, n_ctx: int, kv_type: str, load_model):
+    from .draft_model import DraftModel
+
+    if not name or load_model is None or target is None:
+        raise LlambaError("draft decoding needs a model: --decoding draft:PATH_OR_NAME")
+    return DraftModel(load_model(name), n_ctx, target.hp.n_vocab, kv_type, label=name)
 
 
 __all__ = ["DECODERS", "DEFAULT_DECODING", "Controller", "Speculation", "SpeculationStats", "decode_tokens", "make_speculation"]

@@ -101,7 +101,7 @@ class Controller:
         self.fixed_k = fixed_k
         self.accept_rates: dict = {}  # kind of guess -> acceptance rate
         self.forward_cost: dict[int, float] = {}
-        self.draft_cost = 0.0  # seconds per proposed guess
+        self.draft_costs: dict = {}  # kind of guess -> seconds per proposed guess (copying costs ~0, a model more)
         self._since_probe = 0
 
     def accept_rate(self, kind=None) -> float:
@@ -116,23 +116,23 @@ class Controller:
         if 1 not in self.forward_cost:  # first a plain step: every choice is measured against its cost
             return 0
         best_k, best_rate = 0, 1.0 / self._cost(1)
-        a = self.accept_rate(kind)
+        a, draft_cost = self.accept_rate(kind), self.draft_costs.get(kind, 0.0)
         for k in range(1, limit + 1):
             expected = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
-            rate = expected / (self._cost(k + 1 + extra_rows) + k * self.draft_cost)
+            rate = expected / (self._cost(k + 1 + extra_rows) + k * draft_cost)
             if rate > best_rate * 1.02:  # a guess must pay for itself clearly
                 best_k, best_rate = k, rate
         if best_k == 0 and limit > 0:
             self._since_probe += 1
-            if self._since_probe >= self._probe_interval(extra_rows):
+            if self._since_probe >= self._probe_interval(extra_rows, draft_cost):
                 self._since_probe = 0
                 return 1
         return best_k
 
-    def _probe_interval(self, extra_rows: int) -> int:
+    def _probe_interval(self, extra_rows: int, draft_cost: float) -> int:
         """Plain steps between probes: a probe may cost several plain steps (lookahead's window, a draft
         catching up), so it comes rarely enough to cost at most PROBE_BUDGET of the time."""
-        probe = self._cost(2 + extra_rows) + self.draft_cost
+        probe = self._cost(2 + extra_rows) + draft_cost
         return max(self.PROBE_EVERY, math.ceil((probe / self._cost(1) - 1) / self.PROBE_BUDGET))
 
     def _cost(self, n: int) -> float:
@@ -151,9 +151,11 @@ class Controller:
         old = self.forward_cost.get(n)
         self.forward_cost[n] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def record_draft(self, proposed: int, seconds: float) -> None:
+    def record_draft(self, proposed: int, seconds: float, kind=None) -> None:
         if proposed:
-            self.draft_cost = 0.8 * self.draft_cost + 0.2 * seconds / proposed
+            old = self.draft_costs.get(kind)
+            cost = seconds / proposed
+            self.draft_costs[kind] = cost if old is None else 0.8 * old + 0.2 * cost
 
     def record_guesses(self, proposed: int, accepted: int, kind=None) -> None:
         if proposed:
@@ -221,7 +223,7 @@ def guess(spec: Speculation, history: list[int], room: int, sampler: Sampler) ->
     draft = drafter.propose(history, k, sampler)
     draft.kind = kind
     if not spec.fresh:  # a first guess also reads the whole prompt (a draft model's cache): not a guess's cost
-        spec.controller.record_draft(draft.n_guesses, time.perf_counter() - t0)
+        spec.controller.record_draft(max(draft.n_guesses, 1), time.perf_counter() - t0, kind)  # none: it still looked
     spec.fresh = False
     return draft
 
