@@ -66,6 +66,8 @@ class Drafter(Protocol):
         """A new generation starts (forget per-generation state; a pool of seen text may stay)."""
 
     # Optional: `extra_rows` (int), rows of its own the drafter adds to every guessing step;
+    # `kinds(context)`, the kinds of guess it could make next (auto: a copy and the draft model's), of which the
+    # controller picks one and `propose(context, k, sampler, kind)` makes it;
     # `observe(draft, rows)`, called with the logits of every row after the step's forward (lookahead has both);
     # `kind(context)`, what sort of guess would come next (prompt lookup: how long a match), None for none at
     # all: the controller keeps an acceptance rate per kind, since a long match is far likelier to hold.
@@ -113,21 +115,30 @@ class Controller:
         limit = min(self.max_k, available)
         if self.fixed_k is not None:
             return min(self.fixed_k, limit)
+        best_k, _ = self.plan(available, extra_rows, kind)
+        if best_k == 0 and limit > 0 and 1 in self.forward_cost:
+            self._since_probe += 1
+            if self._since_probe >= self._probe_interval(extra_rows, self.draft_costs.get(kind, 0.0)):
+                self._since_probe = 0
+                return 1
+        return best_k
+
+    def plan(self, available: int, extra_rows: int = 0, kind=None) -> tuple[int, float]:
+        """The number of guesses of this kind with the most expected tokens per second, and that rate."""
         if 1 not in self.forward_cost:  # first a plain step: every choice is measured against its cost
-            return 0
+            return 0, 0.0
         best_k, best_rate = 0, 1.0 / self._cost(1)
         a, draft_cost = self.accept_rate(kind), self.draft_costs.get(kind, 0.0)
-        for k in range(1, limit + 1):
+        for k in range(1, min(self.max_k, available) + 1):
             expected = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
             rate = expected / (self._cost(k + 1 + extra_rows) + k * draft_cost)
             if rate > best_rate * 1.02:  # a guess must pay for itself clearly
                 best_k, best_rate = k, rate
-        if best_k == 0 and limit > 0:
-            self._since_probe += 1
-            if self._since_probe >= self._probe_interval(extra_rows, draft_cost):
-                self._since_probe = 0
-                return 1
-        return best_k
+        return best_k, best_rate
+
+    def best_kind(self, kinds: list, available: int, extra_rows: int = 0):
+        """Of several kinds of guess on offer, the one expected to give the most tokens per second."""
+        return max(kinds, key=lambda kind: self.plan(available, extra_rows, kind)[1])
 
     def _probe_interval(self, extra_rows: int, draft_cost: float) -> int:
         """Plain steps between probes: a probe may cost several plain steps (lookahead's window, a draft
@@ -213,14 +224,19 @@ def guess(spec: Speculation, history: list[int], room: int, sampler: Sampler) ->
     drafter = spec.drafter
     if drafter is None or room <= 0:
         return Draft([])
-    kind = drafter.kind(history) if hasattr(drafter, "kind") else "any"
+    extra_rows = getattr(drafter, "extra_rows", 0)
+    if hasattr(drafter, "kinds"):  # several guessers on offer: the controller picks the kind that pays best
+        kinds = drafter.kinds(history)
+        kind = spec.controller.best_kind(kinds, room, extra_rows) if kinds else None
+    else:
+        kind = drafter.kind(history) if hasattr(drafter, "kind") else "any"
     if kind is None:  # nothing to guess from: a plain step (and no probe counted)
         return Draft([])
-    k = spec.controller.choose(room, getattr(drafter, "extra_rows", 0), kind)
+    k = spec.controller.choose(room, extra_rows, kind)
     if not k:
         return Draft([])
     t0 = time.perf_counter()
-    draft = drafter.propose(history, k, sampler)
+    draft = drafter.propose(history, k, sampler, kind) if hasattr(drafter, "kinds") else drafter.propose(history, k, sampler)
     draft.kind = kind
     if not spec.fresh:  # a first guess also reads the whole prompt (a draft model's cache): not a guess's cost
         spec.controller.record_draft(max(draft.n_guesses, 1), time.perf_counter() - t0, kind)  # none: it still looked
