@@ -42,10 +42,9 @@ from llamba.formats.gguf import open_gguf  # noqa: E402
 from llamba.models import load_transformer  # noqa: E402
 from llamba.ops.threads import ThreadGovernor, set_threads  # noqa: E402
 from llamba.memory.kv_cache import KVCache  # noqa: E402
+from llamba.store import resolve_model  # noqa: E402
 
-REAL = {"0.5b": "/work/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        "1.5b": "/work/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}
-TOKENIZER_SOURCE = REAL["1.5b"]
+REAL = {"0.5b": "qwen2.5-coder-0.5b", "1.5b": "qwen2.5-coder-1.5b"}  # the store's names (pulled when missing)
 TTFT_REPEATS = 2
 
 
@@ -116,7 +115,7 @@ def _random_tensor(rng, name: str, shape: tuple[int, ...], type_name: str) -> np
 
 
 def _tokenizer(n_vocab: int) -> dict:
-    m = open_gguf(TOKENIZER_SOURCE).metadata
+    m = open_gguf(resolve_model(REAL["1.5b"])).metadata
     tokens, types = list(m["tokenizer.ggml.tokens"]), np.asarray(m["tokenizer.ggml.token_type"], np.int32)
     merges = list(m["tokenizer.ggml.merges"])
     ids = {k: m[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "padding")}
@@ -181,7 +180,7 @@ def write_random_gguf(path: Path, label: str, s: Shape, mix: str, seed: int = 0)
 
 def model_path(key: str, mix: str, cache_dir: Path) -> Path:
     if key in REAL:
-        return Path(REAL[key])
+        return Path(resolve_model(REAL[key]))
     label, shape = SHAPES[key]
     path = cache_dir / f"random-{label.lower()}-{mix.lower()}.gguf"
     if not path.exists():
@@ -271,7 +270,7 @@ def ttft(n_prompt: int, repeats: int, threads: int = 2) -> tuple[float, float]:
     """Seconds to the first token of an n_prompt-token prompt on the 1.5B: (llamba, llama.cpp), medians."""
     from llamba import Llama
 
-    path = REAL["1.5b"]
+    path = resolve_model(REAL["1.5b"])
     llm = Llama(path, n_ctx=n_prompt + 64, n_threads=threads)
     peer = LlamaCppRunner(path, threads, n_ctx=n_prompt + 64)
     rng = np.random.default_rng(1)
