@@ -28,6 +28,14 @@ MODELS = {
     "MistralForCausalLM": ("llama", {"tie_word_embeddings": True}),
     "Qwen2ForCausalLM": ("qwen2", {"tie_word_embeddings": True}),
     "Qwen3ForCausalLM": ("qwen3", {"tie_word_embeddings": True, "head_dim": 32}),
+    "Qwen2MoeForCausalLM": ("qwen2moe", {"tie_word_embeddings": False, "num_experts": 8, "num_experts_per_tok": 2,
+                                         "moe_intermediate_size": 64, "shared_expert_intermediate_size": 96,
+                                         "norm_topk_prob": False}),
+    "Qwen3MoeForCausalLM": ("qwen3moe", {"tie_word_embeddings": False, "head_dim": 32, "num_experts": 8,
+                                         "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                         "norm_topk_prob": True}),
+    "MixtralForCausalLM": ("mixtral", {"tie_word_embeddings": False, "num_local_experts": 4,
+                                       "num_experts_per_tok": 2, "intermediate_size": 96, "rope_theta": 1e6}),
     "Gemma3ForCausalLM": ("gemma3", {"tie_word_embeddings": True, "head_dim": 32, "num_key_value_heads": 1,
                                      "num_hidden_layers": 7, "sliding_window": 4, "query_pre_attn_scalar": 32,
                                      "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}),
@@ -113,16 +121,75 @@ def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}."
         t |= {p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d),
               p + "self_attn.q_proj.weight": rand(q_dim, d), p + "self_attn.k_proj.weight": rand(kv_dim, d),
-              p + "self_attn.v_proj.weight": rand(kv_dim, d), p + "self_attn.o_proj.weight": rand(d, q_dim),
-              p + "mlp.gate_proj.weight": rand(ff, d), p + "mlp.up_proj.weight": rand(ff, d),
-              p + "mlp.down_proj.weight": rand(d, ff)}
-        if family == "qwen2":
+              p + "self_attn.v_proj.weight": rand(kv_dim, d), p + "self_attn.o_proj.weight": rand(d, q_dim)}
+        if family in MOE_FAMILIES:
+            t |= _expert_tensors(config, family, p, rand)
+        else:
+            t |= {p + "mlp.gate_proj.weight": rand(ff, d), p + "mlp.up_proj.weight": rand(ff, d),
+                  p + "mlp.down_proj.weight": rand(d, ff)}
+        if family in ("qwen2", "qwen2moe"):
             t |= {p + f"self_attn.{x}_proj.bias": rand(n, scale=0.3) for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))}
-        if family in ("qwen3", "gemma3"):
+        if family in ("qwen3", "qwen3moe", "gemma3"):
             t |= {p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd)}
         if family == "gemma3":
             t |= {p + "pre_feedforward_layernorm.weight": norm(d), p + "post_feedforward_layernorm.weight": norm(d)}
     return t
+
+
+MOE_FAMILIES = ("qwen2moe", "qwen3moe", "mixtral")
+ROUTER_SCALE = 0.6  # routers' weights: scores far apart, so no expert is chosen by a rounding's luck
+
+
+def _expert_tensors(config: dict, family: str, p: str, rand) -> dict[str, np.ndarray]:
+    """A layer's router and experts (and Qwen2-MoE's shared expert) in the family's Hugging Face names."""
+    d = config["hidden_size"]
+    if family == "mixtral":
+        n_expert, ff = config["num_local_experts"], config["intermediate_size"]
+        t = {p + "block_sparse_moe.gate.weight": rand(n_expert, d, scale=ROUTER_SCALE)}
+        for e in range(n_expert):
+            q = p + f"block_sparse_moe.experts.{e}."
+            t |= {q + "w1.weight": rand(ff, d), q + "w3.weight": rand(ff, d), q + "w2.weight": rand(d, ff)}
+        return t
+    n_expert, ff = config["num_experts"], config["moe_intermediate_size"]
+    t = {p + "mlp.gate.weight": rand(n_expert, d, scale=ROUTER_SCALE)}
+    for e in range(n_expert):
+        q = p + f"mlp.experts.{e}."
+        t |= {q + "gate_proj.weight": rand(ff, d), q + "up_proj.weight": rand(ff, d), q + "down_proj.weight": rand(d, ff)}
+    if family == "qwen2moe":
+        sff, q = config["shared_expert_intermediate_size"], p + "mlp.shared_expert."
+        t |= {q + "gate_proj.weight": rand(sff, d), q + "up_proj.weight": rand(sff, d),
+              q + "down_proj.weight": rand(d, sff), p + "mlp.shared_expert_gate.weight": rand(1, d, scale=0.3)}
+    return t
+
+
+def _silu_ffn(h, gate, up, down):  # transformers' gated MLP: down(silu(gate(h)) * up(h))
+    g = h @ gate.T
+    return (g / (1 + np.exp(-g)) * (h @ up.T)) @ down.T
+
+
+def _moe_forward(w: dict, config: dict, family: str, p: str, h: np.ndarray) -> np.ndarray:
+    """transformers' sparse MoE blocks: softmax over the router, top k, (renormalized), weighted experts."""
+    if family == "mixtral":
+        router, experts, names = p + "block_sparse_moe.gate.weight", p + "block_sparse_moe.experts.", ("w1", "w3", "w2")
+        k, normalize = config["num_experts_per_tok"], True
+    else:
+        router, experts, names = p + "mlp.gate.weight", p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj")
+        k, normalize = config["num_experts_per_tok"], config["norm_topk_prob"]
+    scores = h @ w[router].T
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.zeros_like(h)
+    for t in range(len(h)):
+        top = np.argsort(-probs[t])[:k]
+        weights = probs[t, top] / (probs[t, top].sum() if normalize else 1.0)
+        for e, weight in zip(top, weights):
+            gate, up, down = (w[experts + f"{e}.{name}.weight"] for name in names)
+            out[t] += weight * _silu_ffn(h[t : t + 1], gate, up, down)[0]
+    if family == "qwen2moe":
+        q = p + "mlp.shared_expert."
+        shared = _silu_ffn(h, w[q + "gate_proj.weight"], w[q + "up_proj.weight"], w[q + "down_proj.weight"])
+        out += shared / (1 + np.exp(-(h @ w[p + "mlp.shared_expert_gate.weight"].T)))
+    return out
 
 
 # ---------------------------------------------------------------------------- Hugging Face-style forward
@@ -170,7 +237,7 @@ def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: l
         q, k, v = (h @ w[p + f"self_attn.{s}_proj.weight"].T + w.get(p + f"self_attn.{s}_proj.bias", 0.0)
                    for s in "qkv")
         q, k, v = q.reshape(n, n_head, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
-        if family in ("qwen3", "gemma3"):
+        if family in ("qwen3", "qwen3moe", "gemma3"):
             q = _rmsnorm(q, w[p + "self_attn.q_norm.weight"], eps, gemma)
             k = _rmsnorm(k, w[p + "self_attn.k_norm.weight"], eps, gemma)
         base = config["rope_local_base_freq"] if sliding else config["rope_theta"]
@@ -190,6 +257,9 @@ def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: l
         x = x + attn
         h = _rmsnorm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")],
                      eps, gemma)
+        if family in MOE_FAMILIES:
+            x = x + _moe_forward(w, config, family, p, h)
+            continue
         gate = h @ w[p + "mlp.gate_proj.weight"].T
         act = (0.5 * gate * (1 + np.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3))) if gemma
                else gate / (1 + np.exp(-gate)))

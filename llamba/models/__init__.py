@@ -12,7 +12,7 @@ from types import ModuleType
 
 from ..errors import GGUFError, UnsupportedError
 from ..formats.gguf import GGUFFile, open_gguf
-from . import gemma3, llama, qwen2, qwen3
+from . import gemma3, llama, qwen2, qwen2moe, qwen3, qwen3moe
 from .transformer import HParams, Transformer
 
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -20,17 +20,25 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "mistral": llama,
     "qwen2": qwen2,
     "qwen3": qwen3,
+    "qwen2moe": qwen2moe,
+    "qwen3moe": qwen3moe,
     "gemma3": gemma3,
 }
 
 
 def hf_spec(model_class: str, where: str = "config.json"):
     """The HFSpec of a Hugging Face `architectures` class name."""
-    for module in ARCHITECTURES.values():
-        if model_class in module.HF.classes:
-            return module.HF
-    supported = ", ".join(c for m in dict.fromkeys(ARCHITECTURES.values()) for c in m.HF.classes)
+    for spec in _hf_specs():
+        if model_class in spec.classes:
+            return spec
+    supported = ", ".join(c for spec in _hf_specs() for c in spec.classes)
     raise UnsupportedError(f"{where}: architecture {model_class!r} is not supported (supported: {supported})")
+
+
+def _hf_specs():
+    """Every module's Hugging Face specs (llama's two: dense, and Mixtral)."""
+    for module in dict.fromkeys(ARCHITECTURES.values()):
+        yield from getattr(module, "HF_SPECS", (module.HF,))
 
 
 def architecture_module(arch, path: str = "") -> ModuleType:

@@ -32,6 +32,16 @@ LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
 }
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# a mixture of experts' router and shared expert, as Qwen2-MoE / Qwen3-MoE / OLMoE name them
+MOE_NAMES = {
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+# one expert's matrices inside `mlp.experts.E.` -> the GGUF tensor stacking all the layer's experts
+EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,21 @@ class ConfigKey:
     hf: str
     kind: type = int  # int (uint32 in GGUF) or float (float32)
     required: bool = True
+
+
+EXPERT_KEYS = (
+    ConfigKey("expert_count", "num_experts"),
+    ConfigKey("expert_used_count", "num_experts_per_tok"),
+    ConfigKey("expert_feed_forward_length", "moe_intermediate_size"),
+)
+SHARED_EXPERT_KEYS = (ConfigKey("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),)
+
+
+def check_every_layer_sparse(config: dict, where: str) -> None:
+    """Refuse Qwen-MoE checkpoints with dense layers among the sparse ones (llama.cpp has no such layout)."""
+    if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+        raise UnsupportedError(f"{where}: dense layers between the expert layers (decoder_sparse_step, "
+                               "mlp_only_layers) are not supported")
 
 
 COMMON_KEYS = (
@@ -71,6 +96,8 @@ class HFSpec:
     skipped: tuple[str, ...] = ()  # prefixes of tensors that are not the text model (vision towers)
     check_config: Callable[[dict, str], None] | None = None  # refuses settings llamba cannot run
     more_config: Callable[[dict], dict] | None = None  # export: config.json values derived from metadata
+    experts: str = ""  # a mixture of experts: where they sit inside a layer ("mlp.experts")
+    expert_names: dict[str, str] = field(default_factory=dict)  # an expert's matrices -> the stacked tensors
 
     @property
     def all_keys(self) -> tuple[ConfigKey, ...]:
@@ -82,6 +109,7 @@ class HFSpec:
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(.+)\.experts\.(\d+)\.(.+)\.weight$")
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)\.(weight|bias)$")
 
 
@@ -102,6 +130,14 @@ def gguf_name(spec: HFSpec, name: str) -> str | None:
         if stem in TOP_NAMES and suffix in ("weight", "bias"):
             return f"{TOP_NAMES[stem]}.{suffix}"
     raise UnsupportedError(f"tensor {name} has no GGUF name for {spec.arch} (is this checkpoint a {spec.classes[0]}?)")
+
+
+def expert_slot(spec: HFSpec, name: str) -> tuple[str, int] | None:
+    """(the GGUF tensor stacking it, its expert index) for one expert's matrix; None for other tensors."""
+    m = _EXPERT.match(name)
+    if m is None or not spec.experts or f"{m[2]}.experts" != spec.experts or m[4] not in spec.expert_names:
+        return None
+    return f"blk.{m[1]}.{spec.expert_names[m[4]]}.weight", int(m[3])
 
 
 def hf_name(spec: HFSpec, name: str) -> str:

@@ -23,6 +23,7 @@ MAX_LAYERS = 1024
 MAX_HEADS = 1024
 MAX_VOCAB = 1 << 22
 MAX_CONTEXT = 1 << 24
+MAX_EXPERTS = 512  # llama.cpp's LLAMA_MAX_EXPERTS
 
 
 @dataclass
@@ -48,6 +49,11 @@ class HParams:
     activation: str = "silu"  # silu | gelu
     qk_norm: bool = False
     post_norms: bool = False
+    n_expert: int = 0  # mixture of experts: experts per layer (0: a dense model), and used per token
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # an expert's feed-forward width
+    n_ff_shexp: int = 0  # the shared expert's (0: none)
+    expert_norm: bool = False  # the chosen experts' weights rescaled to sum to one
 
     @property
     def q_dim(self) -> int:
@@ -83,6 +89,23 @@ def read_common(g: GGUFFile, neox: bool) -> HParams:
         norm_eps=keys.real("attention.layer_norm_rms_epsilon", 1e-5, high=1.0, above_low=True),
         rope=read_rope(g, keys, head_dim, neox, n_ctx_train),
     )
+
+
+def read_experts(g: GGUFFile, hp: HParams, normalize: bool, shared: bool = False, split_ff: bool = True) -> HParams:
+    """The mixture-of-experts keys, `{arch}.expert_count` and the rest, into hp (a model without them stays
+    dense). Without `expert_feed_forward_length` an expert is feed_forward_length wide, divided by the
+    experts used if split_ff (llama.cpp's Qwen-MoE default)."""
+    keys = arch_keys(g)
+    hp.n_expert = keys.count("expert_count", 0, low=0, high=MAX_EXPERTS)
+    if not hp.n_expert:
+        return hp
+    hp.n_expert_used = keys.count("expert_used_count", high=hp.n_expert)
+    default_width = max(hp.n_ff // hp.n_expert_used, 1) if split_ff else hp.n_ff
+    hp.n_ff_exp = keys.count("expert_feed_forward_length", default_width, high=MAX_WIDTH * 8)
+    if shared:
+        hp.n_ff_shexp = keys.count("expert_shared_feed_forward_length", hp.n_ff, high=MAX_WIDTH * 8)
+    hp.expert_norm = normalize
+    return hp
 
 
 def _vocab_size(g: GGUFFile, keys: MetadataKeys) -> int:

@@ -21,13 +21,14 @@ from ..errors import ContextOverflowError, GGUFError, LlambaError, NumericalErro
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize
 from ..memory.batch import Batch
-from ..ops.activations import geglu_tanh, softcap, swiglu
+from ..ops.activations import softcap
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.heads import split_heads
 from ..ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
 from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, stack_runs
 from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
+from .ffn import DenseFFN, ExpertFFN, expert_lanes_nbytes, load_experts, project
 from .metadata import HParams
 
 
@@ -62,8 +63,7 @@ class Layer:
     bqkv: np.ndarray
     wo: LaneMatrix
     ffn_norm: np.ndarray
-    w_gate_up: list[LaneMatrix]  # one fused matrix, or gate, up
-    w_down: LaneMatrix
+    ffn: DenseFFN | ExpertFFN
     q_norm: np.ndarray
     k_norm: np.ndarray
     attn_post_norm: np.ndarray
@@ -71,7 +71,7 @@ class Layer:
 
     @property
     def matrices(self) -> list[LaneMatrix]:
-        return [*self.wqkv, self.wo, *self.w_gate_up, self.w_down]
+        return [*self.wqkv, self.wo, *self.ffn.matrices]
 
 
 class Transformer:
@@ -82,16 +82,19 @@ class Transformer:
         self.hp = hp
         tied = "output.weight" not in g.tensors
         repacked = [t for name, t in g.tensors.items() if len(t.shape) == 2 and (tied or name != "token_embd.weight")]
-        self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in repacked))
+        experts = [t for t in g.tensors.values() if len(t.shape) == 3]
+        self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in repacked)
+                                  + sum(expert_lanes_nbytes(t) for t in experts))
+        self.allocate = self._arena.zeros  # where load_experts repacks into
         self.output_norm = self._vector("output_norm.weight", hp.n_embd)
         if tied:
             self.output = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
             self.tok_embd = LaneRows(self.output)
         else:
-            self.tok_embd = FileRows(self._tensor("token_embd.weight", (hp.n_embd, hp.n_vocab)))
+            self.tok_embd = FileRows(self.tensor("token_embd.weight", (hp.n_embd, hp.n_vocab)))
             self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab)
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
-        del self._arena  # its mapping lives on in the weights' arrays
+        del self._arena, self.allocate  # the mapping lives on in the weights' arrays
         self.threads = ThreadGovernor()  # how many threads each forward uses, by measurement
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
         _return_freed_memory()
@@ -101,17 +104,17 @@ class Transformer:
     # tensor's file pages are released as soon as it is repacked, so loading never holds the file and the
     # repacked weights at once: peak memory is the weights plus one tensor.
 
-    def _tensor(self, name: str, shape: tuple[int, ...]):
+    def tensor(self, name: str, shape: tuple[int, ...]):
         t = self.gguf.tensors.get(name)
         if t is None:
             raise GGUFError(f"{self.gguf.path}: tensor {name} is missing (is this really a {self.hp.arch} model?)")
-        if tuple(t.shape) != shape:
+        if _squeezed(t.shape) != _squeezed(shape):  # [n, 1] and [n] are one shape (llama.cpp reads both)
             raise GGUFError(f"{self.gguf.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape} "
                             "from the metadata")
         return t
 
     def _vector(self, name: str, n: int) -> np.ndarray:
-        t = self._tensor(name, (n,))
+        t = self.tensor(name, (n,))
         if t.type.name != "F32":
             return dequantize(t.data, t.type).reshape(-1)
         # a copy, not a view: the file's pages are released after loading and a view would fault them back
@@ -125,8 +128,8 @@ class Transformer:
 
     def _fused(self, shapes: list[tuple[str, int]], n_cols: int) -> list[LaneMatrix]:
         """The matrices as few as possible: each run of neighbours that share a layout stacked into one."""
-        tensors = [self._tensor(name, (n_cols, n_rows)) for name, n_rows in shapes]
-        runs = stack_runs([(t.data, t.type) for t in tensors])
+        tensors = [self.tensor(name, (n_cols, n_rows)) for name, n_rows in shapes]
+        runs = stack_runs([(t.data.reshape(n_rows, -1), t.type) for t, (_, n_rows) in zip(tensors, shapes)])
         matrices = [stack_lanes(run, n_cols, self._arena.zeros) for run in runs]
         for t in tensors:
             self.gguf.release_pages(t)
@@ -142,13 +145,30 @@ class Transformer:
             bqkv=np.concatenate(biases) if all(b.size for b in biases) else NO_WEIGHT,
             wo=self._matrix(p + "attn_output.weight", q, hp.n_embd),
             ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd),
-            w_gate_up=self._fused([(p + "ffn_gate.weight", hp.n_ff), (p + "ffn_up.weight", hp.n_ff)], hp.n_embd),
-            w_down=self._matrix(p + "ffn_down.weight", hp.n_ff, hp.n_embd),
+            ffn=self._ffn(p),
             q_norm=self._vector(p + "attn_q_norm.weight", d) if hp.qk_norm else NO_WEIGHT,
             k_norm=self._vector(p + "attn_k_norm.weight", d) if hp.qk_norm else NO_WEIGHT,
             attn_post_norm=self._optional_vector(p + "post_attention_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
             ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
         )
+
+    def _ffn(self, p: str) -> DenseFFN | ExpertFFN:
+        """The layer's feed-forward block: dense, or a mixture of experts (with a shared expert where the
+        file has one: Qwen2-MoE)."""
+        hp = self.hp
+        if not hp.n_expert:
+            return self._dense_ffn(p, "", hp.n_ff)
+        experts = load_experts(self, p, hp.n_expert, hp.n_embd, hp.n_ff_exp, hp.activation)
+        router = [(p + "ffn_gate_inp.weight", hp.n_expert)]
+        shared = None
+        if hp.n_ff_shexp:
+            shared = self._dense_ffn(p, "_shexp", hp.n_ff_shexp)
+            router.append((p + "ffn_gate_inp_shexp.weight", 1))
+        return ExpertFFN(self._fused(router, hp.n_embd), experts, hp.n_expert_used, hp.expert_norm, shared)
+
+    def _dense_ffn(self, p: str, suffix: str, n_ff: int) -> DenseFFN:
+        gate_up = self._fused([(p + f"ffn_gate{suffix}.weight", n_ff), (p + f"ffn_up{suffix}.weight", n_ff)], self.hp.n_embd)
+        return DenseFFN(gate_up, self._matrix(p + f"ffn_down{suffix}.weight", n_ff, self.hp.n_embd), self.hp.activation)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -248,21 +268,11 @@ class Transformer:
                 kv.attend_listed(out, q, visible, counts, batch.positions, scale, window, capped)
         return attend
 
-    def _project(self, h: np.ndarray, weights: list[LaneMatrix], width: int) -> np.ndarray:
-        if len(weights) == 1:  # fused (the usual case): no output slices
-            return matmul(h, weights[0])
-        out = np.empty((h.shape[0], width), np.float32)
-        at = 0
-        for w in weights:
-            matmul(h, w, out=out[:, at : at + w.n_rows])
-            at += w.n_rows
-        return out
-
     def _attention_block(self, x, h, layer: Layer, i: int, cells, cache, cos, sin, attend, local: bool) -> None:
         """x += attention(h); h = x normed for the feed-forward block."""
         hp = self.hp
         n = x.shape[0]
-        qkv = self._project(h, layer.wqkv, hp.q_dim + 2 * hp.kv_dim)
+        qkv = project(h, layer.wqkv)
         q = np.empty((n, hp.n_head, hp.head_dim), np.float32)
         k = np.empty((n, hp.n_head_kv, hp.head_dim), np.float32)
         v = np.empty_like(k)
@@ -277,13 +287,17 @@ class Transformer:
 
     def _ffn_block(self, x, h, layer: Layer, next_norm: np.ndarray, i: int) -> None:
         """x += feed_forward(h); h = x normed by next_norm."""
-        hp = self.hp
-        gate_up = self._project(h, layer.w_gate_up, 2 * hp.n_ff)
-        act = np.empty((x.shape[0], hp.n_ff), np.float32)
-        (geglu_tanh if hp.activation == "gelu" else swiglu)(act, gate_up)
-        out = matmul(act, layer.w_down)
-        finite = add_block_output(x, out, layer.ffn_post_norm, next_norm, h, hp.norm_eps)
+        out = layer.ffn(h)
+        finite = add_block_output(x, out, layer.ffn_post_norm, next_norm, h, self.hp.norm_eps)
         self._check_finite(finite, f"layer {i}")
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A GGUF shape without its trailing ones."""
+    shape = tuple(shape)
+    while len(shape) > 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _return_freed_memory() -> None:
