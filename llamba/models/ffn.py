@@ -74,7 +74,7 @@ class ExpertFFN:
         n_expert = len(self.experts)
         scores = project(h, self.router)  # [n_tokens, n_expert (+ 1)]
         ids, weights = route_top_k(scores[:, :n_expert], self.n_used, self.normalize)  # [n_tokens, n_used]
-        out = np.zeros((h.shape[0], self.down_rows), np.float32)
+        out = np.zeros(h.shape, np.float32)  # [n_tokens, n_embd]
         for e in np.unique(ids):  # ascending: each token sums its experts in the same order in any batch
             tokens, slots = np.nonzero(ids == e)
             y = self.experts[e](np.ascontiguousarray(h[tokens]))
@@ -82,10 +82,6 @@ class ExpertFFN:
         if self.shared is not None:
             out += sigmoid(scores[:, n_expert:]) * self.shared(h)
         return out
-
-    @property
-    def down_rows(self) -> int:
-        return self.experts[0].down.n_rows
 
 
 # ------------------------------------------------------------------------------------------ loading

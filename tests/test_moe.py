@@ -1,0 +1,196 @@
+"""Mixtures of experts (Qwen2-MoE, Qwen3-MoE, Mixtral): routing against NumPy, batch invariance bit for bit,
+only the chosen experts read, and bad expert metadata or checkpoints as clear errors.
+
+(Their logits against a transformers-convention forward are in test_convert; against llama.cpp in
+test_moe_llama_cpp.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llamba.convert import convert
+from llamba.errors import GGUFError, LlambaError, UnsupportedError
+from llamba.memory.kv_cache import KVCache
+from llamba.models import load_transformer
+from llamba.models.ffn import ExpertFFN
+from llamba.ops.routing import route_top_k, sigmoid
+from tests import fuzz
+from tests.hf_checkpoints import write_checkpoint
+from tests.test_batch import GUESSES, PROMPT, _check_invariance
+
+# each family in a type of its own, so the experts run through several of the integer kernel's layouts
+FAMILIES = {"qwen2moe": ("Qwen2MoeForCausalLM", "q8_0"), "qwen3moe": ("Qwen3MoeForCausalLM", "q4_0"),
+            "mixtral": ("MixtralForCausalLM", "q5_1")}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def moe_path(request, tmp_path_factory) -> Path:
+    model_class, output_type = FAMILIES[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    return convert(write_checkpoint(folder / "hf", model_class), folder / "model.gguf", output_type)
+
+
+def _reference_route(scores: np.ndarray, k: int, normalize: bool):
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    weights = np.take_along_axis(probs, ids, axis=-1)
+    return ids, weights / weights.sum(-1, keepdims=True) if normalize else weights
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_routing_matches_numpy(normalize):
+    scores = np.random.default_rng(3).standard_normal((37, 60)).astype(np.float32) * 3
+    ids, weights = route_top_k(scores, 8, normalize)
+    want_ids, want_weights = _reference_route(scores.astype(np.float64), 8, normalize)
+    assert np.array_equal(ids, want_ids)
+    np.testing.assert_allclose(weights, want_weights, rtol=2e-6)
+    x = np.linspace(-30, 30, 101, dtype=np.float32)
+    np.testing.assert_allclose(sigmoid(x), 1 / (1 + np.exp(-x.astype(np.float64))), rtol=2e-6, atol=1e-30)
+
+
+def test_routing_of_a_token_does_not_depend_on_its_batch():
+    scores = np.random.default_rng(4).standard_normal((64, 128)).astype(np.float32)
+    ids, weights = route_top_k(scores, 8, True)
+    for t in (0, 31, 63):
+        alone_ids, alone_weights = route_top_k(scores[t : t + 1], 8, True)
+        assert np.array_equal(alone_ids[0], ids[t]) and np.array_equal(alone_weights[0], weights[t])
+
+
+def test_expert_logits_are_batch_invariant(moe_path):
+    model = load_transformer(moe_path)
+    assert all(isinstance(layer.ffn, ExpertFFN) for layer in model.layers)
+    _check_invariance(model, PROMPT, GUESSES)
+
+
+def test_a_token_reads_only_its_experts(moe_path):
+    """Decoding one token calls the chosen experts and no other: the rest are replaced by experts that fail."""
+    model = load_transformer(moe_path)
+    cache = KVCache.for_model(model.hp, 64)
+    model.forward_tokens(PROMPT, 0, cache)
+    chosen = _record_routes(model)
+    expected = model.forward_tokens([GUESSES[0]], len(PROMPT), cache)
+    for layer, used in zip(model.layers, chosen):
+        assert len(used) == model.hp.n_expert_used < model.hp.n_expert
+        layer.ffn.experts = [e if i in used else _Untouchable() for i, e in enumerate(layer.ffn.experts)]
+    cache.remove(0, len(PROMPT))
+    assert np.array_equal(model.forward_tokens([GUESSES[0]], len(PROMPT), cache), expected)
+
+
+class _Untouchable:
+    def __call__(self, h):
+        raise AssertionError("an expert the token was not routed to was run")
+
+
+def _record_routes(model) -> list[set[int]]:
+    """The experts each layer's next call routes to (recorded by wrapping the experts)."""
+    chosen = []
+    for layer in model.layers:
+        used: set[int] = set()
+        layer.ffn.experts = [_Recording(e, i, used) for i, e in enumerate(layer.ffn.experts)]
+        chosen.append(used)
+    return chosen
+
+
+class _Recording:
+    def __init__(self, expert, index: int, used: set[int]):
+        self.expert, self.index, self.used = expert, index, used
+
+    def __call__(self, h):
+        self.used.add(self.index)
+        return self.expert(h)
+
+
+def test_a_batch_runs_each_expert_once_over_its_tokens(moe_path):
+    """Prefill groups tokens by expert: one product per expert, over every token routed to it."""
+    model = load_transformer(moe_path)
+    calls = []
+    for layer in model.layers[:1]:
+        layer.ffn.experts = [_Counting(e, i, calls) for i, e in enumerate(layer.ffn.experts)]
+    model.forward_tokens(PROMPT, 0, KVCache.for_model(model.hp, 64))
+    experts = [i for i, _ in calls]
+    assert len(experts) == len(set(experts)) > model.hp.n_expert_used  # each once, and several used
+    assert sum(n for _, n in calls) == len(PROMPT) * model.hp.n_expert_used
+
+
+class _Counting:
+    def __init__(self, expert, index: int, calls: list):
+        self.expert, self.index, self.calls = expert, index, calls
+
+    def __call__(self, h):
+        self.calls.append((self.index, h.shape[0]))
+        return self.expert(h)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def _mutant(path: Path, out: Path, edit) -> Path:
+    spec = fuzz.spec_of(path, keep_data=True)
+    edit(spec)
+    spec.write(out)
+    return out
+
+
+def _set(key, value):
+    return lambda spec: spec.kv.__setitem__(key, (value, fuzz.VT.UINT32, None))
+
+
+def _reshape(name, shape):
+    def edit(spec):
+        (t,) = [t for t in spec.tensors if t.name == name]
+        t.shape = shape
+    return edit
+
+
+@pytest.fixture(scope="module")
+def qwen3moe_path(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("qwen3moe")
+    return convert(write_checkpoint(folder / "hf", "Qwen3MoeForCausalLM"), folder / "model.gguf", "f32")
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_set("qwen3moe.expert_used_count", 9), "qwen3moe.expert_used_count = 9 is out of range (expected 1 to 8)"),
+    (_set("qwen3moe.expert_used_count", 0), "qwen3moe.expert_used_count = 0 is out of range"),
+    (_set("qwen3moe.expert_count", 4), "blk.0.ffn_gate_exps.weight has shape (64, 64, 8), expected (64, 64, 4)"),
+    (_set("qwen3moe.expert_count", 100000), "qwen3moe.expert_count = 100000 is out of range"),
+    (_set("qwen3moe.expert_feed_forward_length", 32), "blk.0.ffn_gate_exps.weight has shape (64, 64, 8), expected"),
+    (_reshape("blk.1.ffn_down_exps.weight", (64, 64, 4)), "blk.1.ffn_down_exps.weight has shape (64, 64, 4)"),
+    (lambda spec: spec.kv.pop("qwen3moe.expert_used_count"), "qwen3moe.expert_used_count is missing"),
+])
+def test_inconsistent_expert_metadata_is_a_clear_error(qwen3moe_path, tmp_path, edit, fragment):
+    path = _mutant(qwen3moe_path, tmp_path / "bad.gguf", edit)
+    with pytest.raises(GGUFError) as e:
+        load_transformer(path)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unsupported_architecture_names_the_supported_ones(qwen3moe_path, tmp_path):
+    path = _mutant(qwen3moe_path, tmp_path / "bad.gguf",
+                   lambda spec: spec.kv.__setitem__("general.architecture", ("grok", fuzz.VT.STRING, None)))
+    with pytest.raises(UnsupportedError, match=r"architecture 'grok' is not supported \(supported: .*qwen2moe.*qwen3moe"):
+        load_transformer(path)
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize("model_class, changes, fragment", [
+    ("Qwen3MoeForCausalLM", {"num_experts": 6}, "do not match the config's 6"),
+    ("Qwen3MoeForCausalLM", {"norm_topk_prob": False}, "norm_topk_prob = false is not supported"),
+    ("Qwen2MoeForCausalLM", {"norm_topk_prob": True}, "norm_topk_prob = true is not supported"),
+    ("Qwen2MoeForCausalLM", {"mlp_only_layers": [1]}, "dense layers between the expert layers"),
+    ("MixtralForCausalLM", {"num_local_experts": None}, "'num_local_experts' is missing"),
+])
+def test_inconsistent_checkpoints_are_clear_errors(tmp_path, model_class, changes, fragment):
+    folder = write_checkpoint(tmp_path / "hf", model_class)
+    _edit_config(folder, **changes)
+    with pytest.raises(LlambaError, match=None) as e:
+        convert(folder, tmp_path / "model.gguf", "f32")
+    assert fragment in str(e.value)
+    assert not (tmp_path / "model.gguf").exists()
