@@ -12,7 +12,7 @@ from types import ModuleType
 
 from ..errors import GGUFError, UnsupportedError
 from ..formats.gguf import GGUFFile, open_gguf
-from . import gemma3, llama, qwen2, qwen2moe, qwen3, qwen3moe
+from . import gemma3, llama, olmoe, qwen2, qwen2moe, qwen3, qwen3moe
 from .transformer import HParams, Transformer
 
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -22,6 +22,7 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "qwen3": qwen3,
     "qwen2moe": qwen2moe,
     "qwen3moe": qwen3moe,
+    "olmoe": olmoe,
     "gemma3": gemma3,
 }
 

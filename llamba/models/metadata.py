@@ -47,7 +47,7 @@ class HParams:
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
     activation: str = "silu"  # silu | gelu
-    qk_norm: bool = False
+    qk_norm: bool | str = False  # True: each head of Q and K normed (Qwen3, Gemma 3); "whole": all of Q, all of K
     post_norms: bool = False
     n_expert: int = 0  # mixture of experts: experts per layer (0: a dense model), and used per token
     n_expert_used: int = 0

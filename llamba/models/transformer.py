@@ -23,7 +23,7 @@ from ..formats.quants import dequantize
 from ..memory.batch import Batch
 from ..ops.activations import softcap
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
-from ..ops.heads import split_heads
+from ..ops.heads import norm_qk_whole, split_heads
 from ..ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
 from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, stack_runs
 from ..ops.rope import rope_tables
@@ -146,8 +146,8 @@ class Transformer:
             wo=self._matrix(p + "attn_output.weight", q, hp.n_embd),
             ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd),
             ffn=self._ffn(p),
-            q_norm=self._vector(p + "attn_q_norm.weight", d) if hp.qk_norm else NO_WEIGHT,
-            k_norm=self._vector(p + "attn_k_norm.weight", d) if hp.qk_norm else NO_WEIGHT,
+            q_norm=self._vector(p + "attn_q_norm.weight", q if hp.qk_norm == "whole" else d) if hp.qk_norm else NO_WEIGHT,
+            k_norm=self._vector(p + "attn_k_norm.weight", kv if hp.qk_norm == "whole" else d) if hp.qk_norm else NO_WEIGHT,
             attn_post_norm=self._optional_vector(p + "post_attention_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
             ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
         )
@@ -276,7 +276,11 @@ class Transformer:
         q = np.empty((n, hp.n_head, hp.head_dim), np.float32)
         k = np.empty((n, hp.n_head_kv, hp.head_dim), np.float32)
         v = np.empty_like(k)
-        split_heads(qkv, layer.bqkv, layer.q_norm, layer.k_norm, hp.norm_eps, cos, sin, hp.rope.neox, q, k, v)
+        if hp.qk_norm == "whole":  # OLMoE: one norm over all of Q and one over all of K, before the heads
+            norm_qk_whole(qkv, layer.q_norm, layer.k_norm, hp.norm_eps)
+            split_heads(qkv, layer.bqkv, NO_WEIGHT, NO_WEIGHT, hp.norm_eps, cos, sin, hp.rope.neox, q, k, v)
+        else:
+            split_heads(qkv, layer.bqkv, layer.q_norm, layer.k_norm, hp.norm_eps, cos, sin, hp.rope.neox, q, k, v)
         kv = cache.layer(i)
         kv.write(cells, k, v)
         att = np.empty_like(q)

@@ -46,3 +46,15 @@ def _head(out, x, norm_weight, eps, cos, sin, neox):
         for d in range(x.shape[0]):
             out[d] = x[d]
     rotate_head(out, cos, sin, neox)
+
+
+@kernel
+def norm_qk_whole(qkv, q_norm, k_norm, eps):
+    """RMSNorm in place over each token's whole Q (q_norm [q_dim]) and whole K (k_norm [kv_dim]) in qkv
+    [n, q_dim + 2 kv_dim] (OLMoE), before split_heads."""
+    q_dim, kv_dim = q_norm.shape[0], k_norm.shape[0]
+    for t in range(qkv.shape[0]):
+        q = qkv[t, :q_dim]
+        norm_row(q, q, q_norm, eps)
+        k = qkv[t, q_dim : q_dim + kv_dim]
+        norm_row(k, k, k_norm, eps)

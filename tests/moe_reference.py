@@ -1,0 +1,38 @@
+"""The seeded expert checkpoints llama.cpp's logits are kept for (tests/reference_data/moe/), and how each
+becomes its GGUF: the same bytes every time (the reference records the file's sha256), so the test runs
+llamba on the very file llama.cpp ran."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from llamba.convert import convert
+from tests.hf_checkpoints import write_checkpoint
+
+REFERENCE = Path(__file__).parent / "reference_data" / "moe"
+CASES = {  # name -> (Hugging Face class, output type, seed)
+    f"{family}-{output_type}": (model_class, output_type, seed)
+    for family, model_class, seed in (("qwen2moe", "Qwen2MoeForCausalLM", 11), ("qwen3moe", "Qwen3MoeForCausalLM", 12),
+                                      ("mixtral", "MixtralForCausalLM", 13))
+    for output_type in ("f32", "q8_0")
+}
+N_TOKENS = 64  # teacher-forced positions
+
+
+def build(name: str, folder: Path) -> Path:
+    """The case's checkpoint written into folder/hf and converted to folder/NAME.gguf."""
+    model_class, output_type, seed = CASES[name]
+    checkpoint = write_checkpoint(folder / "hf", model_class, seed=seed)
+    return convert(checkpoint, folder / f"{name}.gguf", output_type)
+
+
+def tokens(n_vocab: int, seed: int) -> np.ndarray:
+    """The teacher-forced sequence: seeded random ids (a random model has no text it prefers)."""
+    return np.random.default_rng(seed).integers(0, n_vocab, N_TOKENS)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
