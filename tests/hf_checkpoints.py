@@ -36,6 +36,8 @@ MODELS = {
                                          "norm_topk_prob": True}),
     "MixtralForCausalLM": ("mixtral", {"tie_word_embeddings": False, "num_local_experts": 4,
                                        "num_experts_per_tok": 2, "intermediate_size": 96, "rope_theta": 1e6}),
+    "OlmoeForCausalLM": ("olmoe", {"tie_word_embeddings": False, "num_key_value_heads": 4, "num_experts": 8,
+                                   "num_experts_per_tok": 2, "intermediate_size": 64, "norm_topk_prob": False}),
     "Gemma3ForCausalLM": ("gemma3", {"tie_word_embeddings": True, "head_dim": 32, "num_key_value_heads": 1,
                                      "num_hidden_layers": 7, "sliding_window": 4, "query_pre_attn_scalar": 32,
                                      "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}),
@@ -116,8 +118,9 @@ def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
     norm = lambda n: (norm_center + rand(n, scale=0.1)).astype(np.float32)  # noqa: E731
     t = {"model.embed_tokens.weight": rand(n_vocab, d, scale=0.5), "model.norm.weight": norm(d)}
     if not config["tie_word_embeddings"]:
-        # the experts' tests compare against llama.cpp's top-1: logits spread wide, so no near-tie decides it
-        t["lm_head.weight"] = rand(n_vocab, d, scale=0.4 if family in MOE_FAMILIES else 0.08)
+        t["lm_head.weight"] = rand(n_vocab, d)
+        if family in MOE_FAMILIES:  # compared with llama.cpp's top-1: a clear winner, not a random near-tie
+            t["lm_head.weight"] += _clear_winners(t["model.embed_tokens.weight"], rng)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         t |= {p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d),
@@ -130,6 +133,8 @@ def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
                   p + "mlp.down_proj.weight": rand(d, ff)}
         if family in ("qwen2", "qwen2moe"):
             t |= {p + f"self_attn.{x}_proj.bias": rand(n, scale=0.3) for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))}
+        if family == "olmoe":  # one norm over all of Q, one over all of K
+            t |= {p + "self_attn.q_norm.weight": norm(q_dim), p + "self_attn.k_norm.weight": norm(kv_dim)}
         if family in ("qwen3", "qwen3moe", "gemma3"):
             t |= {p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd)}
         if family == "gemma3":
@@ -137,7 +142,7 @@ def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
     return t
 
 
-MOE_FAMILIES = ("qwen2moe", "qwen3moe", "mixtral")
+MOE_FAMILIES = ("qwen2moe", "qwen3moe", "mixtral", "olmoe")
 ROUTER_SCALE = 0.6  # routers' weights: scores far apart, so no expert is chosen by a rounding's luck
 
 
@@ -151,7 +156,7 @@ def _expert_tensors(config: dict, family: str, p: str, rand) -> dict[str, np.nda
             q = p + f"block_sparse_moe.experts.{e}."
             t |= {q + "w1.weight": rand(ff, d), q + "w3.weight": rand(ff, d), q + "w2.weight": rand(d, ff)}
         return t
-    n_expert, ff = config["num_experts"], config["moe_intermediate_size"]
+    n_expert, ff = config["num_experts"], config.get("moe_intermediate_size", config["intermediate_size"])
     t = {p + "mlp.gate.weight": rand(n_expert, d, scale=ROUTER_SCALE)}
     for e in range(n_expert):
         q = p + f"mlp.experts.{e}."
@@ -161,6 +166,12 @@ def _expert_tensors(config: dict, family: str, p: str, rand) -> dict[str, np.nda
         t |= {q + "gate_proj.weight": rand(sff, d), q + "up_proj.weight": rand(sff, d),
               q + "down_proj.weight": rand(d, sff), p + "mlp.shared_expert_gate.weight": rand(1, d, scale=0.3)}
     return t
+
+
+def _clear_winners(embed: np.ndarray, rng) -> np.ndarray:
+    """Output rows that make each token's embedding, carried by the residual stream, vote for one other token
+    (a seeded permutation) well above the rest, as trained models are sure of most next tokens."""
+    return (0.3 * embed[rng.permutation(len(embed))]).astype(np.float32)
 
 
 def _silu_ffn(h, gate, up, down):  # transformers' gated MLP: down(silu(gate(h)) * up(h))
@@ -237,6 +248,9 @@ def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: l
         h = _rmsnorm(x, w[p + "input_layernorm.weight"], eps, gemma)
         q, k, v = (h @ w[p + f"self_attn.{s}_proj.weight"].T + w.get(p + f"self_attn.{s}_proj.bias", 0.0)
                    for s in "qkv")
+        if family == "olmoe":
+            q = _rmsnorm(q, w[p + "self_attn.q_norm.weight"], eps, False)
+            k = _rmsnorm(k, w[p + "self_attn.k_norm.weight"], eps, False)
         q, k, v = q.reshape(n, n_head, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
         if family in ("qwen3", "qwen3moe", "gemma3"):
             q = _rmsnorm(q, w[p + "self_attn.q_norm.weight"], eps, gemma)

@@ -16,7 +16,7 @@ REFERENCE = Path(__file__).parent / "reference_data" / "moe"
 CASES = {  # name -> (Hugging Face class, output type, seed)
     f"{family}-{output_type}": (model_class, output_type, seed)
     for family, model_class, seed in (("qwen2moe", "Qwen2MoeForCausalLM", 11), ("qwen3moe", "Qwen3MoeForCausalLM", 12),
-                                      ("mixtral", "MixtralForCausalLM", 13))
+                                      ("mixtral", "MixtralForCausalLM", 13), ("olmoe", "OlmoeForCausalLM", 14))
     for output_type in ("f32", "q8_0")
 }
 N_TOKENS = 64  # teacher-forced positions

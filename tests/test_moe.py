@@ -1,4 +1,4 @@
-"""Mixtures of experts (Qwen2-MoE, Qwen3-MoE, Mixtral): routing against NumPy, batch invariance bit for bit,
+"""Mixtures of experts (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE): routing against NumPy, batch invariance bit for bit,
 only the chosen experts read, and bad expert metadata or checkpoints as clear errors.
 
 (Their logits against a transformers-convention forward are in test_convert; against llama.cpp in
@@ -24,7 +24,7 @@ from tests.test_batch import GUESSES, PROMPT, _check_invariance
 
 # each family in a type of its own, so the experts run through several of the integer kernel's layouts
 FAMILIES = {"qwen2moe": ("Qwen2MoeForCausalLM", "q8_0"), "qwen3moe": ("Qwen3MoeForCausalLM", "q4_0"),
-            "mixtral": ("MixtralForCausalLM", "q5_1")}
+            "mixtral": ("MixtralForCausalLM", "q5_1"), "olmoe": ("OlmoeForCausalLM", "q4_1")}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

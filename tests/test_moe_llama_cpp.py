@@ -12,8 +12,8 @@ from llamba.models import load_transformer
 from tests.moe_reference import CASES, REFERENCE, build, sha256
 
 # F32 files: the same float products up to summation order (llama.cpp keeps its KV cache in F16); Q8_0 files:
-# each token's inputs quantized to 8 bits by both, some rounded apart (measured: 2.4e-4 and 1.1e-2 at most)
-TOLERANCE = {"f32": 1e-3, "q8_0": 0.03}  # of the largest logit's magnitude
+# each token's inputs quantized to 8 bits by both, some rounded apart (measured: 1.3e-4 and 5.5e-3 at most)
+TOLERANCE = {"f32": 1e-3, "q8_0": 0.015}  # of the largest logit's magnitude
 
 
 @pytest.mark.parametrize("name", list(CASES))
