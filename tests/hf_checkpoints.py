@@ -38,6 +38,7 @@ MODELS = {
                                        "num_experts_per_tok": 2, "intermediate_size": 96, "rope_theta": 1e6}),
     "OlmoeForCausalLM": ("olmoe", {"tie_word_embeddings": False, "num_key_value_heads": 4, "num_experts": 8,
                                    "num_experts_per_tok": 2, "intermediate_size": 64, "norm_topk_prob": False}),
+    "Phi3ForCausalLM": ("phi3", {"tie_word_embeddings": False}),
     "Gemma3ForCausalLM": ("gemma3", {"tie_word_embeddings": True, "head_dim": 32, "num_key_value_heads": 1,
                                      "num_hidden_layers": 7, "sliding_window": 4, "query_pre_attn_scalar": 32,
                                      "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}),
@@ -119,7 +120,7 @@ def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
     t = {"model.embed_tokens.weight": rand(n_vocab, d, scale=0.5), "model.norm.weight": norm(d)}
     if not config["tie_word_embeddings"]:
         t["lm_head.weight"] = rand(n_vocab, d)
-        if family in MOE_FAMILIES:  # compared with llama.cpp's top-1: a clear winner, not a random near-tie
+        if family in JUDGED_BY_LLAMA_CPP:  # compared with llama.cpp's top-1: a clear winner, not a near-tie
             t["lm_head.weight"] += _clear_winners(t["model.embed_tokens.weight"], rng)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -139,10 +140,23 @@ def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
             t |= {p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd)}
         if family == "gemma3":
             t |= {p + "pre_feedforward_layernorm.weight": norm(d), p + "post_feedforward_layernorm.weight": norm(d)}
+        if family == "phi3":  # Q, K, V in one matrix; gate and up in another
+            t[p + "self_attn.qkv_proj.weight"] = np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+            t[p + "mlp.gate_up_proj.weight"] = np.concatenate([t.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
     return t
 
 
+def _unfused(w: dict, p: str, q_dim: int, kv_dim: int) -> dict:
+    """Phi-3's fused matrices split back into the names the forward reads."""
+    w = dict(w)
+    q, k, v = np.split(w.pop(p + "self_attn.qkv_proj.weight"), [q_dim, q_dim + kv_dim])
+    gate, up = np.split(w.pop(p + "mlp.gate_up_proj.weight"), 2)
+    return w | {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up}
+
+
 MOE_FAMILIES = ("qwen2moe", "qwen3moe", "mixtral", "olmoe")
+JUDGED_BY_LLAMA_CPP = (*MOE_FAMILIES, "phi3")  # families tested against llama.cpp's logits (no real model here)
 ROUTER_SCALE = 0.6  # routers' weights: scores far apart, so no expert is chosen by a rounding's luck
 
 
@@ -245,6 +259,8 @@ def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: l
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         sliding = gemma and (i + 1) % 6 != 0
+        if family == "phi3":
+            w = _unfused(w, p, n_head * hd, n_kv * hd)
         h = _rmsnorm(x, w[p + "input_layernorm.weight"], eps, gemma)
         q, k, v = (h @ w[p + f"self_attn.{s}_proj.weight"].T + w.get(p + f"self_attn.{s}_proj.bias", 0.0)
                    for s in "qkv")
@@ -257,7 +273,8 @@ def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: l
             k = _rmsnorm(k, w[p + "self_attn.k_norm.weight"], eps, gemma)
         base = config["rope_local_base_freq"] if sliding else config["rope_theta"]
         scaling = config.get("rope_scaling")
-        q, k = _rope_halves(q, pos, base, scaling), _rope_halves(k, pos, base, scaling)
+        rot = int(hd * config.get("partial_rotary_factor", 1.0))  # Phi-4-mini: the first three quarters
+        q, k = (np.concatenate([_rope_halves(a[..., :rot], pos, base, scaling), a[..., rot:]], axis=-1) for a in (q, k))
         k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
         scale = config["query_pre_attn_scalar"] ** -0.5 if gemma else hd ** -0.5
         scores = np.einsum("qhd,khd->hqk", q, k) * scale

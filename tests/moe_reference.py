@@ -1,6 +1,6 @@
-"""The seeded expert checkpoints llama.cpp's logits are kept for (tests/reference_data/moe/), and how each
-becomes its GGUF: the same bytes every time (the reference records the file's sha256), so the test runs
-llamba on the very file llama.cpp ran."""
+"""The seeded checkpoints of the families with no real model here (the mixtures of experts, Phi-3) whose
+llama.cpp logits are kept in tests/reference_data/moe/, and how each becomes its GGUF: the same bytes every
+time (the reference records the file's sha256), so the test runs llamba on the very file llama.cpp ran."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ REFERENCE = Path(__file__).parent / "reference_data" / "moe"
 CASES = {  # name -> (Hugging Face class, output type, seed)
     f"{family}-{output_type}": (model_class, output_type, seed)
     for family, model_class, seed in (("qwen2moe", "Qwen2MoeForCausalLM", 11), ("qwen3moe", "Qwen3MoeForCausalLM", 12),
-                                      ("mixtral", "MixtralForCausalLM", 13), ("olmoe", "OlmoeForCausalLM", 14))
+                                      ("mixtral", "MixtralForCausalLM", 13), ("olmoe", "OlmoeForCausalLM", 14),
+                                      ("phi3", "Phi3ForCausalLM", 15))
     for output_type in ("f32", "q8_0")
 }
 N_TOKENS = 64  # teacher-forced positions

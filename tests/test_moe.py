@@ -67,6 +67,12 @@ def test_expert_logits_are_batch_invariant(moe_path):
     _check_invariance(model, PROMPT, GUESSES)
 
 
+def test_fused_phi3_logits_are_batch_invariant(tmp_path):
+    model = load_transformer(convert(write_checkpoint(tmp_path / "hf", "Phi3ForCausalLM"), tmp_path / "m.gguf", "q8_0"))
+    assert len(model.layers[0].wqkv) == 1 and len(model.layers[0].ffn.gate_up) == 1
+    _check_invariance(model, PROMPT, GUESSES)
+
+
 def test_a_token_reads_only_its_experts(moe_path):
     """Decoding one token calls the chosen experts and no other: the rest are replaced by experts that fail."""
     model = load_transformer(moe_path)

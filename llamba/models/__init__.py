@@ -12,7 +12,7 @@ from types import ModuleType
 
 from ..errors import GGUFError, UnsupportedError
 from ..formats.gguf import GGUFFile, open_gguf
-from . import gemma3, llama, olmoe, qwen2, qwen2moe, qwen3, qwen3moe
+from . import gemma3, llama, olmoe, phi3, qwen2, qwen2moe, qwen3, qwen3moe
 from .transformer import HParams, Transformer
 
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -23,6 +23,7 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "qwen2moe": qwen2moe,
     "qwen3moe": qwen3moe,
     "olmoe": olmoe,
+    "phi3": phi3,
     "gemma3": gemma3,
 }
 

@@ -220,7 +220,10 @@ def metadata_from_config(spec: HFSpec, config: dict, where: str = "config.json")
         head_dim = out[f"{arch}.embedding_length"] // out[f"{arch}.attention.head_count"]
     else:
         out[f"{arch}.attention.value_length"] = head_dim
-    out[f"{arch}.rope.dimension_count"] = head_dim
+    rotated = config.get("partial_rotary_factor", 1.0)  # Phi-4-mini rotates three quarters of each head
+    if not isinstance(rotated, (int, float)) or not 0 < rotated <= 1:
+        raise LlambaError(f"{where}: 'partial_rotary_factor' = {rotated!r} is not in (0, 1]")
+    out[f"{arch}.rope.dimension_count"] = int(head_dim * rotated)
     out.update(_rope_scaling(arch, config.get("rope_scaling"), where))
     return out
 

@@ -49,6 +49,7 @@ class HParams:
     activation: str = "silu"  # silu | gelu
     qk_norm: bool | str = False  # True: each head of Q and K normed (Qwen3, Gemma 3); "whole": all of Q, all of K
     post_norms: bool = False
+    fused_gate_up: bool = False  # ffn_up holds the gate's rows, then the up rows (Phi-3)
     n_expert: int = 0  # mixture of experts: experts per layer (0: a dense model), and used per token
     n_expert_used: int = 0
     n_ff_exp: int = 0  # an expert's feed-forward width

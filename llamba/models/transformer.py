@@ -141,7 +141,7 @@ class Transformer:
         biases = [self._optional_vector(p + f"attn_{x}.bias", n) for x, n in (("q", q), ("k", kv), ("v", kv))]
         return Layer(
             attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd),
-            wqkv=self._fused([(p + "attn_q.weight", q), (p + "attn_k.weight", kv), (p + "attn_v.weight", kv)], hp.n_embd),
+            wqkv=self._qkv(p),
             bqkv=np.concatenate(biases) if all(b.size for b in biases) else NO_WEIGHT,
             wo=self._matrix(p + "attn_output.weight", q, hp.n_embd),
             ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd),
@@ -151,6 +151,14 @@ class Transformer:
             attn_post_norm=self._optional_vector(p + "post_attention_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
             ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
         )
+
+    def _qkv(self, p: str) -> list[LaneMatrix]:
+        """Q, K and V: one matrix as the file fuses them (Phi-3's attn_qkv), else stacked as their types allow."""
+        hp = self.hp
+        if p + "attn_qkv.weight" in self.gguf.tensors:
+            return [self._matrix(p + "attn_qkv.weight", hp.n_embd, hp.q_dim + 2 * hp.kv_dim)]
+        names = [(p + "attn_q.weight", hp.q_dim), (p + "attn_k.weight", hp.kv_dim), (p + "attn_v.weight", hp.kv_dim)]
+        return self._fused(names, hp.n_embd)
 
     def _ffn(self, p: str) -> DenseFFN | ExpertFFN:
         """The layer's feed-forward block: dense, or a mixture of experts (with a shared expert where the
@@ -167,7 +175,12 @@ class Transformer:
         return ExpertFFN(self._fused(router, hp.n_embd), experts, hp.n_expert_used, hp.expert_norm, shared)
 
     def _dense_ffn(self, p: str, suffix: str, n_ff: int) -> DenseFFN:
-        gate_up = self._fused([(p + f"ffn_gate{suffix}.weight", n_ff), (p + f"ffn_up{suffix}.weight", n_ff)], self.hp.n_embd)
+        """Gate and up stacked as their types allow, or the one ffn_up holding both (Phi-3)."""
+        if self.hp.fused_gate_up and suffix == "":
+            gate_up = [self._matrix(p + "ffn_up.weight", self.hp.n_embd, 2 * n_ff)]
+        else:
+            gate_up = self._fused([(p + f"ffn_gate{suffix}.weight", n_ff), (p + f"ffn_up{suffix}.weight", n_ff)],
+                                  self.hp.n_embd)
         return DenseFFN(gate_up, self._matrix(p + f"ffn_down{suffix}.weight", n_ff, self.hp.n_embd), self.hp.activation)
 
     # ------------------------------------------------------------------------------------------ forward
