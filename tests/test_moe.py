@@ -200,3 +200,24 @@ def test_inconsistent_checkpoints_are_clear_errors(tmp_path, model_class, change
         convert(folder, tmp_path / "model.gguf", "f32")
     assert fragment in str(e.value)
     assert not (tmp_path / "model.gguf").exists()
+
+
+@pytest.mark.parametrize("model_class", ["Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM"])
+def test_export_gives_back_the_checkpoint(tmp_path, model_class):
+    """convert at F32, export, convert again: the original tensors, and the same file's logits bit for bit."""
+    from llamba.convert import export
+    from tests.test_convert import _checkpoint_tensors
+
+    folder = write_checkpoint(tmp_path / "hf", model_class)
+    first = convert(folder, tmp_path / "first.gguf", "f32")
+    exported = export(first, tmp_path / "exported")
+    original, _ = _checkpoint_tensors(folder)
+    back, config = _checkpoint_tensors(exported)
+    assert json.loads((exported / "config.json").read_text())["architectures"] == [model_class]
+    assert sorted(back) == sorted(original)
+    assert all(np.array_equal(back[name], original[name]) for name in original)
+    again = load_transformer(convert(exported, tmp_path / "again.gguf", "f32"))
+    cache = lambda model: KVCache.for_model(model.hp, 64)  # noqa: E731
+    model = load_transformer(first)
+    assert np.array_equal(again.forward_tokens(PROMPT, 0, cache(again), all_logits=True),
+                          model.forward_tokens(PROMPT, 0, cache(model), all_logits=True))

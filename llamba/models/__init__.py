@@ -53,6 +53,15 @@ def architecture_module(arch, path: str = "") -> ModuleType:
     return module
 
 
+def export_spec(g: GGUFFile):
+    """The HFSpec a GGUF file exports through: its architecture's, the one with experts if it has them
+    (a llama file with ffn_*_exps is Mixtral)."""
+    has_experts = any(len(t.shape) == 3 for t in g.tensors.values())
+    module = architecture_module(g.architecture, g.path)
+    specs = getattr(module, "HF_SPECS", (module.HF,))
+    return next((spec for spec in specs if bool(spec.experts) == has_experts), specs[0])
+
+
 def load_transformer(source: str | os.PathLike | GGUFFile) -> Transformer:
     """Open a GGUF file (or take an open one) and build its transformer, weights repacked for the kernels."""
     g = source if isinstance(source, GGUFFile) else open_gguf(source)
@@ -60,4 +69,4 @@ def load_transformer(source: str | os.PathLike | GGUFFile) -> Transformer:
     return Transformer(g, module.hparams(g))
 
 
-__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module", "hf_spec"]
+__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module", "hf_spec", "export_spec"]

@@ -140,6 +140,15 @@ def expert_slot(spec: HFSpec, name: str) -> tuple[str, int] | None:
     return f"blk.{m[1]}.{spec.expert_names[m[4]]}.weight", int(m[3])
 
 
+def hf_expert_names(spec: HFSpec, name: str, n_expert: int) -> list[str]:
+    """The inverse of expert_slot: each expert's Hugging Face name for a stacked GGUF tensor."""
+    m = _BLOCK.match(name)
+    back = {v: k for k, v in spec.expert_names.items()}
+    if m is None or m[2] not in back:
+        raise UnsupportedError(f"tensor {name} has no Hugging Face name for {spec.arch}")
+    return [f"model.layers.{m[1]}.{spec.experts}.{e}.{back[m[2]]}.weight" for e in range(n_expert)]
+
+
 def hf_name(spec: HFSpec, name: str) -> str:
     """The inverse of gguf_name (always the plain `model.` layout)."""
     if m := _BLOCK.match(name):
