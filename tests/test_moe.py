@@ -221,3 +221,13 @@ def test_export_gives_back_the_checkpoint(tmp_path, model_class):
     model = load_transformer(first)
     assert np.array_equal(again.forward_tokens(PROMPT, 0, cache(again), all_logits=True),
                           model.forward_tokens(PROMPT, 0, cache(model), all_logits=True))
+
+
+def test_info_counts_the_active_parameters(qwen3moe_path):
+    from llamba.formats.describe import describe
+    from llamba.formats.gguf import open_gguf
+
+    summary = describe(open_gguf(qwen3moe_path))
+    idle = 2 * 3 * (8 - 2) * 64 * 64  # layers x (gate, up, down) x experts not used x [n_ff_exp, n_embd]
+    assert (summary["expert_count"], summary["expert_used_count"]) == (8, 2)
+    assert summary["active_parameters"] == summary["parameters"] - idle
