@@ -32,7 +32,7 @@ def llama_cpp_logits(path: Path, ids: np.ndarray) -> np.ndarray:
 def main() -> None:
     REFERENCE.mkdir(parents=True, exist_ok=True)
     print(f"{'case':<16} {'n_vocab':>7} {'sha256':<16}")
-    for name, (_, _, seed) in CASES.items():
+    for name, (_, _, seed, _) in CASES.items():
         with tempfile.TemporaryDirectory() as folder:
             path = build(name, Path(folder))
             from llamba.formats.gguf import open_gguf

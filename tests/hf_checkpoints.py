@@ -39,6 +39,14 @@ MODELS = {
     "OlmoeForCausalLM": ("olmoe", {"tie_word_embeddings": False, "num_key_value_heads": 4, "num_experts": 8,
                                    "num_experts_per_tok": 2, "intermediate_size": 64, "norm_topk_prob": False}),
     "Phi3ForCausalLM": ("phi3", {"tie_word_embeddings": False}),
+    "DeepseekV2ForCausalLM": ("deepseek2", {"tie_word_embeddings": False, "num_key_value_heads": 4, "kv_lora_rank": 64,
+                                            "q_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32,
+                                            "v_head_dim": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                                            "n_shared_experts": 2, "moe_intermediate_size": 32,
+                                            "first_k_dense_replace": 1, "routed_scaling_factor": 1.5,
+                                            "norm_topk_prob": False, "topk_method": "greedy",
+                                            "scoring_func": "softmax", "n_group": 1, "topk_group": 1,
+                                            "moe_layer_freq": 1, "intermediate_size": 96}),
     "Gemma3ForCausalLM": ("gemma3", {"tie_word_embeddings": True, "head_dim": 32, "num_key_value_heads": 1,
                                      "num_hidden_layers": 7, "sliding_window": 4, "query_pre_attn_scalar": 32,
                                      "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}),
@@ -122,6 +130,8 @@ def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
         t["lm_head.weight"] = rand(n_vocab, d)
         if family in JUDGED_BY_LLAMA_CPP:  # compared with llama.cpp's top-1: a clear winner, not a near-tie
             t["lm_head.weight"] += _clear_winners(t["model.embed_tokens.weight"], rng)
+    if family == "deepseek2":
+        return t | _deepseek_tensors(config, rand, norm)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         t |= {p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d),
@@ -155,8 +165,8 @@ def _unfused(w: dict, p: str, q_dim: int, kv_dim: int) -> dict:
                 p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up}
 
 
-MOE_FAMILIES = ("qwen2moe", "qwen3moe", "mixtral", "olmoe")
-JUDGED_BY_LLAMA_CPP = (*MOE_FAMILIES, "phi3")  # families tested against llama.cpp's logits (no real model here)
+MOE_FAMILIES = ("qwen2moe", "qwen3moe", "mixtral", "olmoe")  # the llama-like layers with experts
+JUDGED_BY_LLAMA_CPP = (*MOE_FAMILIES, "phi3", "deepseek2")  # families tested against llama.cpp's logits (no real model here)
 ROUTER_SCALE = 0.6  # routers' weights: scores far apart, so no expert is chosen by a rounding's luck
 
 
@@ -188,19 +198,91 @@ def _clear_winners(embed: np.ndarray, rng) -> np.ndarray:
     return (0.3 * embed[rng.permutation(len(embed))]).astype(np.float32)
 
 
+def _deepseek_tensors(config: dict, rand, norm) -> dict[str, np.ndarray]:
+    """DeepSeek-V2's layers: latent attention (with q_lora_rank or without), dense leading layers, then
+    routed and shared experts."""
+    d, n_head = config["hidden_size"], config["num_attention_heads"]
+    nope, n_rot, v_head = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    kv_lora, q_lora = config["kv_lora_rank"], config.get("q_lora_rank")
+    n_expert, ff, sff = config["n_routed_experts"], config["moe_intermediate_size"], config["intermediate_size"]
+    t = {}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        t |= {p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d),
+              a + "kv_a_proj_with_mqa.weight": rand(kv_lora + n_rot, d), a + "kv_a_layernorm.weight": norm(kv_lora),
+              a + "kv_b_proj.weight": rand(n_head * (nope + v_head), kv_lora, scale=0.15),
+              a + "o_proj.weight": rand(d, n_head * v_head)}
+        if q_lora:
+            t |= {a + "q_a_proj.weight": rand(q_lora, d), a + "q_a_layernorm.weight": norm(q_lora),
+                  a + "q_b_proj.weight": rand(n_head * (nope + n_rot), q_lora, scale=0.15)}
+        else:
+            t[a + "q_proj.weight"] = rand(n_head * (nope + n_rot), d)
+        if i < config["first_k_dense_replace"]:
+            t |= {p + "mlp.gate_proj.weight": rand(sff, d), p + "mlp.up_proj.weight": rand(sff, d),
+                  p + "mlp.down_proj.weight": rand(d, sff)}
+            continue
+        t[p + "mlp.gate.weight"] = rand(n_expert, d, scale=ROUTER_SCALE)
+        for e in range(n_expert):
+            q = p + f"mlp.experts.{e}."
+            t |= {q + "gate_proj.weight": rand(ff, d), q + "up_proj.weight": rand(ff, d), q + "down_proj.weight": rand(d, ff)}
+        shared, q = ff * config["n_shared_experts"], p + "mlp.shared_experts."
+        t |= {q + "gate_proj.weight": rand(shared, d), q + "up_proj.weight": rand(shared, d),
+              q + "down_proj.weight": rand(d, shared)}
+    return t
+
+
+def _rope_pairs(x, pos, base):  # [n, heads, d]: DeepSeek's rotary parts, adjacent pairs (interleaved)
+    halves = np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)  # its modeling code de-interleaves first
+    return _rope_halves(halves, pos, base)
+
+
+def deepseek_forward(w: dict, config: dict, ids: list[int]) -> np.ndarray:
+    """DeepSeek-V2 as its modeling code runs it: each head's keys and values decompressed from the latent
+    (no absorption), shared experts ungated, the routed weights scaled."""
+    d, n_head, eps, n = config["hidden_size"], config["num_attention_heads"], config["rms_norm_eps"], len(ids)
+    nope, n_rot, v_head = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    kv_lora = config["kv_lora_rank"]
+    pos = np.arange(n, dtype=np.float64)
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(config["num_hidden_layers"]):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        h = _rmsnorm(x, w[p + "input_layernorm.weight"], eps, False)
+        if config.get("q_lora_rank"):
+            q = _rmsnorm(h @ w[a + "q_a_proj.weight"].T, w[a + "q_a_layernorm.weight"], eps, False) @ w[a + "q_b_proj.weight"].T
+        else:
+            q = h @ w[a + "q_proj.weight"].T
+        q = q.reshape(n, n_head, nope + n_rot)
+        compressed = h @ w[a + "kv_a_proj_with_mqa.weight"].T
+        latent = _rmsnorm(compressed[:, :kv_lora], w[a + "kv_a_layernorm.weight"], eps, False)
+        kv = (latent @ w[a + "kv_b_proj.weight"].T).reshape(n, n_head, nope + v_head)
+        k_pe = np.repeat(_rope_pairs(compressed[:, None, kv_lora:], pos, config["rope_theta"]), n_head, axis=1)
+        q = np.concatenate([q[..., :nope], _rope_pairs(q[..., nope:], pos, config["rope_theta"])], axis=-1)
+        k = np.concatenate([kv[..., :nope], k_pe], axis=-1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(nope + n_rot)
+        scores = np.where((pos[:, None] < pos[None, :])[None], -np.inf, scores)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", probs, kv[..., nope:]).reshape(n, -1) @ w[a + "o_proj.weight"].T
+        h = _rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps, False)
+        if i < config["first_k_dense_replace"]:
+            x = x + _silu_ffn(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+            continue
+        x = x + _routed(w, h, config["num_experts_per_tok"], config["norm_topk_prob"], ("gate_proj", "up_proj", "down_proj"),
+                        p + "mlp.gate.weight", p + "mlp.experts.") * config["routed_scaling_factor"]
+        q = p + "mlp.shared_experts."
+        x = x + _silu_ffn(h, w[q + "gate_proj.weight"], w[q + "up_proj.weight"], w[q + "down_proj.weight"])
+    x = _rmsnorm(x, w["model.norm.weight"], eps, False)
+    return x @ w["lm_head.weight"].T
+
+
 def _silu_ffn(h, gate, up, down):  # transformers' gated MLP: down(silu(gate(h)) * up(h))
     g = h @ gate.T
     return (g / (1 + np.exp(-g)) * (h @ up.T)) @ down.T
 
 
-def _moe_forward(w: dict, config: dict, family: str, p: str, h: np.ndarray) -> np.ndarray:
-    """transformers' sparse MoE blocks: softmax over the router, top k, (renormalized), weighted experts."""
-    if family == "mixtral":
-        router, experts, names = p + "block_sparse_moe.gate.weight", p + "block_sparse_moe.experts.", ("w1", "w3", "w2")
-        k, normalize = config["num_experts_per_tok"], True
-    else:
-        router, experts, names = p + "mlp.gate.weight", p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj")
-        k, normalize = config["num_experts_per_tok"], config["norm_topk_prob"]
+def _routed(w: dict, h: np.ndarray, k: int, normalize: bool, names, router: str, experts: str) -> np.ndarray:
+    """The routed experts' weighted sum: softmax over the router, top k, optionally renormalized."""
     scores = h @ w[router].T
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -211,6 +293,18 @@ def _moe_forward(w: dict, config: dict, family: str, p: str, h: np.ndarray) -> n
         for e, weight in zip(top, weights):
             gate, up, down = (w[experts + f"{e}.{name}.weight"] for name in names)
             out[t] += weight * _silu_ffn(h[t : t + 1], gate, up, down)[0]
+    return out
+
+
+def _moe_forward(w: dict, config: dict, family: str, p: str, h: np.ndarray) -> np.ndarray:
+    """transformers' sparse MoE blocks: softmax over the router, top k, (renormalized), weighted experts."""
+    if family == "mixtral":
+        router, experts, names = p + "block_sparse_moe.gate.weight", p + "block_sparse_moe.experts.", ("w1", "w3", "w2")
+        k, normalize = config["num_experts_per_tok"], True
+    else:
+        router, experts, names = p + "mlp.gate.weight", p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj")
+        k, normalize = config["num_experts_per_tok"], config["norm_topk_prob"]
+    out = _routed(w, h, k, normalize, names, router, experts)
     if family == "qwen2moe":
         q = p + "mlp.shared_expert."
         shared = _silu_ffn(h, w[q + "gate_proj.weight"], w[q + "up_proj.weight"], w[q + "down_proj.weight"])
@@ -251,6 +345,8 @@ def _rope_halves(x, pos, base, scaling=None):  # [n, heads, hd]: Hugging Face's 
 def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: list[int]) -> np.ndarray:
     """float64 logits [n, vocab] of `ids` from a checkpoint's own tensors and config."""
     w = {k: v.astype(np.float64) for k, v in tensors.items()}
+    if family == "deepseek2":
+        return deepseek_forward(w, config, ids)
     gemma = family == "gemma3"
     d, n_head, n_kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
     hd, eps, n = config.get("head_dim", d // n_head), config["rms_norm_eps"], len(ids)

@@ -1,4 +1,4 @@
-"""Mixtures of experts (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE): routing against NumPy, batch invariance bit for bit,
+"""Mixtures of experts (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V2) and latent attention: routing against NumPy, batch invariance bit for bit,
 only the chosen experts read, and bad expert metadata or checkpoints as clear errors.
 
 (Their logits against a transformers-convention forward are in test_convert; against llama.cpp in
@@ -24,7 +24,8 @@ from tests.test_batch import GUESSES, PROMPT, _check_invariance
 
 # each family in a type of its own, so the experts run through several of the integer kernel's layouts
 FAMILIES = {"qwen2moe": ("Qwen2MoeForCausalLM", "q8_0"), "qwen3moe": ("Qwen3MoeForCausalLM", "q4_0"),
-            "mixtral": ("MixtralForCausalLM", "q5_1"), "olmoe": ("OlmoeForCausalLM", "q4_1")}
+            "mixtral": ("MixtralForCausalLM", "q5_1"), "olmoe": ("OlmoeForCausalLM", "q4_1"),
+            "deepseek2": ("DeepseekV2ForCausalLM", "q8_0")}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -61,10 +62,24 @@ def test_routing_of_a_token_does_not_depend_on_its_batch():
         assert np.array_equal(alone_ids[0], ids[t]) and np.array_equal(alone_weights[0], weights[t])
 
 
+def _expert_layers(model) -> list:
+    return [layer for layer in model.layers if isinstance(layer.ffn, ExpertFFN)]
+
+
 def test_expert_logits_are_batch_invariant(moe_path):
     model = load_transformer(moe_path)
-    assert all(isinstance(layer.ffn, ExpertFFN) for layer in model.layers)
+    assert len(_expert_layers(model)) == len(model.layers) - model.hp.n_dense_lead > 0
     _check_invariance(model, PROMPT, GUESSES)
+
+
+def test_latent_attention_caches_the_latent_and_the_rotary_key(tmp_path):
+    """DeepSeek-V2: kv_lora_rank + qk_rope_head_dim values per token and layer, one key head."""
+    folder = write_checkpoint(tmp_path / "hf", "DeepseekV2ForCausalLM")
+    model = load_transformer(convert(folder, tmp_path / "m.gguf", "f32"))
+    assert (model.hp.n_head_kv, model.hp.head_dim) == (1, 64 + 16)
+    assert model.layers[0].latent is not None and not isinstance(model.layers[0].ffn, ExpertFFN)  # a dense lead
+    keys = KVCache.for_model(model.hp, 32).k[0]  # [n_head_kv, n_cells, values per token]
+    assert (keys.shape[0], keys.shape[2]) == (1, 80)
 
 
 def test_fused_phi3_logits_are_batch_invariant(tmp_path):
@@ -80,7 +95,7 @@ def test_a_token_reads_only_its_experts(moe_path):
     model.forward_tokens(PROMPT, 0, cache)
     chosen = _record_routes(model)
     expected = model.forward_tokens([GUESSES[0]], len(PROMPT), cache)
-    for layer, used in zip(model.layers, chosen):
+    for layer, used in zip(_expert_layers(model), chosen):
         assert len(used) == model.hp.n_expert_used < model.hp.n_expert
         layer.ffn.experts = [e if i in used else _Untouchable() for i, e in enumerate(layer.ffn.experts)]
     cache.remove(0, len(PROMPT))
@@ -95,7 +110,7 @@ class _Untouchable:
 def _record_routes(model) -> list[set[int]]:
     """The experts each layer's next call routes to (recorded by wrapping the experts)."""
     chosen = []
-    for layer in model.layers:
+    for layer in _expert_layers(model):
         used: set[int] = set()
         layer.ffn.experts = [_Recording(e, i, used) for i, e in enumerate(layer.ffn.experts)]
         chosen.append(used)
@@ -115,7 +130,7 @@ def test_a_batch_runs_each_expert_once_over_its_tokens(moe_path):
     """Prefill groups tokens by expert: one product per expert, over every token routed to it."""
     model = load_transformer(moe_path)
     calls = []
-    for layer in model.layers[:1]:
+    for layer in _expert_layers(model)[:1]:
         layer.ffn.experts = [_Counting(e, i, calls) for i, e in enumerate(layer.ffn.experts)]
     model.forward_tokens(PROMPT, 0, KVCache.for_model(model.hp, 64))
     experts = [i for i, _ in calls]

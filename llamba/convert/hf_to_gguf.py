@@ -54,7 +54,13 @@ def convert(folder: str | os.PathLike, out: str | os.PathLike, output_type: str 
     tied = "output.weight" not in named
     plan = []
     n_expert = metadata.get(f"{spec.arch}.expert_count", 0)
-    producers = {name: _producer(spec, checkpoint, name, entry, metadata) for name, entry in named.items()}
+    producers = {}
+    for name, entry in named.items():
+        split = spec.split_tensors(name, tuple(entry.shape), config) if spec.split_tensors else []
+        for part, shape, take in split:
+            producers[part] = (shape, lambda entry=entry, take=take: take(checkpoint.read(entry)))
+        if not split:
+            producers[name] = _producer(spec, checkpoint, name, entry, metadata)
     producers |= {name: _stacked(spec, checkpoint, name, members, n_expert, metadata) for name, members in experts.items()}
     for name in sorted(producers, key=_order):
         shape, produce = producers[name]

@@ -12,7 +12,7 @@ from types import ModuleType
 
 from ..errors import GGUFError, UnsupportedError
 from ..formats.gguf import GGUFFile, open_gguf
-from . import gemma3, llama, olmoe, phi3, qwen2, qwen2moe, qwen3, qwen3moe
+from . import deepseek2, gemma3, llama, olmoe, phi3, qwen2, qwen2moe, qwen3, qwen3moe
 from .transformer import HParams, Transformer
 
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -24,6 +24,7 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "qwen3moe": qwen3moe,
     "olmoe": olmoe,
     "phi3": phi3,
+    "deepseek2": deepseek2,
     "gemma3": gemma3,
 }
 

@@ -4,7 +4,7 @@ Both map the normed residual h [n_tokens, n_embd] to the block's output [n_token
 
 A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) routes each token to `n_used` of its `n_expert` gated
 FFNs and sums their outputs weighted by the router; Qwen2-MoE adds a shared expert, always run, scaled by a
-sigmoid gate of its own. GGUF stacks the experts of a layer as one 3-D tensor per matrix,
+sigmoid gate of its own; DeepSeek-V2 adds ungated shared experts and scales the routed weights. GGUF stacks the experts of a layer as one 3-D tensor per matrix,
 `ffn_{gate,up,down}_exps` [n_expert, rows, n_embd]; each expert is repacked as its own lanes matrices, so a
 token reads only its experts' rows, and a batch runs one product per expert over the tokens routed to it.
 Each token's outputs are summed in expert order, its routing depends on its own scores alone, and every
@@ -58,12 +58,13 @@ class ExpertFFN:
     """A mixture of gated experts, optionally with a shared expert (see the module's docstring)."""
 
     def __init__(self, router: list[LaneMatrix], experts: list[DenseFFN], n_used: int, normalize: bool,
-                 shared: DenseFFN | None = None):
-        self.router = router  # [n_expert (+ 1: the shared expert's gate), n_embd]
+                 shared: DenseFFN | None = None, scale: float = 1.0):
+        self.router = router  # [n_expert (+ 1: the shared expert's gate, if it has one), n_embd]
         self.experts = experts
         self.n_used = n_used
         self.normalize = normalize  # the chosen experts' weights rescaled to sum to one
         self.shared = shared
+        self.scale = np.float32(scale)  # every routed weight times this (DeepSeek's routed_scaling_factor)
 
     @property
     def matrices(self) -> list[LaneMatrix]:
@@ -74,13 +75,17 @@ class ExpertFFN:
         n_expert = len(self.experts)
         scores = project(h, self.router)  # [n_tokens, n_expert (+ 1)]
         ids, weights = route_top_k(scores[:, :n_expert], self.n_used, self.normalize)  # [n_tokens, n_used]
+        if self.scale != 1:
+            weights *= self.scale
         out = np.zeros(h.shape, np.float32)  # [n_tokens, n_embd]
         for e in np.unique(ids):  # ascending: each token sums its experts in the same order in any batch
             tokens, slots = np.nonzero(ids == e)
             y = self.experts[e](np.ascontiguousarray(h[tokens]))
             out[tokens] += weights[tokens, slots, None] * y
-        if self.shared is not None:
+        if self.shared is not None and scores.shape[1] > n_expert:  # gated by the router's extra row
             out += sigmoid(scores[:, n_expert:]) * self.shared(h)
+        elif self.shared is not None:
+            out += self.shared(h)
         return out
 
 

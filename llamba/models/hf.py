@@ -96,6 +96,8 @@ class HFSpec:
     skipped: tuple[str, ...] = ()  # prefixes of tensors that are not the text model (vision towers)
     check_config: Callable[[dict, str], None] | None = None  # refuses settings llamba cannot run
     more_config: Callable[[dict], dict] | None = None  # export: config.json values derived from metadata
+    more_metadata: Callable[[dict], dict] | None = None  # convert: `{arch}.*` values derived from the config
+    split_tensors: Callable[[str, tuple, dict], list] | None = None  # one tensor into several (DeepSeek's kv_b)
     experts: str = ""  # a mixture of experts: where they sit inside a layer ("mlp.experts")
     expert_names: dict[str, str] = field(default_factory=dict)  # an expert's matrices -> the stacked tensors
 
@@ -234,6 +236,8 @@ def metadata_from_config(spec: HFSpec, config: dict, where: str = "config.json")
         raise LlambaError(f"{where}: 'partial_rotary_factor' = {rotated!r} is not in (0, 1]")
     out[f"{arch}.rope.dimension_count"] = int(head_dim * rotated)
     out.update(_rope_scaling(arch, config.get("rope_scaling"), where))
+    if spec.more_metadata:
+        out.update({f"{arch}.{key}": value for key, value in spec.more_metadata(config).items()})
     return out
 
 

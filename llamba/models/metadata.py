@@ -16,6 +16,7 @@ from ..errors import GGUFError, UnsupportedError
 from ..formats.gguf import GGUFFile
 from ..formats.keys import MetadataKeys
 from ..ops.rope import RopeConfig
+from .latent import LatentDims
 
 # Generous bounds: far beyond any released model, small enough that no product of them overflows a kernel.
 MAX_WIDTH = 1 << 16  # embedding, feed-forward and head widths
@@ -55,6 +56,10 @@ class HParams:
     n_ff_exp: int = 0  # an expert's feed-forward width
     n_ff_shexp: int = 0  # the shared expert's (0: none)
     expert_norm: bool = False  # the chosen experts' weights rescaled to sum to one
+    expert_weights_scale: float = 1.0  # and multiplied by this
+    shared_expert_gate: bool = False  # the shared expert scaled by a sigmoid gate (Qwen2-MoE)
+    n_dense_lead: int = 0  # leading layers with a dense feed-forward block (DeepSeek)
+    mla: LatentDims | None = None  # latent attention (DeepSeek-V2): n_head_kv 1, head_dim its cached width
 
     @property
     def q_dim(self) -> int:
@@ -70,8 +75,9 @@ def arch_keys(g: GGUFFile) -> MetadataKeys:
     return MetadataKeys(g.metadata, g.path, f"{g.architecture}.")
 
 
-def read_common(g: GGUFFile, neox: bool) -> HParams:
-    """The hyperparameters every family stores under `{arch}.*`, with llama.cpp's defaults."""
+def read_common(g: GGUFFile, neox: bool, latent: bool = False) -> HParams:
+    """The hyperparameters every family stores under `{arch}.*`, with llama.cpp's defaults. latent: values
+    narrower than keys are the latent attention's (its caller checks them)."""
     keys = arch_keys(g)
     n_embd = keys.count("embedding_length")
     n_head = keys.count("attention.head_count", high=MAX_HEADS)
@@ -80,7 +86,7 @@ def read_common(g: GGUFFile, neox: bool) -> HParams:
         raise keys.fail("attention.head_count_kv", n_head_kv, f"does not divide the head count {n_head}")
     head_dim = keys.count("attention.key_length", max(n_embd // n_head, 1))
     value_dim = keys.count("attention.value_length", head_dim)
-    if value_dim != head_dim:
+    if value_dim != head_dim and not latent:
         raise UnsupportedError(f"{g.path}: value heads of {value_dim} differ from key heads of {head_dim}; not supported")
     n_ctx_train = keys.count("context_length", 2048, high=MAX_CONTEXT)
     return HParams(

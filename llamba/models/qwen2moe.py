@@ -30,4 +30,5 @@ HF = HFSpec(
 
 def hparams(g: GGUFFile) -> HParams:
     hp = read_common(g, neox=True)
+    hp.shared_expert_gate = True
     return read_experts(g, hp, normalize=False, shared=True)

@@ -29,6 +29,7 @@ from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, sta
 from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
 from .ffn import DenseFFN, ExpertFFN, expert_lanes_nbytes, load_experts, project
+from .latent import LatentAttention, load_latent
 from .metadata import HParams
 
 
@@ -68,10 +69,12 @@ class Layer:
     k_norm: np.ndarray
     attn_post_norm: np.ndarray
     ffn_post_norm: np.ndarray
+    latent: LatentAttention | None = None  # latent attention (DeepSeek-V2) in place of wqkv, wo
 
     @property
     def matrices(self) -> list[LaneMatrix]:
-        return [*self.wqkv, self.wo, *self.ffn.matrices]
+        attention = self.latent.matrices if self.latent else [*self.wqkv, self.wo]
+        return [*attention, *self.ffn.matrices]
 
 
 class Transformer:
@@ -86,13 +89,13 @@ class Transformer:
         self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in repacked)
                                   + sum(expert_lanes_nbytes(t) for t in experts))
         self.allocate = self._arena.zeros  # where load_experts repacks into
-        self.output_norm = self._vector("output_norm.weight", hp.n_embd)
+        self.output_norm = self.vector("output_norm.weight", hp.n_embd)
         if tied:
-            self.output = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
+            self.output = self.matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
             self.tok_embd = LaneRows(self.output)
         else:
             self.tok_embd = FileRows(self.tensor("token_embd.weight", (hp.n_embd, hp.n_vocab)))
-            self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab)
+            self.output = self.matrix("output.weight", hp.n_embd, hp.n_vocab)
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
         del self._arena, self.allocate  # the mapping lives on in the weights' arrays
         self.threads = ThreadGovernor()  # how many threads each forward uses, by measurement
@@ -113,7 +116,7 @@ class Transformer:
                             "from the metadata")
         return t
 
-    def _vector(self, name: str, n: int) -> np.ndarray:
+    def vector(self, name: str, n: int) -> np.ndarray:
         t = self.tensor(name, (n,))
         if t.type.name != "F32":
             return dequantize(t.data, t.type).reshape(-1)
@@ -121,9 +124,9 @@ class Transformer:
         return np.array(t.data, dtype=np.float32).reshape(-1)
 
     def _optional_vector(self, name: str, n: int) -> np.ndarray:
-        return self._vector(name, n) if name in self.gguf.tensors else NO_WEIGHT
+        return self.vector(name, n) if name in self.gguf.tensors else NO_WEIGHT
 
-    def _matrix(self, name: str, n_cols: int, n_rows: int) -> LaneMatrix:
+    def matrix(self, name: str, n_cols: int, n_rows: int) -> LaneMatrix:
         return self._fused([(name, n_rows)], n_cols)[0]
 
     def _fused(self, shapes: list[tuple[str, int]], n_cols: int) -> list[LaneMatrix]:
@@ -137,17 +140,23 @@ class Transformer:
 
     def _layer(self, i: int) -> Layer:
         hp, p = self.hp, f"blk.{i}."
+        if hp.mla is not None:
+            latent = load_latent(self, p, hp.mla, hp.n_head, hp.n_embd, hp.norm_eps)
+            return Layer(attn_norm=self.vector(p + "attn_norm.weight", hp.n_embd), wqkv=[], bqkv=NO_WEIGHT,
+                         wo=latent.wo, ffn_norm=self.vector(p + "ffn_norm.weight", hp.n_embd), ffn=self._ffn(p, i),
+                         q_norm=NO_WEIGHT, k_norm=NO_WEIGHT, attn_post_norm=NO_WEIGHT, ffn_post_norm=NO_WEIGHT,
+                         latent=latent)
         q, kv, d = hp.q_dim, hp.kv_dim, hp.head_dim
         biases = [self._optional_vector(p + f"attn_{x}.bias", n) for x, n in (("q", q), ("k", kv), ("v", kv))]
         return Layer(
-            attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd),
+            attn_norm=self.vector(p + "attn_norm.weight", hp.n_embd),
             wqkv=self._qkv(p),
             bqkv=np.concatenate(biases) if all(b.size for b in biases) else NO_WEIGHT,
-            wo=self._matrix(p + "attn_output.weight", q, hp.n_embd),
-            ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd),
-            ffn=self._ffn(p),
-            q_norm=self._vector(p + "attn_q_norm.weight", q if hp.qk_norm == "whole" else d) if hp.qk_norm else NO_WEIGHT,
-            k_norm=self._vector(p + "attn_k_norm.weight", kv if hp.qk_norm == "whole" else d) if hp.qk_norm else NO_WEIGHT,
+            wo=self.matrix(p + "attn_output.weight", q, hp.n_embd),
+            ffn_norm=self.vector(p + "ffn_norm.weight", hp.n_embd),
+            ffn=self._ffn(p, i),
+            q_norm=self.vector(p + "attn_q_norm.weight", q if hp.qk_norm == "whole" else d) if hp.qk_norm else NO_WEIGHT,
+            k_norm=self.vector(p + "attn_k_norm.weight", kv if hp.qk_norm == "whole" else d) if hp.qk_norm else NO_WEIGHT,
             attn_post_norm=self._optional_vector(p + "post_attention_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
             ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
         )
@@ -156,32 +165,34 @@ class Transformer:
         """Q, K and V: one matrix as the file fuses them (Phi-3's attn_qkv), else stacked as their types allow."""
         hp = self.hp
         if p + "attn_qkv.weight" in self.gguf.tensors:
-            return [self._matrix(p + "attn_qkv.weight", hp.n_embd, hp.q_dim + 2 * hp.kv_dim)]
+            return [self.matrix(p + "attn_qkv.weight", hp.n_embd, hp.q_dim + 2 * hp.kv_dim)]
         names = [(p + "attn_q.weight", hp.q_dim), (p + "attn_k.weight", hp.kv_dim), (p + "attn_v.weight", hp.kv_dim)]
         return self._fused(names, hp.n_embd)
 
-    def _ffn(self, p: str) -> DenseFFN | ExpertFFN:
-        """The layer's feed-forward block: dense, or a mixture of experts (with a shared expert where the
-        file has one: Qwen2-MoE)."""
+    def _ffn(self, p: str, i: int) -> DenseFFN | ExpertFFN:
+        """Layer i's feed-forward block: dense (all of a dense model's; DeepSeek's leading ones), or a mixture
+        of experts, with a shared expert where the file has one (Qwen2-MoE's gated by the router's extra row)."""
         hp = self.hp
-        if not hp.n_expert:
+        if not hp.n_expert or i < hp.n_dense_lead:
             return self._dense_ffn(p, "", hp.n_ff)
         experts = load_experts(self, p, hp.n_expert, hp.n_embd, hp.n_ff_exp, hp.activation)
         router = [(p + "ffn_gate_inp.weight", hp.n_expert)]
         shared = None
         if hp.n_ff_shexp:
             shared = self._dense_ffn(p, "_shexp", hp.n_ff_shexp)
-            router.append((p + "ffn_gate_inp_shexp.weight", 1))
-        return ExpertFFN(self._fused(router, hp.n_embd), experts, hp.n_expert_used, hp.expert_norm, shared)
+            if hp.shared_expert_gate:
+                router.append((p + "ffn_gate_inp_shexp.weight", 1))
+        return ExpertFFN(self._fused(router, hp.n_embd), experts, hp.n_expert_used, hp.expert_norm, shared,
+                         hp.expert_weights_scale)
 
     def _dense_ffn(self, p: str, suffix: str, n_ff: int) -> DenseFFN:
         """Gate and up stacked as their types allow, or the one ffn_up holding both (Phi-3)."""
         if self.hp.fused_gate_up and suffix == "":
-            gate_up = [self._matrix(p + "ffn_up.weight", self.hp.n_embd, 2 * n_ff)]
+            gate_up = [self.matrix(p + "ffn_up.weight", self.hp.n_embd, 2 * n_ff)]
         else:
             gate_up = self._fused([(p + f"ffn_gate{suffix}.weight", n_ff), (p + f"ffn_up{suffix}.weight", n_ff)],
                                   self.hp.n_embd)
-        return DenseFFN(gate_up, self._matrix(p + f"ffn_down{suffix}.weight", n_ff, self.hp.n_embd), self.hp.activation)
+        return DenseFFN(gate_up, self.matrix(p + f"ffn_down{suffix}.weight", n_ff, self.hp.n_embd), self.hp.activation)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -253,7 +264,10 @@ class Transformer:
         for (i, layer), next_norm in zip(layers, next_norms):
             local = bool(hp.swa_layers and hp.swa_layers[i])
             cos, sin = tables[local and hp.rope_local is not None]
-            self._attention_block(x, h, layer, i, placement.cells, cache, cos, sin, attend, local)
+            if layer.latent is not None:
+                self._latent_block(x, h, layer, i, placement.cells, cache, cos, sin, attend)
+            else:
+                self._attention_block(x, h, layer, i, placement.cells, cache, cos, sin, attend, local)
             self._ffn_block(x, h, layer, next_norm, i)
         return h
 
@@ -300,6 +314,12 @@ class Transformer:
         attend(att, q, kv, hp.sliding_window if local else 0)
         out = matmul(att.reshape(n, hp.q_dim), layer.wo)
         finite = add_block_output(x, out, layer.attn_post_norm, layer.ffn_norm, h, hp.norm_eps)
+        self._check_finite(finite, f"layer {i}")
+
+    def _latent_block(self, x, h, layer: Layer, i: int, cells, cache, cos, sin, attend) -> None:
+        """x += latent_attention(h); h = x normed for the feed-forward block."""
+        out = layer.latent(h, cache.layer(i), cells, cos, sin, attend)
+        finite = add_block_output(x, out, NO_WEIGHT, layer.ffn_norm, h, self.hp.norm_eps)
         self._check_finite(finite, f"layer {i}")
 
     def _ffn_block(self, x, h, layer: Layer, next_norm: np.ndarray, i: int) -> None:

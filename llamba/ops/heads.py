@@ -58,3 +58,12 @@ def norm_qk_whole(qkv, q_norm, k_norm, eps):
         norm_row(q, q, q_norm, eps)
         k = qkv[t, q_dim : q_dim + kv_dim]
         norm_row(k, k, k_norm, eps)
+
+
+@kernel
+def rope_heads(x, cos, sin, neox):
+    """Rotate the first n_rot dimensions of every head of x [n, n_heads, head_dim] in place by each token's
+    tables cos, sin [n, n_rot/2] (latent attention's rotary parts)."""
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            rotate_head(x[t, h], cos[t], sin[t], neox)
