@@ -47,6 +47,14 @@ MODELS = {
                                             "norm_topk_prob": False, "topk_method": "greedy",
                                             "scoring_func": "softmax", "n_group": 1, "topk_group": 1,
                                             "moe_layer_freq": 1, "intermediate_size": 96}),
+    "DeepseekV3ForCausalLM": ("deepseek2", {"tie_word_embeddings": False, "num_key_value_heads": 4, "kv_lora_rank": 64,
+                                            "q_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32,
+                                            "v_head_dim": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                                            "n_shared_experts": 1, "moe_intermediate_size": 32,
+                                            "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
+                                            "norm_topk_prob": True, "topk_method": "noaux_tc",
+                                            "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
+                                            "moe_layer_freq": 1, "intermediate_size": 96}),
     "Gemma3ForCausalLM": ("gemma3", {"tie_word_embeddings": True, "head_dim": 32, "num_key_value_heads": 1,
                                      "num_hidden_layers": 7, "sliding_window": 4, "query_pre_attn_scalar": 32,
                                      "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}),
@@ -151,8 +159,10 @@ def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
         if family == "gemma3":
             t |= {p + "pre_feedforward_layernorm.weight": norm(d), p + "post_feedforward_layernorm.weight": norm(d)}
         if family == "phi3":  # Q, K, V in one matrix; gate and up in another
-            t[p + "self_attn.qkv_proj.weight"] = np.concatenate([t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
-            t[p + "mlp.gate_up_proj.weight"] = np.concatenate([t.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
+            qkv = [t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+            gate_up = [t.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
+            t[p + "self_attn.qkv_proj.weight"] = np.concatenate(qkv)
+            t[p + "mlp.gate_up_proj.weight"] = np.concatenate(gate_up)
     return t
 
 
@@ -166,7 +176,7 @@ def _unfused(w: dict, p: str, q_dim: int, kv_dim: int) -> dict:
 
 
 MOE_FAMILIES = ("qwen2moe", "qwen3moe", "mixtral", "olmoe")  # the llama-like layers with experts
-JUDGED_BY_LLAMA_CPP = (*MOE_FAMILIES, "phi3", "deepseek2")  # families tested against llama.cpp's logits (no real model here)
+JUDGED_BY_LLAMA_CPP = (*MOE_FAMILIES, "phi3", "deepseek2")  # tested against llama.cpp's logits (no real model here)
 ROUTER_SCALE = 0.6  # routers' weights: scores far apart, so no expert is chosen by a rounding's luck
 
 
@@ -184,7 +194,8 @@ def _expert_tensors(config: dict, family: str, p: str, rand) -> dict[str, np.nda
     t = {p + "mlp.gate.weight": rand(n_expert, d, scale=ROUTER_SCALE)}
     for e in range(n_expert):
         q = p + f"mlp.experts.{e}."
-        t |= {q + "gate_proj.weight": rand(ff, d), q + "up_proj.weight": rand(ff, d), q + "down_proj.weight": rand(d, ff)}
+        t |= {q + "gate_proj.weight": rand(ff, d), q + "up_proj.weight": rand(ff, d),
+              q + "down_proj.weight": rand(d, ff)}
     if family == "qwen2moe":
         sff, q = config["shared_expert_intermediate_size"], p + "mlp.shared_expert."
         t |= {q + "gate_proj.weight": rand(sff, d), q + "up_proj.weight": rand(sff, d),
@@ -223,9 +234,12 @@ def _deepseek_tensors(config: dict, rand, norm) -> dict[str, np.ndarray]:
                   p + "mlp.down_proj.weight": rand(d, sff)}
             continue
         t[p + "mlp.gate.weight"] = rand(n_expert, d, scale=ROUTER_SCALE)
+        if config.get("topk_method") == "noaux_tc":  # V3: a bias that steers the choice of experts
+            t[p + "mlp.gate.e_score_correction_bias"] = rand(n_expert, scale=0.3)
         for e in range(n_expert):
             q = p + f"mlp.experts.{e}."
-            t |= {q + "gate_proj.weight": rand(ff, d), q + "up_proj.weight": rand(ff, d), q + "down_proj.weight": rand(d, ff)}
+            t |= {q + "gate_proj.weight": rand(ff, d), q + "up_proj.weight": rand(ff, d),
+                  q + "down_proj.weight": rand(d, ff)}
         shared, q = ff * config["n_shared_experts"], p + "mlp.shared_experts."
         t |= {q + "gate_proj.weight": rand(shared, d), q + "up_proj.weight": rand(shared, d),
               q + "down_proj.weight": rand(d, shared)}
@@ -249,7 +263,8 @@ def deepseek_forward(w: dict, config: dict, ids: list[int]) -> np.ndarray:
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         h = _rmsnorm(x, w[p + "input_layernorm.weight"], eps, False)
         if config.get("q_lora_rank"):
-            q = _rmsnorm(h @ w[a + "q_a_proj.weight"].T, w[a + "q_a_layernorm.weight"], eps, False) @ w[a + "q_b_proj.weight"].T
+            q_a = _rmsnorm(h @ w[a + "q_a_proj.weight"].T, w[a + "q_a_layernorm.weight"], eps, False)
+            q = q_a @ w[a + "q_b_proj.weight"].T
         else:
             q = h @ w[a + "q_proj.weight"].T
         q = q.reshape(n, n_head, nope + n_rot)
@@ -266,10 +281,14 @@ def deepseek_forward(w: dict, config: dict, ids: list[int]) -> np.ndarray:
         x = x + np.einsum("hqk,khd->qhd", probs, kv[..., nope:]).reshape(n, -1) @ w[a + "o_proj.weight"].T
         h = _rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps, False)
         if i < config["first_k_dense_replace"]:
-            x = x + _silu_ffn(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+            x = x + _silu_ffn(h, *(w[p + f"mlp.{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj")))
             continue
-        x = x + _routed(w, h, config["num_experts_per_tok"], config["norm_topk_prob"], ("gate_proj", "up_proj", "down_proj"),
-                        p + "mlp.gate.weight", p + "mlp.experts.") * config["routed_scaling_factor"]
+        if config.get("topk_method") == "noaux_tc":
+            routed = _routed_v3(w, config, p, h)
+        else:
+            routed = _routed(w, h, config["num_experts_per_tok"], config["norm_topk_prob"],
+                             ("gate_proj", "up_proj", "down_proj"), p + "mlp.gate.weight", p + "mlp.experts.")
+        x = x + routed * config["routed_scaling_factor"]
         q = p + "mlp.shared_experts."
         x = x + _silu_ffn(h, w[q + "gate_proj.weight"], w[q + "up_proj.weight"], w[q + "down_proj.weight"])
     x = _rmsnorm(x, w["model.norm.weight"], eps, False)
@@ -293,6 +312,27 @@ def _routed(w: dict, h: np.ndarray, k: int, normalize: bool, names, router: str,
         for e, weight in zip(top, weights):
             gate, up, down = (w[experts + f"{e}.{name}.weight"] for name in names)
             out[t] += weight * _silu_ffn(h[t : t + 1], gate, up, down)[0]
+    return out
+
+
+def _routed_v3(w: dict, config: dict, p: str, h: np.ndarray) -> np.ndarray:
+    """DeepSeek-V3's MoEGate (noaux_tc): sigmoid scores, plus the correction bias to choose; the groups whose
+    two best sum highest kept; top k of the kept; their unbiased scores as weights, renormalized."""
+    scores = 1 / (1 + np.exp(-(h @ w[p + "mlp.gate.weight"].T)))  # [n, n_expert]
+    choice = scores + w[p + "mlp.gate.e_score_correction_bias"]
+    n_group, k = config["n_group"], config["num_experts_per_tok"]
+    out = np.zeros_like(h)
+    for t in range(len(h)):
+        groups = choice[t].reshape(n_group, -1)
+        group_scores = np.sort(groups, axis=-1)[:, -2:].sum(-1)
+        kept = np.argsort(-group_scores, kind="stable")[: config["topk_group"]]
+        masked = np.full_like(groups, -np.inf)
+        masked[kept] = groups[kept]
+        top = np.argsort(-masked.reshape(-1), kind="stable")[:k]
+        weights = scores[t, top] / scores[t, top].sum()
+        for e, weight in zip(top, weights):
+            q = p + f"mlp.experts.{e}."
+            out[t] += weight * _silu_ffn(h[t : t + 1], *(w[q + f"{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj")))[0]
     return out
 
 

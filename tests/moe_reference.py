@@ -17,7 +17,8 @@ CASES = {  # name -> (Hugging Face class, output type, seed, config changes)
     f"{family}-{output_type}": (model_class, output_type, seed, {})
     for family, model_class, seed in (("qwen2moe", "Qwen2MoeForCausalLM", 11), ("qwen3moe", "Qwen3MoeForCausalLM", 12),
                                       ("mixtral", "MixtralForCausalLM", 13), ("olmoe", "OlmoeForCausalLM", 14),
-                                      ("phi3", "Phi3ForCausalLM", 15), ("deepseek2", "DeepseekV2ForCausalLM", 16))
+                                      ("phi3", "Phi3ForCausalLM", 15), ("deepseek2", "DeepseekV2ForCausalLM", 16),
+                                      ("deepseek3", "DeepseekV3ForCausalLM", 18))
     for output_type in ("f32", "q8_0")
 }
 # V2-Lite's layout: no q_lora_rank, which llama.cpp recognises by the layer count alone

@@ -1,5 +1,6 @@
-"""Mixtures of experts (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V2) and latent attention: routing against NumPy, batch invariance bit for bit,
-only the chosen experts read, and bad expert metadata or checkpoints as clear errors.
+"""Mixtures of experts (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V2) and latent attention: routing
+against NumPy, batch invariance bit for bit, only the chosen experts read, and bad expert metadata or
+checkpoints as clear errors.
 
 (Their logits against a transformers-convention forward are in test_convert; against llama.cpp in
 test_moe_llama_cpp.)"""
@@ -25,7 +26,7 @@ from tests.test_batch import GUESSES, PROMPT, _check_invariance
 # each family in a type of its own, so the experts run through several of the integer kernel's layouts
 FAMILIES = {"qwen2moe": ("Qwen2MoeForCausalLM", "q8_0"), "qwen3moe": ("Qwen3MoeForCausalLM", "q4_0"),
             "mixtral": ("MixtralForCausalLM", "q5_1"), "olmoe": ("OlmoeForCausalLM", "q4_1"),
-            "deepseek2": ("DeepseekV2ForCausalLM", "q8_0")}
+            "deepseek2": ("DeepseekV2ForCausalLM", "q8_0"), "deepseek3": ("DeepseekV3ForCausalLM", "q4_0")}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -52,6 +53,34 @@ def test_routing_matches_numpy(normalize):
     np.testing.assert_allclose(weights, want_weights, rtol=2e-6)
     x = np.linspace(-30, 30, 101, dtype=np.float32)
     np.testing.assert_allclose(sigmoid(x), 1 / (1 + np.exp(-x.astype(np.float64))), rtol=2e-6, atol=1e-30)
+
+
+def _reference_grouped_sigmoid(scores, bias, k, n_group, group_used):
+    """DeepSeek-V3's selection in NumPy: sigmoid, biased choice, best groups by their two best, top k."""
+    probs = 1 / (1 + np.exp(-scores))
+    ids = []
+    for choice in probs + bias:
+        groups = choice.reshape(n_group, -1)
+        kept = np.argsort(-np.sort(groups, axis=-1)[:, -2:].sum(-1), kind="stable")[:group_used]
+        masked = np.full_like(groups, -np.inf)
+        masked[kept] = groups[kept]
+        ids.append(np.argsort(-masked.reshape(-1), kind="stable")[:k])
+    ids = np.array(ids)
+    weights = np.take_along_axis(probs, ids, axis=-1)
+    return ids, weights / weights.sum(-1, keepdims=True)
+
+
+def test_grouped_sigmoid_routing_matches_numpy():
+    rng = np.random.default_rng(5)
+    scores = (rng.standard_normal((41, 64)) * 2).astype(np.float32)
+    bias = (rng.standard_normal(64) * 0.3).astype(np.float32)
+    ids, weights = route_top_k(scores, 6, True, sigmoid_gate=True, bias=bias, n_group=8, group_used=3)
+    want_ids, want_weights = _reference_grouped_sigmoid(scores.astype(np.float64), bias, 6, 8, 3)
+    assert np.array_equal(ids, want_ids)
+    np.testing.assert_allclose(weights, want_weights, rtol=2e-6)
+    assert max(len(set(row // 8)) for row in ids) == 3  # each token's experts from at most 3 of the 8 groups
+    plain_ids, _ = route_top_k(scores, 6, True, sigmoid_gate=True)
+    assert not np.array_equal(plain_ids, ids)  # the bias and the groups changed choices
 
 
 def test_routing_of_a_token_does_not_depend_on_its_batch():
@@ -192,7 +221,8 @@ def test_inconsistent_expert_metadata_is_a_clear_error(qwen3moe_path, tmp_path, 
 def test_an_unsupported_architecture_names_the_supported_ones(qwen3moe_path, tmp_path):
     path = _mutant(qwen3moe_path, tmp_path / "bad.gguf",
                    lambda spec: spec.kv.__setitem__("general.architecture", ("grok", fuzz.VT.STRING, None)))
-    with pytest.raises(UnsupportedError, match=r"architecture 'grok' is not supported \(supported: .*qwen2moe.*qwen3moe"):
+    supported = r"architecture 'grok' is not supported \(supported: .*deepseek2.*olmoe.*phi3.*qwen2moe.*qwen3moe"
+    with pytest.raises(UnsupportedError, match=supported):
         load_transformer(path)
 
 
@@ -217,7 +247,8 @@ def test_inconsistent_checkpoints_are_clear_errors(tmp_path, model_class, change
     assert not (tmp_path / "model.gguf").exists()
 
 
-@pytest.mark.parametrize("model_class", ["Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM"])
+@pytest.mark.parametrize("model_class",
+                         ["Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM"])
 def test_export_gives_back_the_checkpoint(tmp_path, model_class):
     """convert at F32, export, convert again: the original tensors, and the same file's logits bit for bit."""
     from llamba.convert import export

@@ -30,5 +30,6 @@ def test_logits_match_llama_cpp(name, tmp_path):
     theirs = reference["logits"]
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.98
     output_type = CASES[name][1]
-    tolerance = TOLERANCE_LATENT_Q8 if name.startswith("deepseek2") and output_type == "q8_0" else TOLERANCE[output_type]
+    latent_q8 = name.startswith("deepseek") and output_type == "q8_0"
+    tolerance = TOLERANCE_LATENT_Q8 if latent_q8 else TOLERANCE[output_type]
     assert np.abs(ours - theirs).max() <= tolerance * np.abs(theirs).max()

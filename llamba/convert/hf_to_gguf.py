@@ -61,7 +61,8 @@ def convert(folder: str | os.PathLike, out: str | os.PathLike, output_type: str 
             producers[part] = (shape, lambda entry=entry, take=take: take(checkpoint.read(entry)))
         if not split:
             producers[name] = _producer(spec, checkpoint, name, entry, metadata)
-    producers |= {name: _stacked(spec, checkpoint, name, members, n_expert, metadata) for name, members in experts.items()}
+    for name, members in experts.items():
+        producers[name] = _stacked(spec, checkpoint, name, members, n_expert, metadata)
     for name in sorted(producers, key=_order):
         shape, produce = producers[name]
         plan.append(PlannedTensor(name, shape, tensor_type(output_type, name, shape, n_layer, tied), produce))

@@ -3,7 +3,8 @@
 Plain types put every 2-D weight in that type (as llama.cpp's converter does for --outtype q8_0). The preset
 `q4_k_m` is llama.cpp's Q4_K_M mix: Q4_K throughout, Q6_K for the output projection and for the value
 projection and the feed-forward down projection of the layers `use_more_bits` picks. Norms, biases and other
-1-D tensors and the experts' routers stay F32. A row length that is not a whole number of blocks falls back as llama.cpp falls back.
+1-D tensors and the experts' routers stay F32. A row length that is not a whole number of blocks falls back as
+llama.cpp falls back.
 """
 
 from __future__ import annotations

@@ -70,4 +70,5 @@ def load_transformer(source: str | os.PathLike | GGUFFile) -> Transformer:
     return Transformer(g, module.hparams(g))
 
 
-__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module", "hf_spec", "export_spec"]
+__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module", "hf_spec",
+           "export_spec"]

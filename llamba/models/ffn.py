@@ -4,7 +4,8 @@ Both map the normed residual h [n_tokens, n_embd] to the block's output [n_token
 
 A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) routes each token to `n_used` of its `n_expert` gated
 FFNs and sums their outputs weighted by the router; Qwen2-MoE adds a shared expert, always run, scaled by a
-sigmoid gate of its own; DeepSeek-V2 adds ungated shared experts and scales the routed weights. GGUF stacks the experts of a layer as one 3-D tensor per matrix,
+sigmoid gate of its own; DeepSeek-V2 adds ungated shared experts and scales the routed weights. GGUF stacks
+the experts of a layer as one 3-D tensor per matrix,
 `ffn_{gate,up,down}_exps` [n_expert, rows, n_embd]; each expert is repacked as its own lanes matrices, so a
 token reads only its experts' rows, and a batch runs one product per expert over the tokens routed to it.
 Each token's outputs are summed in expert order, its routing depends on its own scores alone, and every
@@ -18,7 +19,7 @@ import numpy as np
 from ..ops.activations import geglu_tanh, swiglu
 from ..ops.matmul import matmul
 from ..ops.repack import LaneMatrix, lanes_nbytes, stack_lanes, stack_runs
-from ..ops.routing import route_top_k, sigmoid
+from ..ops.routing import NO_BIAS, route_top_k, sigmoid
 
 ACTIVATIONS = {"silu": swiglu, "gelu": geglu_tanh}
 
@@ -58,13 +59,17 @@ class ExpertFFN:
     """A mixture of gated experts, optionally with a shared expert (see the module's docstring)."""
 
     def __init__(self, router: list[LaneMatrix], experts: list[DenseFFN], n_used: int, normalize: bool,
-                 shared: DenseFFN | None = None, scale: float = 1.0):
+                 shared: DenseFFN | None = None, scale: float = 1.0, sigmoid_gate: bool = False,
+                 bias: np.ndarray = NO_BIAS, groups: tuple[int, int] = (1, 1)):
         self.router = router  # [n_expert (+ 1: the shared expert's gate, if it has one), n_embd]
         self.experts = experts
         self.n_used = n_used
         self.normalize = normalize  # the chosen experts' weights rescaled to sum to one
         self.shared = shared
         self.scale = np.float32(scale)  # every routed weight times this (DeepSeek's routed_scaling_factor)
+        self.sigmoid_gate = sigmoid_gate  # each expert's score through a sigmoid, not a softmax over all (V3)
+        self.bias = bias  # [n_expert] added to the scores to choose the experts, not to weigh them (exp_probs_b)
+        self.groups = groups  # (groups of experts, groups kept per token): group-limited selection (V3)
 
     @property
     def matrices(self) -> list[LaneMatrix]:
@@ -74,7 +79,8 @@ class ExpertFFN:
     def __call__(self, h: np.ndarray) -> np.ndarray:
         n_expert = len(self.experts)
         scores = project(h, self.router)  # [n_tokens, n_expert (+ 1)]
-        ids, weights = route_top_k(scores[:, :n_expert], self.n_used, self.normalize)  # [n_tokens, n_used]
+        ids, weights = route_top_k(scores[:, :n_expert], self.n_used, self.normalize, self.sigmoid_gate, self.bias,
+                                   *self.groups)  # [n_tokens, n_used]
         if self.scale != 1:
             weights *= self.scale
         out = np.zeros(h.shape, np.float32)  # [n_tokens, n_embd]
@@ -91,10 +97,11 @@ class ExpertFFN:
 
 # ------------------------------------------------------------------------------------------ loading
 
-def expert_lanes_nbytes(t) -> int:
-    """Bytes the lanes of a stacked experts tensor (GGUF shape [n_embd or n_ff, rows, n_expert]) take."""
-    n_cols, n_rows, n_expert = t.shape
-    return n_expert * lanes_nbytes(t.type, n_rows, n_cols)
+def stacked_lanes_nbytes(t) -> int:
+    """Bytes the lanes of a stacked tensor (GGUF shape [cols, rows, n_stacked]: experts, or latent attention's
+    heads) take, each of its matrices repacked on its own."""
+    n_cols, n_rows, n_stacked = t.shape
+    return n_stacked * lanes_nbytes(t.type, n_rows, n_cols)
 
 
 def load_experts(model, prefix: str, n_expert: int, n_embd: int, n_ff: int, activation: str) -> list[DenseFFN]:

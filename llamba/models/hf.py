@@ -123,6 +123,8 @@ def gguf_name(spec: HFSpec, name: str) -> str | None:
             break
     if name.startswith(spec.skipped) or name.endswith("rotary_emb.inv_freq"):
         return None
+    if name.endswith(".e_score_correction_bias"):  # DeepSeek-V3's one tensor named without a .bias
+        name = name[: -len("_bias")] + ".bias"
     if m := _LAYER.match(name):
         layer, part, suffix = m.groups()
         if part in spec.names:

@@ -57,6 +57,8 @@ class HParams:
     n_ff_shexp: int = 0  # the shared expert's (0: none)
     expert_norm: bool = False  # the chosen experts' weights rescaled to sum to one
     expert_weights_scale: float = 1.0  # and multiplied by this
+    expert_sigmoid: bool = False  # experts scored by a sigmoid each, not a softmax over all (DeepSeek-V3)
+    expert_groups: tuple[int, int] = (1, 1)  # (groups of experts, groups a token may use)
     shared_expert_gate: bool = False  # the shared expert scaled by a sigmoid gate (Qwen2-MoE)
     n_dense_lead: int = 0  # leading layers with a dense feed-forward block (DeepSeek)
     mla: LatentDims | None = None  # latent attention (DeepSeek-V2): n_head_kv 1, head_dim its cached width

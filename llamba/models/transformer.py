@@ -6,8 +6,11 @@ QKV bias, QK-norm, post-norms, GELU, sliding windows, scaled embeddings) and `Tr
     x = embed(tokens) * embed_scale                                        # [n_tokens, n_embd]
     per layer:  h = norm(x);  q, k, v = split(h @ Wqkv + b);  [q, k = norm per head];  rope(q, k)
                 x += [post_norm](attention(q, cache(k, v)) @ Wo)
-                h = norm(x);  x += [post_norm](act(h @ Wgate) * (h @ Wup) @ Wdown)
+                h = norm(x);  x += [post_norm](ffn(h))
     logits = norm(x) @ Wout                                                # [n_tokens, n_vocab]
+
+The feed-forward block is one of models/ffn.py's: dense, act(h @ Wgate) * (h @ Wup) @ Wdown, or a mixture of
+experts; DeepSeek-V2 replaces the attention by models/latent.py's latent attention.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
 from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, stack_lanes, stack_runs
 from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
-from .ffn import DenseFFN, ExpertFFN, expert_lanes_nbytes, load_experts, project
+from .ffn import DenseFFN, ExpertFFN, stacked_lanes_nbytes, load_experts, project
 from .latent import LatentAttention, load_latent
 from .metadata import HParams
 
@@ -87,7 +90,7 @@ class Transformer:
         repacked = [t for name, t in g.tensors.items() if len(t.shape) == 2 and (tied or name != "token_embd.weight")]
         experts = [t for t in g.tensors.values() if len(t.shape) == 3]
         self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in repacked)
-                                  + sum(expert_lanes_nbytes(t) for t in experts))
+                                  + sum(stacked_lanes_nbytes(t) for t in experts))
         self.allocate = self._arena.zeros  # where load_experts repacks into
         self.output_norm = self.vector("output_norm.weight", hp.n_embd)
         if tied:
@@ -147,6 +150,7 @@ class Transformer:
                          q_norm=NO_WEIGHT, k_norm=NO_WEIGHT, attn_post_norm=NO_WEIGHT, ffn_post_norm=NO_WEIGHT,
                          latent=latent)
         q, kv, d = hp.q_dim, hp.kv_dim, hp.head_dim
+        whole = hp.qk_norm == "whole"  # OLMoE: one norm over all of Q, one over all of K
         biases = [self._optional_vector(p + f"attn_{x}.bias", n) for x, n in (("q", q), ("k", kv), ("v", kv))]
         return Layer(
             attn_norm=self.vector(p + "attn_norm.weight", hp.n_embd),
@@ -155,8 +159,8 @@ class Transformer:
             wo=self.matrix(p + "attn_output.weight", q, hp.n_embd),
             ffn_norm=self.vector(p + "ffn_norm.weight", hp.n_embd),
             ffn=self._ffn(p, i),
-            q_norm=self.vector(p + "attn_q_norm.weight", q if hp.qk_norm == "whole" else d) if hp.qk_norm else NO_WEIGHT,
-            k_norm=self.vector(p + "attn_k_norm.weight", kv if hp.qk_norm == "whole" else d) if hp.qk_norm else NO_WEIGHT,
+            q_norm=self.vector(p + "attn_q_norm.weight", q if whole else d) if hp.qk_norm else NO_WEIGHT,
+            k_norm=self.vector(p + "attn_k_norm.weight", kv if whole else d) if hp.qk_norm else NO_WEIGHT,
             attn_post_norm=self._optional_vector(p + "post_attention_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
             ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
         )
@@ -182,8 +186,9 @@ class Transformer:
             shared = self._dense_ffn(p, "_shexp", hp.n_ff_shexp)
             if hp.shared_expert_gate:
                 router.append((p + "ffn_gate_inp_shexp.weight", 1))
+        bias = self._optional_vector(p + "exp_probs_b.bias", hp.n_expert)  # DeepSeek-V3's selection bias
         return ExpertFFN(self._fused(router, hp.n_embd), experts, hp.n_expert_used, hp.expert_norm, shared,
-                         hp.expert_weights_scale)
+                         hp.expert_weights_scale, hp.expert_sigmoid, bias, hp.expert_groups)
 
     def _dense_ffn(self, p: str, suffix: str, n_ff: int) -> DenseFFN:
         """Gate and up stacked as their types allow, or the one ffn_up holding both (Phi-3)."""
