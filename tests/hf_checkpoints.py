@@ -22,6 +22,12 @@ CORPUS = [
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
+DEEPSEEK_V2 = {"tie_word_embeddings": False, "num_key_value_heads": 4, "kv_lora_rank": 64, "q_lora_rank": 64,
+               "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "n_routed_experts": 8,
+               "num_experts_per_tok": 2, "n_shared_experts": 2, "moe_intermediate_size": 32,
+               "first_k_dense_replace": 1, "routed_scaling_factor": 1.5, "norm_topk_prob": False,
+               "topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1,
+               "moe_layer_freq": 1, "intermediate_size": 96}
 # class name -> (family, config beyond the common one)
 MODELS = {
     "LlamaForCausalLM": ("llama", {"tie_word_embeddings": False}),
@@ -39,22 +45,10 @@ MODELS = {
     "OlmoeForCausalLM": ("olmoe", {"tie_word_embeddings": False, "num_key_value_heads": 4, "num_experts": 8,
                                    "num_experts_per_tok": 2, "intermediate_size": 64, "norm_topk_prob": False}),
     "Phi3ForCausalLM": ("phi3", {"tie_word_embeddings": False}),
-    "DeepseekV2ForCausalLM": ("deepseek2", {"tie_word_embeddings": False, "num_key_value_heads": 4, "kv_lora_rank": 64,
-                                            "q_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32,
-                                            "v_head_dim": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
-                                            "n_shared_experts": 2, "moe_intermediate_size": 32,
-                                            "first_k_dense_replace": 1, "routed_scaling_factor": 1.5,
-                                            "norm_topk_prob": False, "topk_method": "greedy",
-                                            "scoring_func": "softmax", "n_group": 1, "topk_group": 1,
-                                            "moe_layer_freq": 1, "intermediate_size": 96}),
-    "DeepseekV3ForCausalLM": ("deepseek2", {"tie_word_embeddings": False, "num_key_value_heads": 4, "kv_lora_rank": 64,
-                                            "q_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32,
-                                            "v_head_dim": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
-                                            "n_shared_experts": 1, "moe_intermediate_size": 32,
-                                            "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
+    "DeepseekV2ForCausalLM": ("deepseek2", DEEPSEEK_V2),
+    "DeepseekV3ForCausalLM": ("deepseek2", {**DEEPSEEK_V2, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
                                             "norm_topk_prob": True, "topk_method": "noaux_tc",
-                                            "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
-                                            "moe_layer_freq": 1, "intermediate_size": 96}),
+                                            "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2}),
     "Gemma3ForCausalLM": ("gemma3", {"tie_word_embeddings": True, "head_dim": 32, "num_key_value_heads": 1,
                                      "num_hidden_layers": 7, "sliding_window": 4, "query_pre_attn_scalar": 32,
                                      "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}),
@@ -332,7 +326,8 @@ def _routed_v3(w: dict, config: dict, p: str, h: np.ndarray) -> np.ndarray:
         weights = scores[t, top] / scores[t, top].sum()
         for e, weight in zip(top, weights):
             q = p + f"mlp.experts.{e}."
-            out[t] += weight * _silu_ffn(h[t : t + 1], *(w[q + f"{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj")))[0]
+            expert = (w[q + f"{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj"))
+            out[t] += weight * _silu_ffn(h[t : t + 1], *expert)[0]
     return out
 
 

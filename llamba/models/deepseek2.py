@@ -84,7 +84,8 @@ def _check_config(config: dict, where: str) -> None:
     for key, (value, supported) in refused.items():
         if value not in supported:
             runs = ", ".join(repr(v) for v in supported)
-            raise UnsupportedError(f"{where}: DeepSeek with {key} = {value!r} is not supported yet (llamba runs {runs})")
+            raise UnsupportedError(f"{where}: DeepSeek with {key} = {value!r} is not supported yet "
+                                   f"(llamba runs {runs})")
 
 
 def _latent_metadata(config: dict) -> dict:
