@@ -22,12 +22,33 @@ CORPUS = [
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
+DEEPSEEK_V2 = {"tie_word_embeddings": False, "num_key_value_heads": 4, "kv_lora_rank": 64, "q_lora_rank": 64,
+               "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "n_routed_experts": 8,
+               "num_experts_per_tok": 2, "n_shared_experts": 2, "moe_intermediate_size": 32,
+               "first_k_dense_replace": 1, "routed_scaling_factor": 1.5, "norm_topk_prob": False,
+               "topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1,
+               "moe_layer_freq": 1, "intermediate_size": 96}
 # class name -> (family, config beyond the common one)
 MODELS = {
     "LlamaForCausalLM": ("llama", {"tie_word_embeddings": False}),
     "MistralForCausalLM": ("llama", {"tie_word_embeddings": True}),
     "Qwen2ForCausalLM": ("qwen2", {"tie_word_embeddings": True}),
     "Qwen3ForCausalLM": ("qwen3", {"tie_word_embeddings": True, "head_dim": 32}),
+    "Qwen2MoeForCausalLM": ("qwen2moe", {"tie_word_embeddings": False, "num_experts": 8, "num_experts_per_tok": 2,
+                                         "moe_intermediate_size": 64, "shared_expert_intermediate_size": 96,
+                                         "norm_topk_prob": False}),
+    "Qwen3MoeForCausalLM": ("qwen3moe", {"tie_word_embeddings": False, "head_dim": 32, "num_experts": 8,
+                                         "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                         "norm_topk_prob": True}),
+    "MixtralForCausalLM": ("mixtral", {"tie_word_embeddings": False, "num_local_experts": 4,
+                                       "num_experts_per_tok": 2, "intermediate_size": 96, "rope_theta": 1e6}),
+    "OlmoeForCausalLM": ("olmoe", {"tie_word_embeddings": False, "num_key_value_heads": 4, "num_experts": 8,
+                                   "num_experts_per_tok": 2, "intermediate_size": 64, "norm_topk_prob": False}),
+    "Phi3ForCausalLM": ("phi3", {"tie_word_embeddings": False}),
+    "DeepseekV2ForCausalLM": ("deepseek2", DEEPSEEK_V2),
+    "DeepseekV3ForCausalLM": ("deepseek2", {**DEEPSEEK_V2, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+                                            "norm_topk_prob": True, "topk_method": "noaux_tc",
+                                            "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2}),
     "Gemma3ForCausalLM": ("gemma3", {"tie_word_embeddings": True, "head_dim": 32, "num_key_value_heads": 1,
                                      "num_hidden_layers": 7, "sliding_window": 4, "query_pre_attn_scalar": 32,
                                      "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}),
@@ -109,20 +130,221 @@ def random_tensors(config: dict, family: str, rng) -> dict[str, np.ndarray]:
     t = {"model.embed_tokens.weight": rand(n_vocab, d, scale=0.5), "model.norm.weight": norm(d)}
     if not config["tie_word_embeddings"]:
         t["lm_head.weight"] = rand(n_vocab, d)
+        if family in JUDGED_BY_LLAMA_CPP:  # compared with llama.cpp's top-1: a clear winner, not a near-tie
+            t["lm_head.weight"] += _clear_winners(t["model.embed_tokens.weight"], rng)
+    if family == "deepseek2":
+        return t | _deepseek_tensors(config, rand, norm)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         t |= {p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d),
               p + "self_attn.q_proj.weight": rand(q_dim, d), p + "self_attn.k_proj.weight": rand(kv_dim, d),
-              p + "self_attn.v_proj.weight": rand(kv_dim, d), p + "self_attn.o_proj.weight": rand(d, q_dim),
-              p + "mlp.gate_proj.weight": rand(ff, d), p + "mlp.up_proj.weight": rand(ff, d),
-              p + "mlp.down_proj.weight": rand(d, ff)}
-        if family == "qwen2":
+              p + "self_attn.v_proj.weight": rand(kv_dim, d), p + "self_attn.o_proj.weight": rand(d, q_dim)}
+        if family in MOE_FAMILIES:
+            t |= _expert_tensors(config, family, p, rand)
+        else:
+            t |= {p + "mlp.gate_proj.weight": rand(ff, d), p + "mlp.up_proj.weight": rand(ff, d),
+                  p + "mlp.down_proj.weight": rand(d, ff)}
+        if family in ("qwen2", "qwen2moe"):
             t |= {p + f"self_attn.{x}_proj.bias": rand(n, scale=0.3) for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))}
-        if family in ("qwen3", "gemma3"):
+        if family == "olmoe":  # one norm over all of Q, one over all of K
+            t |= {p + "self_attn.q_norm.weight": norm(q_dim), p + "self_attn.k_norm.weight": norm(kv_dim)}
+        if family in ("qwen3", "qwen3moe", "gemma3"):
             t |= {p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd)}
         if family == "gemma3":
             t |= {p + "pre_feedforward_layernorm.weight": norm(d), p + "post_feedforward_layernorm.weight": norm(d)}
+        if family == "phi3":  # Q, K, V in one matrix; gate and up in another
+            qkv = [t.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+            gate_up = [t.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
+            t[p + "self_attn.qkv_proj.weight"] = np.concatenate(qkv)
+            t[p + "mlp.gate_up_proj.weight"] = np.concatenate(gate_up)
     return t
+
+
+def _unfused(w: dict, p: str, q_dim: int, kv_dim: int) -> dict:
+    """Phi-3's fused matrices split back into the names the forward reads."""
+    w = dict(w)
+    q, k, v = np.split(w.pop(p + "self_attn.qkv_proj.weight"), [q_dim, q_dim + kv_dim])
+    gate, up = np.split(w.pop(p + "mlp.gate_up_proj.weight"), 2)
+    return w | {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up}
+
+
+MOE_FAMILIES = ("qwen2moe", "qwen3moe", "mixtral", "olmoe")  # the llama-like layers with experts
+JUDGED_BY_LLAMA_CPP = (*MOE_FAMILIES, "phi3", "deepseek2")  # tested against llama.cpp's logits (no real model here)
+ROUTER_SCALE = 0.6  # routers' weights: scores far apart, so no expert is chosen by a rounding's luck
+
+
+def _expert_tensors(config: dict, family: str, p: str, rand) -> dict[str, np.ndarray]:
+    """A layer's router and experts (and Qwen2-MoE's shared expert) in the family's Hugging Face names."""
+    d = config["hidden_size"]
+    if family == "mixtral":
+        n_expert, ff = config["num_local_experts"], config["intermediate_size"]
+        t = {p + "block_sparse_moe.gate.weight": rand(n_expert, d, scale=ROUTER_SCALE)}
+        for e in range(n_expert):
+            q = p + f"block_sparse_moe.experts.{e}."
+            t |= {q + "w1.weight": rand(ff, d), q + "w3.weight": rand(ff, d), q + "w2.weight": rand(d, ff)}
+        return t
+    n_expert, ff = config["num_experts"], config.get("moe_intermediate_size", config["intermediate_size"])
+    t = {p + "mlp.gate.weight": rand(n_expert, d, scale=ROUTER_SCALE)}
+    for e in range(n_expert):
+        q = p + f"mlp.experts.{e}."
+        t |= {q + "gate_proj.weight": rand(ff, d), q + "up_proj.weight": rand(ff, d),
+              q + "down_proj.weight": rand(d, ff)}
+    if family == "qwen2moe":
+        sff, q = config["shared_expert_intermediate_size"], p + "mlp.shared_expert."
+        t |= {q + "gate_proj.weight": rand(sff, d), q + "up_proj.weight": rand(sff, d),
+              q + "down_proj.weight": rand(d, sff), p + "mlp.shared_expert_gate.weight": rand(1, d, scale=0.3)}
+    return t
+
+
+def _clear_winners(embed: np.ndarray, rng) -> np.ndarray:
+    """Output rows that make each token's embedding, carried by the residual stream, vote for one other token
+    (a seeded permutation) well above the rest, as trained models are sure of most next tokens."""
+    return (0.3 * embed[rng.permutation(len(embed))]).astype(np.float32)
+
+
+def _deepseek_tensors(config: dict, rand, norm) -> dict[str, np.ndarray]:
+    """DeepSeek-V2's layers: latent attention (with q_lora_rank or without), dense leading layers, then
+    routed and shared experts."""
+    d, n_head = config["hidden_size"], config["num_attention_heads"]
+    nope, n_rot, v_head = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    kv_lora, q_lora = config["kv_lora_rank"], config.get("q_lora_rank")
+    n_expert, ff, sff = config["n_routed_experts"], config["moe_intermediate_size"], config["intermediate_size"]
+    t = {}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        t |= {p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d),
+              a + "kv_a_proj_with_mqa.weight": rand(kv_lora + n_rot, d), a + "kv_a_layernorm.weight": norm(kv_lora),
+              a + "kv_b_proj.weight": rand(n_head * (nope + v_head), kv_lora, scale=0.15),
+              a + "o_proj.weight": rand(d, n_head * v_head)}
+        if q_lora:
+            t |= {a + "q_a_proj.weight": rand(q_lora, d), a + "q_a_layernorm.weight": norm(q_lora),
+                  a + "q_b_proj.weight": rand(n_head * (nope + n_rot), q_lora, scale=0.15)}
+        else:
+            t[a + "q_proj.weight"] = rand(n_head * (nope + n_rot), d)
+        if i < config["first_k_dense_replace"]:
+            t |= {p + "mlp.gate_proj.weight": rand(sff, d), p + "mlp.up_proj.weight": rand(sff, d),
+                  p + "mlp.down_proj.weight": rand(d, sff)}
+            continue
+        t[p + "mlp.gate.weight"] = rand(n_expert, d, scale=ROUTER_SCALE)
+        if config.get("topk_method") == "noaux_tc":  # V3: a bias that steers the choice of experts
+            t[p + "mlp.gate.e_score_correction_bias"] = rand(n_expert, scale=0.3)
+        for e in range(n_expert):
+            q = p + f"mlp.experts.{e}."
+            t |= {q + "gate_proj.weight": rand(ff, d), q + "up_proj.weight": rand(ff, d),
+                  q + "down_proj.weight": rand(d, ff)}
+        shared, q = ff * config["n_shared_experts"], p + "mlp.shared_experts."
+        t |= {q + "gate_proj.weight": rand(shared, d), q + "up_proj.weight": rand(shared, d),
+              q + "down_proj.weight": rand(d, shared)}
+    return t
+
+
+def _rope_pairs(x, pos, base):  # [n, heads, d]: DeepSeek's rotary parts, adjacent pairs (interleaved)
+    halves = np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)  # its modeling code de-interleaves first
+    return _rope_halves(halves, pos, base)
+
+
+def deepseek_forward(w: dict, config: dict, ids: list[int]) -> np.ndarray:
+    """DeepSeek-V2 as its modeling code runs it: each head's keys and values decompressed from the latent
+    (no absorption), shared experts ungated, the routed weights scaled."""
+    d, n_head, eps, n = config["hidden_size"], config["num_attention_heads"], config["rms_norm_eps"], len(ids)
+    nope, n_rot, v_head = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    kv_lora = config["kv_lora_rank"]
+    pos = np.arange(n, dtype=np.float64)
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(config["num_hidden_layers"]):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        h = _rmsnorm(x, w[p + "input_layernorm.weight"], eps, False)
+        if config.get("q_lora_rank"):
+            q_a = _rmsnorm(h @ w[a + "q_a_proj.weight"].T, w[a + "q_a_layernorm.weight"], eps, False)
+            q = q_a @ w[a + "q_b_proj.weight"].T
+        else:
+            q = h @ w[a + "q_proj.weight"].T
+        q = q.reshape(n, n_head, nope + n_rot)
+        compressed = h @ w[a + "kv_a_proj_with_mqa.weight"].T
+        latent = _rmsnorm(compressed[:, :kv_lora], w[a + "kv_a_layernorm.weight"], eps, False)
+        kv = (latent @ w[a + "kv_b_proj.weight"].T).reshape(n, n_head, nope + v_head)
+        k_pe = np.repeat(_rope_pairs(compressed[:, None, kv_lora:], pos, config["rope_theta"]), n_head, axis=1)
+        q = np.concatenate([q[..., :nope], _rope_pairs(q[..., nope:], pos, config["rope_theta"])], axis=-1)
+        k = np.concatenate([kv[..., :nope], k_pe], axis=-1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(nope + n_rot)
+        scores = np.where((pos[:, None] < pos[None, :])[None], -np.inf, scores)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", probs, kv[..., nope:]).reshape(n, -1) @ w[a + "o_proj.weight"].T
+        h = _rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps, False)
+        if i < config["first_k_dense_replace"]:
+            x = x + _silu_ffn(h, *(w[p + f"mlp.{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj")))
+            continue
+        if config.get("topk_method") == "noaux_tc":
+            routed = _routed_v3(w, config, p, h)
+        else:
+            routed = _routed(w, h, config["num_experts_per_tok"], config["norm_topk_prob"],
+                             ("gate_proj", "up_proj", "down_proj"), p + "mlp.gate.weight", p + "mlp.experts.")
+        x = x + routed * config["routed_scaling_factor"]
+        q = p + "mlp.shared_experts."
+        x = x + _silu_ffn(h, w[q + "gate_proj.weight"], w[q + "up_proj.weight"], w[q + "down_proj.weight"])
+    x = _rmsnorm(x, w["model.norm.weight"], eps, False)
+    return x @ w["lm_head.weight"].T
+
+
+def _silu_ffn(h, gate, up, down):  # transformers' gated MLP: down(silu(gate(h)) * up(h))
+    g = h @ gate.T
+    return (g / (1 + np.exp(-g)) * (h @ up.T)) @ down.T
+
+
+def _routed(w: dict, h: np.ndarray, k: int, normalize: bool, names, router: str, experts: str) -> np.ndarray:
+    """The routed experts' weighted sum: softmax over the router, top k, optionally renormalized."""
+    scores = h @ w[router].T
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.zeros_like(h)
+    for t in range(len(h)):
+        top = np.argsort(-probs[t])[:k]
+        weights = probs[t, top] / (probs[t, top].sum() if normalize else 1.0)
+        for e, weight in zip(top, weights):
+            gate, up, down = (w[experts + f"{e}.{name}.weight"] for name in names)
+            out[t] += weight * _silu_ffn(h[t : t + 1], gate, up, down)[0]
+    return out
+
+
+def _routed_v3(w: dict, config: dict, p: str, h: np.ndarray) -> np.ndarray:
+    """DeepSeek-V3's MoEGate (noaux_tc): sigmoid scores, plus the correction bias to choose; the groups whose
+    two best sum highest kept; top k of the kept; their unbiased scores as weights, renormalized."""
+    scores = 1 / (1 + np.exp(-(h @ w[p + "mlp.gate.weight"].T)))  # [n, n_expert]
+    choice = scores + w[p + "mlp.gate.e_score_correction_bias"]
+    n_group, k = config["n_group"], config["num_experts_per_tok"]
+    out = np.zeros_like(h)
+    for t in range(len(h)):
+        groups = choice[t].reshape(n_group, -1)
+        group_scores = np.sort(groups, axis=-1)[:, -2:].sum(-1)
+        kept = np.argsort(-group_scores, kind="stable")[: config["topk_group"]]
+        masked = np.full_like(groups, -np.inf)
+        masked[kept] = groups[kept]
+        top = np.argsort(-masked.reshape(-1), kind="stable")[:k]
+        weights = scores[t, top] / scores[t, top].sum()
+        for e, weight in zip(top, weights):
+            q = p + f"mlp.experts.{e}."
+            expert = (w[q + f"{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj"))
+            out[t] += weight * _silu_ffn(h[t : t + 1], *expert)[0]
+    return out
+
+
+def _moe_forward(w: dict, config: dict, family: str, p: str, h: np.ndarray) -> np.ndarray:
+    """transformers' sparse MoE blocks: softmax over the router, top k, (renormalized), weighted experts."""
+    if family == "mixtral":
+        router, experts, names = p + "block_sparse_moe.gate.weight", p + "block_sparse_moe.experts.", ("w1", "w3", "w2")
+        k, normalize = config["num_experts_per_tok"], True
+    else:
+        router, experts, names = p + "mlp.gate.weight", p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj")
+        k, normalize = config["num_experts_per_tok"], config["norm_topk_prob"]
+    out = _routed(w, h, k, normalize, names, router, experts)
+    if family == "qwen2moe":
+        q = p + "mlp.shared_expert."
+        shared = _silu_ffn(h, w[q + "gate_proj.weight"], w[q + "up_proj.weight"], w[q + "down_proj.weight"])
+        out += shared / (1 + np.exp(-(h @ w[p + "mlp.shared_expert_gate.weight"].T)))
+    return out
 
 
 # ---------------------------------------------------------------------------- Hugging Face-style forward
@@ -158,6 +380,8 @@ def _rope_halves(x, pos, base, scaling=None):  # [n, heads, hd]: Hugging Face's 
 def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: list[int]) -> np.ndarray:
     """float64 logits [n, vocab] of `ids` from a checkpoint's own tensors and config."""
     w = {k: v.astype(np.float64) for k, v in tensors.items()}
+    if family == "deepseek2":
+        return deepseek_forward(w, config, ids)
     gemma = family == "gemma3"
     d, n_head, n_kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
     hd, eps, n = config.get("head_dim", d // n_head), config["rms_norm_eps"], len(ids)
@@ -166,16 +390,22 @@ def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: l
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         sliding = gemma and (i + 1) % 6 != 0
+        if family == "phi3":
+            w = _unfused(w, p, n_head * hd, n_kv * hd)
         h = _rmsnorm(x, w[p + "input_layernorm.weight"], eps, gemma)
         q, k, v = (h @ w[p + f"self_attn.{s}_proj.weight"].T + w.get(p + f"self_attn.{s}_proj.bias", 0.0)
                    for s in "qkv")
+        if family == "olmoe":
+            q = _rmsnorm(q, w[p + "self_attn.q_norm.weight"], eps, False)
+            k = _rmsnorm(k, w[p + "self_attn.k_norm.weight"], eps, False)
         q, k, v = q.reshape(n, n_head, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
-        if family in ("qwen3", "gemma3"):
+        if family in ("qwen3", "qwen3moe", "gemma3"):
             q = _rmsnorm(q, w[p + "self_attn.q_norm.weight"], eps, gemma)
             k = _rmsnorm(k, w[p + "self_attn.k_norm.weight"], eps, gemma)
         base = config["rope_local_base_freq"] if sliding else config["rope_theta"]
         scaling = config.get("rope_scaling")
-        q, k = _rope_halves(q, pos, base, scaling), _rope_halves(k, pos, base, scaling)
+        rot = int(hd * config.get("partial_rotary_factor", 1.0))  # Phi-4-mini: the first three quarters
+        q, k = (np.concatenate([_rope_halves(a[..., :rot], pos, base, scaling), a[..., rot:]], axis=-1) for a in (q, k))
         k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
         scale = config["query_pre_attn_scalar"] ** -0.5 if gemma else hd ** -0.5
         scores = np.einsum("qhd,khd->hqk", q, k) * scale
@@ -190,6 +420,9 @@ def hf_forward(tensors: dict[str, np.ndarray], config: dict, family: str, ids: l
         x = x + attn
         h = _rmsnorm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")],
                      eps, gemma)
+        if family in MOE_FAMILIES:
+            x = x + _moe_forward(w, config, family, p, h)
+            continue
         gate = h @ w[p + "mlp.gate_proj.weight"].T
         act = (0.5 * gate * (1 + np.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3))) if gemma
                else gate / (1 + np.exp(-gate)))

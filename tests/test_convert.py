@@ -55,6 +55,16 @@ def test_converted_model_matches_the_checkpoint(tmp_path, model_class, tokenizer
     assert np.abs(ours - expected).max() / np.abs(expected).max() < 1e-4
 
 
+def test_partial_rotary_phi3(tmp_path):
+    """Phi-4-mini's layout: RoPE over the first three quarters of each head, the output tied."""
+    folder = write_checkpoint(tmp_path / "hf", "Phi3ForCausalLM", partial_rotary_factor=0.75, tie_word_embeddings=True)
+    out = convert(folder, tmp_path / "model.gguf", "f32")
+    assert open_gguf(out).get("phi3.rope.dimension_count") == 12
+    tensors, config = _checkpoint_tensors(folder)
+    expected = hf_forward(tensors, config, "phi3", IDS)
+    assert np.abs(_logits(out, IDS) - expected).max() / np.abs(expected).max() < 1e-4
+
+
 def test_gemma3_inside_its_multimodal_wrapper(tmp_path):
     folder = write_checkpoint(tmp_path / "hf", "Gemma3ForCausalLM", "spm", wrapped=True)
     out = convert(folder, tmp_path / "model.gguf", "f32")

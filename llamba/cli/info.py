@@ -32,6 +32,9 @@ def info(model: str | None, as_json: bool, no_tensors: bool) -> None:
         ("embedding length", summary["embedding_length"]),
         ("layers", summary["block_count"]),
         ("heads (kv)", f"{summary['head_count']} ({summary['head_count_kv']})"),
+        *([("experts", f"{summary['expert_count']} ({summary['expert_used_count']} per token, "
+                       f"{human_count(summary['active_parameters'])} parameters active)")]
+          if summary["expert_count"] else []),
         ("tokenizer", f"{TOKENIZER_KINDS.get(summary['tokenizer'], summary['tokenizer'])}, pre={summary['tokenizer_pre']}"),
         ("vocabulary", summary["vocab_size"]),
         ("chat template", "yes" if summary["chat_template"] else "no (a built-in one is used)"),

@@ -19,8 +19,8 @@ from ..errors import LlambaError, UnsupportedError
 from ..formats.gguf import GGUFFile, open_gguf
 from ..formats.hf import EXPORT_DTYPES, write_checkpoint
 from ..formats.quants import dequantize
-from ..models import architecture_module
-from ..models.hf import HFSpec, config_from_metadata, hf_name, weight_to_hf
+from ..models import export_spec
+from ..models.hf import HFSpec, config_from_metadata, hf_expert_names, hf_name, weight_to_hf
 from .vocab import special_ids, write_tokenizer
 from .writer import Progress
 
@@ -33,7 +33,7 @@ def export(source: str | os.PathLike, folder: str | os.PathLike, dtype: str = "f
     if dtype not in EXPORT_DTYPES:
         raise LlambaError(f"export type {dtype!r} is not supported (supported: {', '.join(EXPORT_DTYPES)})")
     g = open_gguf(source)
-    spec: HFSpec = architecture_module(g.architecture, g.path).HF
+    spec: HFSpec = export_spec(g)
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise LlambaError(f"{folder}: exists and is not an empty folder; nothing was written")
@@ -70,7 +70,13 @@ def _weights(g: GGUFFile, spec: HFSpec, dtype, progress: Progress | None) -> Ite
         if progress:
             progress(i, len(g.tensors), done, total, name)
         values = dequantize(info.data, info.type).reshape(tuple(reversed(info.shape)))
-        yield hf_name(spec, name), weight_to_hf(spec, name, values, g.metadata).astype(dtype)
+        if len(info.shape) == 3:  # a layer's experts, one Hugging Face tensor each
+            for expert, expert_name in zip(values, hf_expert_names(spec, name, info.shape[2])):
+                yield expert_name, weight_to_hf(spec, name, expert, g.metadata).astype(dtype)
+        else:
+            if name.endswith("ffn_gate_inp_shexp.weight"):  # a vector in GGUF, a one-row matrix in transformers
+                values = values.reshape(1, -1)
+            yield hf_name(spec, name), weight_to_hf(spec, name, values, g.metadata).astype(dtype)
         done += info.n_elements * np.dtype(dtype).itemsize
     if progress:
         progress(len(g.tensors), len(g.tensors), total, total, "")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import LlambaError
 from ..formats.hf import HFCheckpoint
 from ..models import hf_spec
-from ..models.hf import generated_tensors, gguf_name, metadata_from_config, weight_to_gguf
+from ..models.hf import expert_slot, generated_tensors, gguf_name, metadata_from_config, weight_to_gguf
 from .types import FILE_TYPE_IDS, check_output_type, layer_of, tensor_type
 from .vocab import read_vocab
 from .writer import QUANTIZATION_VERSION, PlannedTensor, Progress, write_gguf
@@ -34,10 +36,12 @@ def convert(folder: str | os.PathLike, out: str | os.PathLike, output_type: str 
     spec = hf_spec(checkpoint.model_class, where)
     config = checkpoint.text_config()
     metadata = {"general.name": checkpoint.folder.name, **metadata_from_config(spec, config, where)}
-    named = {}
+    named, experts = {}, {}
     for entry in checkpoint.tensors.values():
-        name = gguf_name(spec, entry.name)
-        if name is not None:
+        if slot := expert_slot(spec, entry.name):
+            name, e = slot
+            experts.setdefault(name, {})[e] = entry
+        elif (name := gguf_name(spec, entry.name)) is not None:
             named[name] = entry
     if "token_embd.weight" not in named:
         raise LlambaError(f"{checkpoint.folder}: no token embeddings (model.embed_tokens.weight)")
@@ -49,12 +53,52 @@ def convert(folder: str | os.PathLike, out: str | os.PathLike, output_type: str 
     n_layer = metadata[f"{spec.arch}.block_count"]
     tied = "output.weight" not in named
     plan = []
-    for name in sorted(named, key=_order):
-        entry = named[name]
-        produce = lambda entry=entry, name=name: weight_to_gguf(spec, name, checkpoint.read(entry), metadata)  # noqa: E731
-        plan.append(PlannedTensor(name, entry.shape, tensor_type(output_type, name, entry.shape, n_layer, tied), produce))
+    n_expert = metadata.get(f"{spec.arch}.expert_count", 0)
+    producers = {}
+    for name, entry in named.items():
+        split = spec.split_tensors(name, tuple(entry.shape), config) if spec.split_tensors else []
+        for part, shape, take in split:
+            producers[part] = (shape, lambda entry=entry, take=take: take(checkpoint.read(entry)))
+        if not split:
+            producers[name] = _producer(spec, checkpoint, name, entry, metadata)
+    for name, members in experts.items():
+        producers[name] = _stacked(spec, checkpoint, name, members, n_expert, metadata)
+    for name in sorted(producers, key=_order):
+        shape, produce = producers[name]
+        plan.append(PlannedTensor(name, shape, tensor_type(output_type, name, shape, n_layer, tied), produce))
     for name, values in generated_tensors(config, metadata, spec.arch).items():
         plan.append(PlannedTensor(name, values.shape, tensor_type(output_type, name, values.shape, n_layer, tied),
                                   lambda values=values: values))
     write_gguf(out, spec.arch, metadata, plan, special_vocab=special_vocab, progress=progress)
     return Path(out)
+
+
+def _producer(spec, checkpoint: HFCheckpoint, name: str, entry, metadata: dict):
+    """(shape, produce) of one GGUF tensor from one checkpoint tensor. A router's [1, n_embd] gate (Qwen2-MoE's
+    shared expert) becomes the vector llama.cpp reads."""
+    shape = tuple(entry.shape)
+    squeeze = name.endswith("ffn_gate_inp_shexp.weight")
+    if squeeze:
+        shape = shape[1:]
+
+    def produce():
+        values = weight_to_gguf(spec, name, checkpoint.read(entry), metadata)
+        return values.reshape(shape) if squeeze else values
+
+    return shape, produce
+
+
+def _stacked(spec, checkpoint: HFCheckpoint, name: str, members: dict, n_expert: int, metadata: dict):
+    """(shape, produce) of a layer's experts stacked as GGUF holds them, [n_expert, rows, cols]; every
+    expert 0 .. n_expert - 1 must be there, all of one shape."""
+    shapes = {tuple(entry.shape) for entry in members.values()}
+    if sorted(members) != list(range(n_expert)) or len(shapes) != 1:
+        found = ", ".join(str(e) for e in sorted(members))
+        raise LlambaError(f"{checkpoint.folder}: the experts of {name} do not match the config's {n_expert} "
+                          f"(found experts {found} of shapes {sorted(shapes)})")
+    (shape,) = shapes
+
+    def produce():
+        return np.stack([weight_to_gguf(spec, name, checkpoint.read(members[e]), metadata) for e in range(n_expert)])
+
+    return (n_expert, *shape), produce

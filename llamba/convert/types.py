@@ -3,7 +3,8 @@
 Plain types put every 2-D weight in that type (as llama.cpp's converter does for --outtype q8_0). The preset
 `q4_k_m` is llama.cpp's Q4_K_M mix: Q4_K throughout, Q6_K for the output projection and for the value
 projection and the feed-forward down projection of the layers `use_more_bits` picks. Norms, biases and other
-1-D tensors stay F32. A row length that is not a whole number of blocks falls back as llama.cpp falls back.
+1-D tensors and the experts' routers stay F32. A row length that is not a whole number of blocks falls back as
+llama.cpp falls back.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def check_output_type(name: str) -> str:
 
 def tensor_type(output: str, name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> GGMLType:
     """The type of tensor `name` of NumPy shape `shape` in a file of output type `output`."""
-    if len(shape) < 2 or name.endswith("norm.weight") or not name.endswith(".weight"):
+    if len(shape) < 2 or name.endswith("norm.weight") or not name.endswith(".weight") or ".ffn_gate_inp" in name:
+        # routers stay F32, as llama.cpp keeps them: an expert chosen differently changes the whole output
         return ggml_type("F32")
     wanted = PLAIN_TYPES.get(output) or _q4_k_m(name, n_layer, tied)
     return _fitting(ggml_type(wanted), shape[-1])

@@ -25,6 +25,9 @@ def describe(g: GGUFFile) -> dict[str, Any]:
         "block_count": g.arch_value("block_count"),
         "head_count": _plain(g.arch_value("attention.head_count")),
         "head_count_kv": _plain(g.arch_value("attention.head_count_kv")),
+        "expert_count": g.arch_value("expert_count"),
+        "expert_used_count": g.arch_value("expert_used_count"),
+        "active_parameters": active_parameters(g),
         "tokenizer": g.get("tokenizer.ggml.model"),
         "tokenizer_pre": g.get("tokenizer.ggml.pre"),
         "vocab_size": len(tokens) if tokens is not None else None,
@@ -36,6 +39,17 @@ def describe(g: GGUFFile) -> dict[str, Any]:
             for t in g.tensors.values()
         ],
     }
+
+
+def active_parameters(g: GGUFFile) -> int:
+    """The parameters one token uses: of each stacked experts tensor [.., n_expert], only its experts'
+    share (what decoding reads per token); every other tensor whole."""
+    n_expert, n_used = g.arch_value("expert_count"), g.arch_value("expert_used_count")
+    total = 0
+    for t in g.tensors.values():
+        stacked = len(t.shape) == 3 and isinstance(n_expert, int) and isinstance(n_used, int) and t.shape[2] == n_expert
+        total += t.n_elements // n_expert * n_used if stacked else t.n_elements
+    return total
 
 
 def _plain(value: Any) -> Any:

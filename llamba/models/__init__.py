@@ -12,7 +12,7 @@ from types import ModuleType
 
 from ..errors import GGUFError, UnsupportedError
 from ..formats.gguf import GGUFFile, open_gguf
-from . import gemma3, llama, qwen2, qwen3
+from . import deepseek2, gemma3, llama, olmoe, phi3, qwen2, qwen2moe, qwen3, qwen3moe
 from .transformer import HParams, Transformer
 
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -20,17 +20,28 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "mistral": llama,
     "qwen2": qwen2,
     "qwen3": qwen3,
+    "qwen2moe": qwen2moe,
+    "qwen3moe": qwen3moe,
+    "olmoe": olmoe,
+    "phi3": phi3,
+    "deepseek2": deepseek2,
     "gemma3": gemma3,
 }
 
 
 def hf_spec(model_class: str, where: str = "config.json"):
     """The HFSpec of a Hugging Face `architectures` class name."""
-    for module in ARCHITECTURES.values():
-        if model_class in module.HF.classes:
-            return module.HF
-    supported = ", ".join(c for m in dict.fromkeys(ARCHITECTURES.values()) for c in m.HF.classes)
+    for spec in _hf_specs():
+        if model_class in spec.classes:
+            return spec
+    supported = ", ".join(c for spec in _hf_specs() for c in spec.classes)
     raise UnsupportedError(f"{where}: architecture {model_class!r} is not supported (supported: {supported})")
+
+
+def _hf_specs():
+    """Every module's Hugging Face specs (llama's two: dense, and Mixtral)."""
+    for module in dict.fromkeys(ARCHITECTURES.values()):
+        yield from getattr(module, "HF_SPECS", (module.HF,))
 
 
 def architecture_module(arch, path: str = "") -> ModuleType:
@@ -43,6 +54,15 @@ def architecture_module(arch, path: str = "") -> ModuleType:
     return module
 
 
+def export_spec(g: GGUFFile):
+    """The HFSpec a GGUF file exports through: its architecture's, the one with experts if it has them
+    (a llama file with ffn_*_exps is Mixtral)."""
+    has_experts = any(len(t.shape) == 3 for t in g.tensors.values())
+    module = architecture_module(g.architecture, g.path)
+    specs = getattr(module, "HF_SPECS", (module.HF,))
+    return next((spec for spec in specs if bool(spec.experts) == has_experts), specs[0])
+
+
 def load_transformer(source: str | os.PathLike | GGUFFile) -> Transformer:
     """Open a GGUF file (or take an open one) and build its transformer, weights repacked for the kernels."""
     g = source if isinstance(source, GGUFFile) else open_gguf(source)
@@ -50,4 +70,5 @@ def load_transformer(source: str | os.PathLike | GGUFFile) -> Transformer:
     return Transformer(g, module.hparams(g))
 
 
-__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module", "hf_spec"]
+__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module", "hf_spec",
+           "export_spec"]

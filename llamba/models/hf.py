@@ -32,6 +32,16 @@ LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
 }
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# a mixture of experts' router and shared expert, as Qwen2-MoE / Qwen3-MoE / OLMoE name them
+MOE_NAMES = {
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+# one expert's matrices inside `mlp.experts.E.` -> the GGUF tensor stacking all the layer's experts
+EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,21 @@ class ConfigKey:
     hf: str
     kind: type = int  # int (uint32 in GGUF) or float (float32)
     required: bool = True
+
+
+EXPERT_KEYS = (
+    ConfigKey("expert_count", "num_experts"),
+    ConfigKey("expert_used_count", "num_experts_per_tok"),
+    ConfigKey("expert_feed_forward_length", "moe_intermediate_size"),
+)
+SHARED_EXPERT_KEYS = (ConfigKey("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),)
+
+
+def check_every_layer_sparse(config: dict, where: str) -> None:
+    """Refuse Qwen-MoE checkpoints with dense layers among the sparse ones (llama.cpp has no such layout)."""
+    if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+        raise UnsupportedError(f"{where}: dense layers between the expert layers (decoder_sparse_step, "
+                               "mlp_only_layers) are not supported")
 
 
 COMMON_KEYS = (
@@ -71,6 +96,10 @@ class HFSpec:
     skipped: tuple[str, ...] = ()  # prefixes of tensors that are not the text model (vision towers)
     check_config: Callable[[dict, str], None] | None = None  # refuses settings llamba cannot run
     more_config: Callable[[dict], dict] | None = None  # export: config.json values derived from metadata
+    more_metadata: Callable[[dict], dict] | None = None  # convert: `{arch}.*` values derived from the config
+    split_tensors: Callable[[str, tuple, dict], list] | None = None  # one tensor into several (DeepSeek's kv_b)
+    experts: str = ""  # a mixture of experts: where they sit inside a layer ("mlp.experts")
+    expert_names: dict[str, str] = field(default_factory=dict)  # an expert's matrices -> the stacked tensors
 
     @property
     def all_keys(self) -> tuple[ConfigKey, ...]:
@@ -82,6 +111,7 @@ class HFSpec:
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(.+)\.experts\.(\d+)\.(.+)\.weight$")
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)\.(weight|bias)$")
 
 
@@ -93,6 +123,8 @@ def gguf_name(spec: HFSpec, name: str) -> str | None:
             break
     if name.startswith(spec.skipped) or name.endswith("rotary_emb.inv_freq"):
         return None
+    if name.endswith(".e_score_correction_bias"):  # DeepSeek-V3's one tensor named without a .bias
+        name = name[: -len("_bias")] + ".bias"
     if m := _LAYER.match(name):
         layer, part, suffix = m.groups()
         if part in spec.names:
@@ -102,6 +134,23 @@ def gguf_name(spec: HFSpec, name: str) -> str | None:
         if stem in TOP_NAMES and suffix in ("weight", "bias"):
             return f"{TOP_NAMES[stem]}.{suffix}"
     raise UnsupportedError(f"tensor {name} has no GGUF name for {spec.arch} (is this checkpoint a {spec.classes[0]}?)")
+
+
+def expert_slot(spec: HFSpec, name: str) -> tuple[str, int] | None:
+    """(the GGUF tensor stacking it, its expert index) for one expert's matrix; None for other tensors."""
+    m = _EXPERT.match(name)
+    if m is None or not spec.experts or f"{m[2]}.experts" != spec.experts or m[4] not in spec.expert_names:
+        return None
+    return f"blk.{m[1]}.{spec.expert_names[m[4]]}.weight", int(m[3])
+
+
+def hf_expert_names(spec: HFSpec, name: str, n_expert: int) -> list[str]:
+    """The inverse of expert_slot: each expert's Hugging Face name for a stacked GGUF tensor."""
+    m = _BLOCK.match(name)
+    back = {v: k for k, v in spec.expert_names.items()}
+    if m is None or m[2] not in back:
+        raise UnsupportedError(f"tensor {name} has no Hugging Face name for {spec.arch}")
+    return [f"model.layers.{m[1]}.{spec.experts}.{e}.{back[m[2]]}.weight" for e in range(n_expert)]
 
 
 def hf_name(spec: HFSpec, name: str) -> str:
@@ -184,8 +233,13 @@ def metadata_from_config(spec: HFSpec, config: dict, where: str = "config.json")
         head_dim = out[f"{arch}.embedding_length"] // out[f"{arch}.attention.head_count"]
     else:
         out[f"{arch}.attention.value_length"] = head_dim
-    out[f"{arch}.rope.dimension_count"] = head_dim
+    rotated = config.get("partial_rotary_factor", 1.0)  # Phi-4-mini rotates three quarters of each head
+    if not isinstance(rotated, (int, float)) or not 0 < rotated <= 1:
+        raise LlambaError(f"{where}: 'partial_rotary_factor' = {rotated!r} is not in (0, 1]")
+    out[f"{arch}.rope.dimension_count"] = int(head_dim * rotated)
     out.update(_rope_scaling(arch, config.get("rope_scaling"), where))
+    if spec.more_metadata:
+        out.update({f"{arch}.{key}": value for key, value in spec.more_metadata(config).items()})
     return out
 
 

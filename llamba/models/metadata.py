@@ -16,6 +16,7 @@ from ..errors import GGUFError, UnsupportedError
 from ..formats.gguf import GGUFFile
 from ..formats.keys import MetadataKeys
 from ..ops.rope import RopeConfig
+from .latent import LatentDims
 
 # Generous bounds: far beyond any released model, small enough that no product of them overflows a kernel.
 MAX_WIDTH = 1 << 16  # embedding, feed-forward and head widths
@@ -23,6 +24,7 @@ MAX_LAYERS = 1024
 MAX_HEADS = 1024
 MAX_VOCAB = 1 << 22
 MAX_CONTEXT = 1 << 24
+MAX_EXPERTS = 512  # llama.cpp's LLAMA_MAX_EXPERTS
 
 
 @dataclass
@@ -46,8 +48,20 @@ class HParams:
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
     activation: str = "silu"  # silu | gelu
-    qk_norm: bool = False
+    qk_norm: bool | str = False  # True: each head of Q and K normed (Qwen3, Gemma 3); "whole": all of Q, all of K
     post_norms: bool = False
+    fused_gate_up: bool = False  # ffn_up holds the gate's rows, then the up rows (Phi-3)
+    n_expert: int = 0  # mixture of experts: experts per layer (0: a dense model), and used per token
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # an expert's feed-forward width
+    n_ff_shexp: int = 0  # the shared expert's (0: none)
+    expert_norm: bool = False  # the chosen experts' weights rescaled to sum to one
+    expert_weights_scale: float = 1.0  # and multiplied by this
+    expert_sigmoid: bool = False  # experts scored by a sigmoid each, not a softmax over all (DeepSeek-V3)
+    expert_groups: tuple[int, int] = (1, 1)  # (groups of experts, groups a token may use)
+    shared_expert_gate: bool = False  # the shared expert scaled by a sigmoid gate (Qwen2-MoE)
+    n_dense_lead: int = 0  # leading layers with a dense feed-forward block (DeepSeek)
+    mla: LatentDims | None = None  # latent attention (DeepSeek-V2): n_head_kv 1, head_dim its cached width
 
     @property
     def q_dim(self) -> int:
@@ -63,8 +77,9 @@ def arch_keys(g: GGUFFile) -> MetadataKeys:
     return MetadataKeys(g.metadata, g.path, f"{g.architecture}.")
 
 
-def read_common(g: GGUFFile, neox: bool) -> HParams:
-    """The hyperparameters every family stores under `{arch}.*`, with llama.cpp's defaults."""
+def read_common(g: GGUFFile, neox: bool, latent: bool = False) -> HParams:
+    """The hyperparameters every family stores under `{arch}.*`, with llama.cpp's defaults. latent: values
+    narrower than keys are the latent attention's (its caller checks them)."""
     keys = arch_keys(g)
     n_embd = keys.count("embedding_length")
     n_head = keys.count("attention.head_count", high=MAX_HEADS)
@@ -73,7 +88,7 @@ def read_common(g: GGUFFile, neox: bool) -> HParams:
         raise keys.fail("attention.head_count_kv", n_head_kv, f"does not divide the head count {n_head}")
     head_dim = keys.count("attention.key_length", max(n_embd // n_head, 1))
     value_dim = keys.count("attention.value_length", head_dim)
-    if value_dim != head_dim:
+    if value_dim != head_dim and not latent:
         raise UnsupportedError(f"{g.path}: value heads of {value_dim} differ from key heads of {head_dim}; not supported")
     n_ctx_train = keys.count("context_length", 2048, high=MAX_CONTEXT)
     return HParams(
@@ -83,6 +98,23 @@ def read_common(g: GGUFFile, neox: bool) -> HParams:
         norm_eps=keys.real("attention.layer_norm_rms_epsilon", 1e-5, high=1.0, above_low=True),
         rope=read_rope(g, keys, head_dim, neox, n_ctx_train),
     )
+
+
+def read_experts(g: GGUFFile, hp: HParams, normalize: bool, shared: bool = False, split_ff: bool = True) -> HParams:
+    """The mixture-of-experts keys, `{arch}.expert_count` and the rest, into hp (a model without them stays
+    dense). Without `expert_feed_forward_length` an expert is feed_forward_length wide, divided by the
+    experts used if split_ff (llama.cpp's Qwen-MoE default)."""
+    keys = arch_keys(g)
+    hp.n_expert = keys.count("expert_count", 0, low=0, high=MAX_EXPERTS)
+    if not hp.n_expert:
+        return hp
+    hp.n_expert_used = keys.count("expert_used_count", high=hp.n_expert)
+    default_width = max(hp.n_ff // hp.n_expert_used, 1) if split_ff else hp.n_ff
+    hp.n_ff_exp = keys.count("expert_feed_forward_length", default_width, high=MAX_WIDTH * 8)
+    if shared:
+        hp.n_ff_shexp = keys.count("expert_shared_feed_forward_length", hp.n_ff, high=MAX_WIDTH * 8)
+    hp.expert_norm = normalize
+    return hp
 
 
 def _vocab_size(g: GGUFFile, keys: MetadataKeys) -> int:

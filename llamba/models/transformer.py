@@ -6,8 +6,11 @@ QKV bias, QK-norm, post-norms, GELU, sliding windows, scaled embeddings) and `Tr
     x = embed(tokens) * embed_scale                                        # [n_tokens, n_embd]
     per layer:  h = norm(x);  q, k, v = split(h @ Wqkv + b);  [q, k = norm per head];  rope(q, k)
                 x += [post_norm](attention(q, cache(k, v)) @ Wo)
-                h = norm(x);  x += [post_norm](act(h @ Wgate) * (h @ Wup) @ Wdown)
+                h = norm(x);  x += [post_norm](ffn(h))
     logits = norm(x) @ Wout                                                # [n_tokens, n_vocab]
+
+The feed-forward block is one of models/ffn.py's: dense, act(h @ Wgate) * (h @ Wup) @ Wdown, or a mixture of
+experts; DeepSeek-V2 replaces the attention by models/latent.py's latent attention.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from ..errors import ContextOverflowError, GGUFError, LlambaError, NumericalErro
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize
 from ..memory.batch import Batch
-from ..ops.activations import geglu_tanh, softcap, swiglu
+from ..ops.activations import softcap
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
-from ..ops.heads import split_heads
+from ..ops.heads import norm_qk_whole, split_heads
 from ..ops.norm import NO_WEIGHT, add_block_output, all_finite, rmsnorm
 from ..ops.repack import LaneMatrix, WeightArena, lanes_nbytes, leading_rows, stack_lanes, stack_runs
 from ..ops.rope import rope_tables
 from ..ops.threads import ThreadGovernor
+from .ffn import DenseFFN, ExpertFFN, stacked_lanes_nbytes, load_experts, project
+from .latent import LatentAttention, load_latent
 from .metadata import HParams
 
 
@@ -62,16 +67,17 @@ class Layer:
     bqkv: np.ndarray
     wo: LaneMatrix
     ffn_norm: np.ndarray
-    w_gate_up: list[LaneMatrix]  # one fused matrix, or gate, up
-    w_down: LaneMatrix
+    ffn: DenseFFN | ExpertFFN
     q_norm: np.ndarray
     k_norm: np.ndarray
     attn_post_norm: np.ndarray
     ffn_post_norm: np.ndarray
+    latent: LatentAttention | None = None  # latent attention (DeepSeek-V2) in place of wqkv, wo
 
     @property
     def matrices(self) -> list[LaneMatrix]:
-        return [*self.wqkv, self.wo, *self.w_gate_up, self.w_down]
+        attention = self.latent.matrices if self.latent else [*self.wqkv, self.wo]
+        return [*attention, *self.ffn.matrices]
 
 
 class Transformer:
@@ -82,16 +88,19 @@ class Transformer:
         self.hp = hp
         tied = "output.weight" not in g.tensors
         repacked = [t for name, t in g.tensors.items() if len(t.shape) == 2 and (tied or name != "token_embd.weight")]
-        self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in repacked))
-        self.output_norm = self._vector("output_norm.weight", hp.n_embd)
+        experts = [t for t in g.tensors.values() if len(t.shape) == 3]
+        self._arena = WeightArena(sum(lanes_nbytes(t.type, t.n_rows, t.shape[0]) for t in repacked)
+                                  + sum(stacked_lanes_nbytes(t) for t in experts))
+        self.allocate = self._arena.zeros  # where load_experts repacks into
+        self.output_norm = self.vector("output_norm.weight", hp.n_embd)
         if tied:
-            self.output = self._matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
+            self.output = self.matrix("token_embd.weight", hp.n_embd, hp.n_vocab)
             self.tok_embd = LaneRows(self.output)
         else:
-            self.tok_embd = FileRows(self._tensor("token_embd.weight", (hp.n_embd, hp.n_vocab)))
-            self.output = self._matrix("output.weight", hp.n_embd, hp.n_vocab)
+            self.tok_embd = FileRows(self.tensor("token_embd.weight", (hp.n_embd, hp.n_vocab)))
+            self.output = self.matrix("output.weight", hp.n_embd, hp.n_vocab)
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
-        del self._arena  # its mapping lives on in the weights' arrays
+        del self._arena, self.allocate  # the mapping lives on in the weights' arrays
         self.threads = ThreadGovernor()  # how many threads each forward uses, by measurement
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
         _return_freed_memory()
@@ -101,32 +110,32 @@ class Transformer:
     # tensor's file pages are released as soon as it is repacked, so loading never holds the file and the
     # repacked weights at once: peak memory is the weights plus one tensor.
 
-    def _tensor(self, name: str, shape: tuple[int, ...]):
+    def tensor(self, name: str, shape: tuple[int, ...]):
         t = self.gguf.tensors.get(name)
         if t is None:
             raise GGUFError(f"{self.gguf.path}: tensor {name} is missing (is this really a {self.hp.arch} model?)")
-        if tuple(t.shape) != shape:
+        if _squeezed(t.shape) != _squeezed(shape):  # [n, 1] and [n] are one shape (llama.cpp reads both)
             raise GGUFError(f"{self.gguf.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape} "
                             "from the metadata")
         return t
 
-    def _vector(self, name: str, n: int) -> np.ndarray:
-        t = self._tensor(name, (n,))
+    def vector(self, name: str, n: int) -> np.ndarray:
+        t = self.tensor(name, (n,))
         if t.type.name != "F32":
             return dequantize(t.data, t.type).reshape(-1)
         # a copy, not a view: the file's pages are released after loading and a view would fault them back
         return np.array(t.data, dtype=np.float32).reshape(-1)
 
     def _optional_vector(self, name: str, n: int) -> np.ndarray:
-        return self._vector(name, n) if name in self.gguf.tensors else NO_WEIGHT
+        return self.vector(name, n) if name in self.gguf.tensors else NO_WEIGHT
 
-    def _matrix(self, name: str, n_cols: int, n_rows: int) -> LaneMatrix:
+    def matrix(self, name: str, n_cols: int, n_rows: int) -> LaneMatrix:
         return self._fused([(name, n_rows)], n_cols)[0]
 
     def _fused(self, shapes: list[tuple[str, int]], n_cols: int) -> list[LaneMatrix]:
         """The matrices as few as possible: each run of neighbours that share a layout stacked into one."""
-        tensors = [self._tensor(name, (n_cols, n_rows)) for name, n_rows in shapes]
-        runs = stack_runs([(t.data, t.type) for t in tensors])
+        tensors = [self.tensor(name, (n_cols, n_rows)) for name, n_rows in shapes]
+        runs = stack_runs([(t.data.reshape(n_rows, -1), t.type) for t, (_, n_rows) in zip(tensors, shapes)])
         matrices = [stack_lanes(run, n_cols, self._arena.zeros) for run in runs]
         for t in tensors:
             self.gguf.release_pages(t)
@@ -134,21 +143,61 @@ class Transformer:
 
     def _layer(self, i: int) -> Layer:
         hp, p = self.hp, f"blk.{i}."
+        if hp.mla is not None:
+            latent = load_latent(self, p, hp.mla, hp.n_head, hp.n_embd, hp.norm_eps)
+            return Layer(attn_norm=self.vector(p + "attn_norm.weight", hp.n_embd), wqkv=[], bqkv=NO_WEIGHT,
+                         wo=latent.wo, ffn_norm=self.vector(p + "ffn_norm.weight", hp.n_embd), ffn=self._ffn(p, i),
+                         q_norm=NO_WEIGHT, k_norm=NO_WEIGHT, attn_post_norm=NO_WEIGHT, ffn_post_norm=NO_WEIGHT,
+                         latent=latent)
         q, kv, d = hp.q_dim, hp.kv_dim, hp.head_dim
+        whole = hp.qk_norm == "whole"  # OLMoE: one norm over all of Q, one over all of K
         biases = [self._optional_vector(p + f"attn_{x}.bias", n) for x, n in (("q", q), ("k", kv), ("v", kv))]
         return Layer(
-            attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd),
-            wqkv=self._fused([(p + "attn_q.weight", q), (p + "attn_k.weight", kv), (p + "attn_v.weight", kv)], hp.n_embd),
+            attn_norm=self.vector(p + "attn_norm.weight", hp.n_embd),
+            wqkv=self._qkv(p),
             bqkv=np.concatenate(biases) if all(b.size for b in biases) else NO_WEIGHT,
-            wo=self._matrix(p + "attn_output.weight", q, hp.n_embd),
-            ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd),
-            w_gate_up=self._fused([(p + "ffn_gate.weight", hp.n_ff), (p + "ffn_up.weight", hp.n_ff)], hp.n_embd),
-            w_down=self._matrix(p + "ffn_down.weight", hp.n_ff, hp.n_embd),
-            q_norm=self._vector(p + "attn_q_norm.weight", d) if hp.qk_norm else NO_WEIGHT,
-            k_norm=self._vector(p + "attn_k_norm.weight", d) if hp.qk_norm else NO_WEIGHT,
+            wo=self.matrix(p + "attn_output.weight", q, hp.n_embd),
+            ffn_norm=self.vector(p + "ffn_norm.weight", hp.n_embd),
+            ffn=self._ffn(p, i),
+            q_norm=self.vector(p + "attn_q_norm.weight", q if whole else d) if hp.qk_norm else NO_WEIGHT,
+            k_norm=self.vector(p + "attn_k_norm.weight", kv if whole else d) if hp.qk_norm else NO_WEIGHT,
             attn_post_norm=self._optional_vector(p + "post_attention_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
             ffn_post_norm=self._optional_vector(p + "post_ffw_norm.weight", hp.n_embd) if hp.post_norms else NO_WEIGHT,
         )
+
+    def _qkv(self, p: str) -> list[LaneMatrix]:
+        """Q, K and V: one matrix as the file fuses them (Phi-3's attn_qkv), else stacked as their types allow."""
+        hp = self.hp
+        if p + "attn_qkv.weight" in self.gguf.tensors:
+            return [self.matrix(p + "attn_qkv.weight", hp.n_embd, hp.q_dim + 2 * hp.kv_dim)]
+        names = [(p + "attn_q.weight", hp.q_dim), (p + "attn_k.weight", hp.kv_dim), (p + "attn_v.weight", hp.kv_dim)]
+        return self._fused(names, hp.n_embd)
+
+    def _ffn(self, p: str, i: int) -> DenseFFN | ExpertFFN:
+        """Layer i's feed-forward block: dense (all of a dense model's; DeepSeek's leading ones), or a mixture
+        of experts, with a shared expert where the file has one (Qwen2-MoE's gated by the router's extra row)."""
+        hp = self.hp
+        if not hp.n_expert or i < hp.n_dense_lead:
+            return self._dense_ffn(p, "", hp.n_ff)
+        experts = load_experts(self, p, hp.n_expert, hp.n_embd, hp.n_ff_exp, hp.activation)
+        router = [(p + "ffn_gate_inp.weight", hp.n_expert)]
+        shared = None
+        if hp.n_ff_shexp:
+            shared = self._dense_ffn(p, "_shexp", hp.n_ff_shexp)
+            if hp.shared_expert_gate:
+                router.append((p + "ffn_gate_inp_shexp.weight", 1))
+        bias = self._optional_vector(p + "exp_probs_b.bias", hp.n_expert)  # DeepSeek-V3's selection bias
+        return ExpertFFN(self._fused(router, hp.n_embd), experts, hp.n_expert_used, hp.expert_norm, shared,
+                         hp.expert_weights_scale, hp.expert_sigmoid, bias, hp.expert_groups)
+
+    def _dense_ffn(self, p: str, suffix: str, n_ff: int) -> DenseFFN:
+        """Gate and up stacked as their types allow, or the one ffn_up holding both (Phi-3)."""
+        if self.hp.fused_gate_up and suffix == "":
+            gate_up = [self.matrix(p + "ffn_up.weight", self.hp.n_embd, 2 * n_ff)]
+        else:
+            gate_up = self._fused([(p + f"ffn_gate{suffix}.weight", n_ff), (p + f"ffn_up{suffix}.weight", n_ff)],
+                                  self.hp.n_embd)
+        return DenseFFN(gate_up, self.matrix(p + f"ffn_down{suffix}.weight", n_ff, self.hp.n_embd), self.hp.activation)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -223,7 +272,10 @@ class Transformer:
         for (i, layer), next_norm in zip(layers, next_norms):
             local = bool(hp.swa_layers and hp.swa_layers[i])
             cos, sin = tables[local and hp.rope_local is not None]
-            self._attention_block(x, h, layer, i, placement.cells, cache, cos, sin, attend, local)
+            if layer.latent is not None:
+                self._latent_block(x, h, layer, i, placement.cells, cache, cos, sin, attend)
+            else:
+                self._attention_block(x, h, layer, i, placement.cells, cache, cos, sin, attend, local)
             self._ffn_block(x, h, layer, next_norm, i)
         return h
 
@@ -251,25 +303,19 @@ class Transformer:
                 kv.attend_listed(out, q, visible, counts, batch.positions, scale, window, capped)
         return attend
 
-    def _project(self, h: np.ndarray, weights: list[LaneMatrix], width: int) -> np.ndarray:
-        if len(weights) == 1:  # fused (the usual case): no output slices
-            return matmul(h, weights[0])
-        out = np.empty((h.shape[0], width), np.float32)
-        at = 0
-        for w in weights:
-            matmul(h, w, out=out[:, at : at + w.n_rows])
-            at += w.n_rows
-        return out
-
     def _attention_block(self, x, h, layer: Layer, i: int, cells, cache, cos, sin, attend, local: bool) -> None:
         """x += attention(h); h = x normed for the feed-forward block."""
         hp = self.hp
         n = x.shape[0]
-        qkv = self._project(h, layer.wqkv, hp.q_dim + 2 * hp.kv_dim)
+        qkv = project(h, layer.wqkv)
         q = np.empty((n, hp.n_head, hp.head_dim), np.float32)
         k = np.empty((n, hp.n_head_kv, hp.head_dim), np.float32)
         v = np.empty_like(k)
-        split_heads(qkv, layer.bqkv, layer.q_norm, layer.k_norm, hp.norm_eps, cos, sin, hp.rope.neox, q, k, v)
+        if hp.qk_norm == "whole":  # OLMoE: one norm over all of Q and one over all of K, before the heads
+            norm_qk_whole(qkv, layer.q_norm, layer.k_norm, hp.norm_eps)
+            split_heads(qkv, layer.bqkv, NO_WEIGHT, NO_WEIGHT, hp.norm_eps, cos, sin, hp.rope.neox, q, k, v)
+        else:
+            split_heads(qkv, layer.bqkv, layer.q_norm, layer.k_norm, hp.norm_eps, cos, sin, hp.rope.neox, q, k, v)
         kv = cache.layer(i)
         kv.write(cells, k, v)
         att = np.empty_like(q)
@@ -278,15 +324,25 @@ class Transformer:
         finite = add_block_output(x, out, layer.attn_post_norm, layer.ffn_norm, h, hp.norm_eps)
         self._check_finite(finite, f"layer {i}")
 
+    def _latent_block(self, x, h, layer: Layer, i: int, cells, cache, cos, sin, attend) -> None:
+        """x += latent_attention(h); h = x normed for the feed-forward block."""
+        out = layer.latent(h, cache.layer(i), cells, cos, sin, attend)
+        finite = add_block_output(x, out, NO_WEIGHT, layer.ffn_norm, h, self.hp.norm_eps)
+        self._check_finite(finite, f"layer {i}")
+
     def _ffn_block(self, x, h, layer: Layer, next_norm: np.ndarray, i: int) -> None:
         """x += feed_forward(h); h = x normed by next_norm."""
-        hp = self.hp
-        gate_up = self._project(h, layer.w_gate_up, 2 * hp.n_ff)
-        act = np.empty((x.shape[0], hp.n_ff), np.float32)
-        (geglu_tanh if hp.activation == "gelu" else swiglu)(act, gate_up)
-        out = matmul(act, layer.w_down)
-        finite = add_block_output(x, out, layer.ffn_post_norm, next_norm, h, hp.norm_eps)
+        out = layer.ffn(h)
+        finite = add_block_output(x, out, layer.ffn_post_norm, next_norm, h, self.hp.norm_eps)
         self._check_finite(finite, f"layer {i}")
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A GGUF shape without its trailing ones."""
+    shape = tuple(shape)
+    while len(shape) > 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _return_freed_memory() -> None:

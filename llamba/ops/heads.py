@@ -46,3 +46,24 @@ def _head(out, x, norm_weight, eps, cos, sin, neox):
         for d in range(x.shape[0]):
             out[d] = x[d]
     rotate_head(out, cos, sin, neox)
+
+
+@kernel
+def norm_qk_whole(qkv, q_norm, k_norm, eps):
+    """RMSNorm in place over each token's whole Q (q_norm [q_dim]) and whole K (k_norm [kv_dim]) in qkv
+    [n, q_dim + 2 kv_dim] (OLMoE), before split_heads."""
+    q_dim, kv_dim = q_norm.shape[0], k_norm.shape[0]
+    for t in range(qkv.shape[0]):
+        q = qkv[t, :q_dim]
+        norm_row(q, q, q_norm, eps)
+        k = qkv[t, q_dim : q_dim + kv_dim]
+        norm_row(k, k, k_norm, eps)
+
+
+@kernel
+def rope_heads(x, cos, sin, neox):
+    """Rotate the first n_rot dimensions of every head of x [n, n_heads, head_dim] in place by each token's
+    tables cos, sin [n, n_rot/2] (latent attention's rotary parts)."""
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            rotate_head(x[t, h], cos[t], sin[t], neox)
