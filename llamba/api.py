@@ -19,6 +19,7 @@ import numpy as np
 
 from .compiling import ensure_compiled, warm_up
 from .errors import BadRequestError, LlambaError
+from .generation.constraints import Constraint, GrammarMask, GrammarVocabulary, constraint_from
 from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
 from .generation.generate import GenerationStats, Step, generate_steps
 from .generation.sampling import Sampler, SamplingParams
@@ -63,6 +64,7 @@ class Llama:
         self.last_stats = GenerationStats()
         self.decoding = decoding or DEFAULT_DECODING
         self._speculations: dict[str, Speculation | None] = {}
+        self._grammar_vocabulary: GrammarVocabulary | None = None
         self.speculation(decoding)  # a bad name or draft model fails now, not at the first generation
         self.warm_up()
 
@@ -93,6 +95,20 @@ class Llama:
         add_bos = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
         return self.tokenizer.encode(text, add_special=add_bos, parse_special=True)
 
+    @property
+    def grammar_vocabulary(self) -> GrammarVocabulary:
+        """The vocabulary as llguidance reads it, built at the first constrained generation and kept."""
+        if self._grammar_vocabulary is None:
+            tok = self.tokenizer
+            self._grammar_vocabulary = GrammarVocabulary(tok.vocabulary_bytes(), lambda text: tok.encode(
+                text, add_special=False), tok.eog_ids, self.model.hp.n_vocab)
+        return self._grammar_vocabulary
+
+    def sampler(self, constraint: Constraint | None = None, **sampling: Any) -> Sampler:
+        """A sampler for these options, with a grammar mask first in its chain when a constraint is given."""
+        mask = GrammarMask(self.grammar_vocabulary, constraint) if constraint is not None else None
+        return Sampler(constraint=mask, **_sampling_args(sampling))
+
     # ------------------------------------------------------------------------------------- evaluation
 
     def reset(self) -> None:
@@ -106,15 +122,17 @@ class Llama:
         return out
 
     def stream_tokens(self, prompt_ids: list[int], max_tokens: int = 256, stop: list[str] | None = None,
-                      sampler: Sampler | None = None, decoding: str | None = None, **sampling: Any) -> Iterator[Step]:
-        """The core loop with prefix reuse: yields Steps; `last_stats` holds the timings after."""
+                      sampler: Sampler | None = None, decoding: str | None = None,
+                      constraint: Constraint | None = None, **sampling: Any) -> Iterator[Step]:
+        """The core loop with prefix reuse: yields Steps; `last_stats` holds the timings after. `constraint`:
+        the output follows this schema or grammar (see generation/constraints.py)."""
         if not prompt_ids:
             raise BadRequestError("the prompt is empty")
         if max_tokens < -1:
             raise BadRequestError(f"max_tokens must be >= 0, or -1 for no limit but the context (got {max_tokens})")
         if max_tokens == -1:
             max_tokens = self.n_ctx
-        sampler = sampler or Sampler(**_sampling_args(sampling))
+        sampler = sampler or self.sampler(constraint, **sampling)
         start = self.sequence.common_prefix(prompt_ids)
         stats = self.last_stats = GenerationStats()
         generated: list[int] = []
@@ -133,17 +151,23 @@ class Llama:
 
     # ------------------------------------------------------------------------------------- text API
 
-    def generate(self, prompt: str, max_tokens: int = 256, stop: list[str] | None = None, **sampling: Any) -> str:
-        """The continuation of prompt as one string."""
-        steps = self.stream_tokens(self.tokenize(prompt), max_tokens=max_tokens, stop=stop, **sampling)
+    def generate(self, prompt: str, max_tokens: int = 256, stop: list[str] | None = None,
+                 json_schema: dict | str | None = None, grammar: str | None = None, regex: str | None = None,
+                 **sampling: Any) -> str:
+        """The continuation of prompt as one string; json_schema (a dict or its JSON), grammar (GBNF) or
+        regex constrain it (`last_stats.finish_reason` is "length" if the budget ran out first)."""
+        steps = self.stream_tokens(self.tokenize(prompt), max_tokens=max_tokens, stop=stop,
+                                   constraint=constraint_from(json_schema, grammar, regex), **sampling)
         return "".join(step.text for step in steps)
 
     def create_completion(self, prompt: str | list[int], max_tokens: int = 16, stop: str | list[str] | None = None,
-                          stream: bool = False, **sampling: Any):
+                          stream: bool = False, json_schema: dict | str | None = None, grammar: str | None = None,
+                          regex: str | None = None, **sampling: Any):
         """An OpenAI-shaped text completion (or an iterator of chunks with stream=True)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         stops = [stop] if isinstance(stop, str) else stop
-        steps = self.stream_tokens(ids, max_tokens=max_tokens, stop=stops, **sampling)
+        steps = self.stream_tokens(ids, max_tokens=max_tokens, stop=stops,
+                                   constraint=constraint_from(json_schema, grammar, regex), **sampling)
         meta = self._meta("cmpl")
         if stream:
             return self._completion_chunks(steps, meta)

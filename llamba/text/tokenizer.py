@@ -341,6 +341,17 @@ class Tokenizer:
         except KeyError:
             return text.encode("utf-8")
 
+    def vocabulary_bytes(self) -> list[bytes]:
+        """Every token's bytes, in id order, as a grammar engine wants them: special tokens (control ones, and
+        user-defined ones written like <tag>) are b"\\xff" + their text, so no grammar matches them as text
+        (llguidance's convention, as its llama.cpp glue builds it)."""
+        table = []
+        for i, (text, kind) in enumerate(zip(self.tokens, self.token_type)):
+            special = kind in (CONTROL, UNKNOWN) or (kind == USER_DEFINED and text.startswith("<")
+                                                     and text.endswith(">"))
+            table.append(b"\xff" + text.encode("utf-8") if special else self._piece(i))
+        return table
+
     def decode(self, ids, special: bool = False) -> str:
         """Text of ids; special shows control tokens' text. Invalid UTF-8 becomes U+FFFD."""
         stream = self.streamer(special)
