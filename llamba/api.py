@@ -32,6 +32,7 @@ from .store import resolve_model
 from .text import openai
 from .text.chat_template import load_chat_template, turn_terminator
 from .text.stream import TextStream
+from .text.tools import ChatPlan, PlainDeltas, ToolCallStream, plan_chat, split_tool_calls, template_messages, trigger_is_token
 from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -88,9 +89,12 @@ class Llama:
     def detokenize(self, ids: list[int], special: bool = False) -> str:
         return self.tokenizer.decode(ids, special=special)
 
-    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render messages with the chat template and tokenize, special tokens recognised."""
-        text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
+        """Render messages (and the tools offered) with the chat template and tokenize, special tokens
+        recognised."""
+        text = self.template.render(template_messages(messages), add_generation_prompt=add_generation_prompt,
+                                    tools=tools or None)
         bos = self.template.bos_token
         add_bos = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
         return self.tokenizer.encode(text, add_special=add_bos, parse_special=True)
@@ -104,10 +108,20 @@ class Llama:
                 text, add_special=False), tok.eog_ids, self.model.hp.n_vocab)
         return self._grammar_vocabulary
 
-    def sampler(self, constraint: Constraint | None = None, **sampling: Any) -> Sampler:
-        """A sampler for these options, with a grammar mask first in its chain when a constraint is given."""
-        mask = GrammarMask(self.grammar_vocabulary, constraint) if constraint is not None else None
+    def sampler(self, constraint: Constraint | None = None, trigger: str | None = None, **sampling: Any) -> Sampler:
+        """A sampler for these options, with a grammar mask first in its chain when a constraint is given
+        (trigger: the special token after which it starts, for a lazy grammar)."""
+        mask = None
+        if constraint is not None:
+            trigger_id = self.tokenizer.token_to_id[trigger] if trigger is not None else None
+            mask = GrammarMask(self.grammar_vocabulary, constraint, trigger_id)
         return Sampler(constraint=mask, **_sampling_args(sampling))
+
+    def chat_plan(self, tools: list | None = None, tool_choice=None, response_format: dict | None = None,
+                  parallel_tool_calls: bool = False) -> ChatPlan:
+        """How a chat request's tools and response_format shape its prompt and answer (text/tools.py)."""
+        return plan_chat(tools, tool_choice, response_format, parallel_tool_calls,
+                         has_trigger_token=trigger_is_token(self.tokenizer))
 
     # ------------------------------------------------------------------------------------- evaluation
 
@@ -181,23 +195,35 @@ class Llama:
         yield openai.completion_chunk(meta, "", self._finish())
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None,
-                               stop: str | list[str] | None = None, stream: bool = False, **sampling: Any):
-        """An OpenAI-shaped chat completion (or an iterator of chunks with stream=True)."""
-        ids = self.chat_prompt_ids(messages)
+                               stop: str | list[str] | None = None, stream: bool = False,
+                               response_format: dict | None = None, tools: list[dict] | None = None,
+                               tool_choice: str | dict | None = None, parallel_tool_calls: bool = False,
+                               **sampling: Any):
+        """An OpenAI-shaped chat completion (or an iterator of chunks with stream=True). response_format,
+        tools and tool_choice as llama-cpp-python and OpenAI take them: see text/tools.py."""
+        plan = self.chat_plan(tools, tool_choice, response_format, parallel_tool_calls)
+        ids = self.chat_prompt_ids(messages, tools=plan.tools)
         stops = [stop] if isinstance(stop, str) else stop
-        steps = self.stream_tokens(ids, max_tokens=self.n_ctx if max_tokens is None else max_tokens, stop=stops, **sampling)
+        sampler = self.sampler(plan.constraint, plan.trigger, **sampling)
+        steps = self.stream_tokens(ids, max_tokens=self.n_ctx if max_tokens is None else max_tokens, stop=stops,
+                                   sampler=sampler)
         meta = self._meta("chatcmpl")
         if stream:
-            return self._chat_chunks(steps, meta)
+            return self._chat_chunks(steps, meta, plan)
         text = "".join(step.text for step in steps)
-        return openai.chat_completion(meta, text, self._finish(), self._usage())
+        content, calls = split_tool_calls(text, plan.tool_names) if plan.parses_calls else (text, [])
+        return openai.chat_completion(meta, content, self._finish(), self._usage(),
+                                      tool_calls=[c.openai() for c in calls])
 
-    def _chat_chunks(self, steps, meta) -> Iterator[dict]:
+    def _chat_chunks(self, steps, meta, plan: ChatPlan) -> Iterator[dict]:
         yield openai.chat_chunk(meta, {"role": "assistant"})
+        deltas = ToolCallStream(plan.tool_names) if plan.parses_calls else PlainDeltas()
         for step in steps:
-            if step.text:
-                yield openai.chat_chunk(meta, {"content": step.text})
-        yield openai.chat_chunk(meta, {}, self._finish())
+            for delta in deltas.feed(step.text):
+                yield openai.chat_chunk(meta, delta)
+        for delta in deltas.flush():
+            yield openai.chat_chunk(meta, delta)
+        yield openai.chat_chunk(meta, {}, openai.chat_finish_reason(self._finish(), bool(deltas.calls)))
 
     def _meta(self, kind: str) -> dict:
         return openai.response_meta(kind, str(self.model_path))

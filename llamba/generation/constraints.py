@@ -136,19 +136,24 @@ class GrammarMask:
     The matcher follows the output: `accept` feeds it each token drawn. The stage knows the history length its
     matcher stands at, so a call about any other position (a draft model drafting several tokens ahead through
     the same sampler) passes unmasked: its guesses are checked at verification, where the position is right.
+
+    trigger: a lazy grammar (llama.cpp's term): the output is free until this token is drawn, and the grammar
+    constrains what follows it (a tool call after `<tool_call>`).
     """
 
-    def __init__(self, vocabulary: GrammarVocabulary, constraint: Constraint):
+    def __init__(self, vocabulary: GrammarVocabulary, constraint: Constraint, trigger: int | None = None):
         self.vocabulary = vocabulary
         self.matcher = vocabulary.matcher(constraint)
         self.bitmask = np.zeros((vocabulary.n_vocab + 31) // 32, np.int32)
+        self.trigger = trigger
+        self.active = trigger is None
         self._at: int | None = None  # the history length the matcher stands at (set by the first apply)
         self._mask_for: int | None = None  # the history length self.bitmask was computed for
 
     def apply(self, c: Candidates, history: list[int]) -> Candidates:
         if self._at is None:
             self._at = len(history)
-        if len(history) != self._at or self.matcher.is_error():
+        if not self.active or len(history) != self._at or self.matcher.is_error():
             return c
         return Candidates(c.ids, np.where(self.allowed(), c.logits, np.float32(-np.inf)))
 
@@ -164,7 +169,9 @@ class GrammarMask:
         if self._at is None:
             return
         self._at += 1
-        if not self.matcher.is_stopped():  # past the end (an end-of-generation token) there is nothing to feed
+        if not self.active:
+            self.active = token == self.trigger
+        elif not self.matcher.is_stopped():  # past the end (an end-of-generation token) there is nothing to feed
             self.matcher.consume_token(token)
 
     @property
