@@ -148,7 +148,7 @@ class GrammarMask:
         self.trigger = trigger
         self.active = trigger is None
         self._at: int | None = None  # the history length the matcher stands at (set by the first apply)
-        self._mask_for: int | None = None  # the history length self.bitmask was computed for
+        self._mask_for = -1  # the history length self.bitmask was computed for
 
     def apply(self, c: Candidates, history: list[int]) -> Candidates:
         if self._at is None:
