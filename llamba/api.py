@@ -32,7 +32,7 @@ from .store import resolve_model
 from .text import openai
 from .text.chat_template import load_chat_template, turn_terminator
 from .text.stream import TextStream
-from .text.tools import ChatPlan, PlainDeltas, ToolCallStream, plan_chat, split_tool_calls, template_messages, trigger_is_token
+from .text.tools import ChatPlan, plan_chat, template_messages, trigger_is_token
 from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -198,7 +198,7 @@ class Llama:
                                stop: str | list[str] | None = None, stream: bool = False,
                                response_format: dict | None = None, tools: list[dict] | None = None,
                                tool_choice: str | dict | None = None, parallel_tool_calls: bool = False,
-                               **sampling: Any):
+                               decoding: str | None = None, **sampling: Any):
         """An OpenAI-shaped chat completion (or an iterator of chunks with stream=True). response_format,
         tools and tool_choice as llama-cpp-python and OpenAI take them: see text/tools.py."""
         plan = self.chat_plan(tools, tool_choice, response_format, parallel_tool_calls)
@@ -206,18 +206,17 @@ class Llama:
         stops = [stop] if isinstance(stop, str) else stop
         sampler = self.sampler(plan.constraint, plan.trigger, **sampling)
         steps = self.stream_tokens(ids, max_tokens=self.n_ctx if max_tokens is None else max_tokens, stop=stops,
-                                   sampler=sampler)
+                                   sampler=sampler, decoding=decoding)
         meta = self._meta("chatcmpl")
         if stream:
             return self._chat_chunks(steps, meta, plan)
         text = "".join(step.text for step in steps)
-        content, calls = split_tool_calls(text, plan.tool_names) if plan.parses_calls else (text, [])
-        return openai.chat_completion(meta, content, self._finish(), self._usage(),
-                                      tool_calls=[c.openai() for c in calls])
+        content, calls = plan.split(text)
+        return openai.chat_completion(meta, content, self._finish(), self._usage(), tool_calls=calls)
 
     def _chat_chunks(self, steps, meta, plan: ChatPlan) -> Iterator[dict]:
         yield openai.chat_chunk(meta, {"role": "assistant"})
-        deltas = ToolCallStream(plan.tool_names) if plan.parses_calls else PlainDeltas()
+        deltas = plan.deltas()
         for step in steps:
             for delta in deltas.feed(step.text):
                 yield openai.chat_chunk(meta, delta)

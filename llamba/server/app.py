@@ -20,7 +20,7 @@ from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadE
 from ..generation.constraints import Constraint, constraint_from
 from ..generation.sampling import OPTIONS, Sampler, option_type
 from ..text import openai
-from ..text.tools import ChatPlan, PlainDeltas, ToolCallStream, split_tool_calls
+from ..text.tools import ChatPlan
 from .engine import Engine, Event, Request
 
 
@@ -283,13 +283,12 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         if last.error:
             return _error(500, last.error, kind="server_error")
         logprobs = chat_logprobs(entries) if n_top is not None else None
-        content, calls = split_tool_calls(text, plan.tool_names) if plan.parses_calls else (text, [])
-        return openai.chat_completion(meta("chatcmpl"), content, finish(last), usage(request), logprobs,
-                                      tool_calls=[c.openai() for c in calls])
+        content, calls = plan.split(text)
+        return openai.chat_completion(meta("chatcmpl"), content, finish(last), usage(request), logprobs, calls)
 
     async def chat_chunks(request, inbox, head: dict, body: ChatRequest, plan: ChatPlan):
         yield openai.chat_chunk(head, {"role": "assistant", "content": ""})
-        deltas = ToolCallStream(plan.tool_names) if plan.parses_calls else PlainDeltas()
+        deltas = plan.deltas()
         async for event in events(request, inbox):
             entry = logprob_entry(event)
             pieces = deltas.feed(event.text) or ([{"content": ""}] if entry else [])  # logprobs ride on content

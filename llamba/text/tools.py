@@ -1,4 +1,4 @@
-"""Tool calls in OpenAI's shapes, written in the Qwen2.5 / Hermes format: `<tool_call>{"name", "arguments"}</tool_call>`.
+"""Tool calls in OpenAI's shapes, in the Qwen2.5 / Hermes format: `<tool_call>{"name", "arguments"}</tool_call>`.
 
 A chat request's `tools`, `tool_choice` and `response_format` become one ChatPlan: the tools the chat template
 renders (the model's own template writes the tool descriptions, assistant calls and `role: tool` results), and
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ..errors import BadRequestError
 from ..generation.constraints import JSON_OPTIONS, Constraint
 from .openai import response_format_constraint
+from .stream import partial_suffix
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -39,6 +40,17 @@ class ChatPlan:
     @property
     def tool_names(self) -> set[str]:
         return {t["function"]["name"] for t in self.tools or []}
+
+    def split(self, text: str) -> tuple[str | None, list[dict]]:
+        """A whole answer's content and its tool calls in OpenAI's shape."""
+        if not self.parses_calls:
+            return text, []
+        content, calls = split_tool_calls(text, self.tool_names)
+        return content, [call.openai() for call in calls]
+
+    def deltas(self) -> "ToolCallStream | PlainDeltas":
+        """What turns a streamed answer's text into OpenAI's deltas."""
+        return ToolCallStream(self.tool_names) if self.parses_calls else PlainDeltas()
 
 
 def plan_chat(tools: list | None = None, tool_choice: str | dict | None = None, response_format: dict | None = None,
@@ -143,7 +155,9 @@ def parse_call(text: str) -> ToolCall | None:
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return None
     arguments = data.get("arguments", data.get("parameters", {}))
-    return ToolCall(data["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False))
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(data["name"], arguments)
 
 
 def split_tool_calls(text: str, tool_names: set[str] | None = None) -> tuple[str | None, list[ToolCall]]:
@@ -196,7 +210,7 @@ class ToolCallStream:
                 continue
             start = self._held.find(OPEN)
             if start < 0:
-                keep = _partial_suffix(self._held, OPEN)
+                keep = partial_suffix(self._held, OPEN)
                 ready, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep:]
                 if ready:
                     out.append({"content": ready})
@@ -252,14 +266,6 @@ class PlainDeltas:
 
     def flush(self) -> list[dict]:
         return []
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of text that begins marker."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
