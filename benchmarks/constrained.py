@@ -94,29 +94,26 @@ def main() -> None:
 
     llamba.api.GrammarMask = TimedMask  # the API builds its masks through this name
     llm = Llama(path, n_ctx=2048, n_threads=args.threads)
-    rows = []
-    free, n_free = llamba_rate(llm, args.n, args.repeats, None)
-    rows.append(("llamba free", free, n_free))
-    TimedMask.seconds, TimedMask.calls = 0.0, 0
-    constrained, n_con = llamba_rate(llm, args.n, args.repeats, SCHEMA)
-    mask_ms = 1000 * TimedMask.seconds / max(TimedMask.calls, 1)
-    rows.append(("llamba json_schema", constrained, n_con))
-    guessing, n_guess = llamba_rate(llm, args.n, args.repeats, SCHEMA, decoding="auto")
-    rows.append(("llamba json_schema, --decoding auto", guessing, n_guess))
-    if not args.no_llama_cpp:
-        del llm
-        cpp_free, n_cf = llama_cpp_rate(path, args.n, args.repeats, None, args.threads)
-        rows.append(("llama-cpp-python free", cpp_free, n_cf))
-        cpp_con, n_cc = llama_cpp_rate(path, args.n, args.repeats, SCHEMA, args.threads)
-        rows.append(("llama-cpp-python json_schema (GBNF)", cpp_con, n_cc))
     print(f"{args.model}, {args.threads} threads, greedy, {args.n} tokens at most, median of {args.repeats}\n")
     print(f"| {'run':<38} | tokens | tok/s | vs llamba free |")
-    print(f"| {'-' * 38} | -----: | ----: | -------------: |")
-    for name, rate, tokens in rows:
-        print(f"| {name:<38} | {tokens:>6} | {rate:5.1f} | {rate / free:13.2f}x |")
+    print(f"| {'-' * 38} | -----: | ----: | -------------: |", flush=True)
+    free, n_free = llamba_rate(llm, args.n, args.repeats, None)
+
+    def row(name: str, rate: float, tokens: int) -> None:  # printed as measured: a long run shows its progress
+        print(f"| {name:<38} | {tokens:>6} | {rate:5.1f} | {rate / free:13.2f}x |", flush=True)
+
+    row("llamba free", free, n_free)
+    TimedMask.seconds, TimedMask.calls = 0.0, 0
+    row("llamba json_schema", *llamba_rate(llm, args.n, args.repeats, SCHEMA))
+    mask_ms = 1000 * TimedMask.seconds / max(TimedMask.calls, 1)
+    row("llamba json_schema, --decoding auto", *llamba_rate(llm, args.n, args.repeats, SCHEMA, decoding="auto"))
     step_ms = 1000 / free
     print(f"\nmask cost: {mask_ms:.2f} ms per token = {100 * mask_ms / step_ms:.1f}% of a free decode step "
-          f"({step_ms:.1f} ms)")
+          f"({step_ms:.1f} ms)\n", flush=True)
+    if not args.no_llama_cpp:
+        del llm
+        row("llama-cpp-python free", *llama_cpp_rate(path, args.n, args.repeats, None, args.threads))
+        row("llama-cpp-python json_schema (GBNF)", *llama_cpp_rate(path, args.n, args.repeats, SCHEMA, args.threads))
 
 
 if __name__ == "__main__":
