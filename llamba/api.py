@@ -19,6 +19,7 @@ import numpy as np
 
 from .compiling import ensure_compiled, warm_up
 from .errors import BadRequestError, LlambaError
+from .generation.constraints import Constraint, GrammarMask, GrammarVocabulary, constraint_from
 from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
 from .generation.generate import GenerationStats, Step, generate_steps
 from .generation.sampling import Sampler, SamplingParams
@@ -31,6 +32,7 @@ from .store import resolve_model
 from .text import openai
 from .text.chat_template import load_chat_template, turn_terminator
 from .text.stream import TextStream
+from .text.tools import ChatPlan, plan_chat, template_messages, trigger_is_token
 from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -66,6 +68,7 @@ class Llama:
         self.decoding = decoding or DEFAULT_DECODING
         self._drafts: dict[str, object] = {}  # name -> a loaded draft model, shared by the decoders that ask it
         self._speculations: dict[str, Speculation | None] = {}
+        self._grammar_vocabulary: GrammarVocabulary | None = None
         self.draft_model = _no_none(draft_model)
         if draft_model is None and _no_none(os.environ.get(DRAFT_ENV)):
             self._take_configured_draft(os.environ[DRAFT_ENV], say)
@@ -109,12 +112,39 @@ class Llama:
     def detokenize(self, ids: list[int], special: bool = False) -> str:
         return self.tokenizer.decode(ids, special=special)
 
-    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render messages with the chat template and tokenize, special tokens recognised."""
-        text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+    def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
+        """Render messages (and the tools offered) with the chat template and tokenize, special tokens
+        recognised."""
+        text = self.template.render(template_messages(messages), add_generation_prompt=add_generation_prompt,
+                                    tools=tools or None)
         bos = self.template.bos_token
         add_bos = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
         return self.tokenizer.encode(text, add_special=add_bos, parse_special=True)
+
+    @property
+    def grammar_vocabulary(self) -> GrammarVocabulary:
+        """The vocabulary as llguidance reads it, built at the first constrained generation and kept."""
+        if self._grammar_vocabulary is None:
+            tok = self.tokenizer
+            self._grammar_vocabulary = GrammarVocabulary(tok.vocabulary_bytes(), lambda text: tok.encode(
+                text, add_special=False), tok.eog_ids, self.model.hp.n_vocab)
+        return self._grammar_vocabulary
+
+    def sampler(self, constraint: Constraint | None = None, trigger: str | None = None, **sampling: Any) -> Sampler:
+        """A sampler for these options, with a grammar mask first in its chain when a constraint is given
+        (trigger: the special token after which it starts, for a lazy grammar)."""
+        mask = None
+        if constraint is not None:
+            trigger_id = self.tokenizer.token_to_id[trigger] if trigger is not None else None
+            mask = GrammarMask(self.grammar_vocabulary, constraint, trigger_id)
+        return Sampler(constraint=mask, **_sampling_args(sampling))
+
+    def chat_plan(self, tools: list | None = None, tool_choice=None, response_format: dict | None = None,
+                  parallel_tool_calls: bool = False) -> ChatPlan:
+        """How a chat request's tools and response_format shape its prompt and answer (text/tools.py)."""
+        return plan_chat(tools, tool_choice, response_format, parallel_tool_calls,
+                         has_trigger_token=trigger_is_token(self.tokenizer))
 
     # ------------------------------------------------------------------------------------- evaluation
 
@@ -129,15 +159,17 @@ class Llama:
         return out
 
     def stream_tokens(self, prompt_ids: list[int], max_tokens: int = 256, stop: list[str] | None = None,
-                      sampler: Sampler | None = None, decoding: str | None = None, **sampling: Any) -> Iterator[Step]:
-        """The core loop with prefix reuse: yields Steps; `last_stats` holds the timings after."""
+                      sampler: Sampler | None = None, decoding: str | None = None,
+                      constraint: Constraint | None = None, **sampling: Any) -> Iterator[Step]:
+        """The core loop with prefix reuse: yields Steps; `last_stats` holds the timings after. `constraint`:
+        the output follows this schema or grammar (see generation/constraints.py)."""
         if not prompt_ids:
             raise BadRequestError("the prompt is empty")
         if max_tokens < -1:
             raise BadRequestError(f"max_tokens must be >= 0, or -1 for no limit but the context (got {max_tokens})")
         if max_tokens == -1:
             max_tokens = self.n_ctx
-        sampler = sampler or Sampler(**_sampling_args(sampling))
+        sampler = sampler or self.sampler(constraint, **sampling)
         start = self.sequence.common_prefix(prompt_ids)
         stats = self.last_stats = GenerationStats()
         generated: list[int] = []
@@ -156,17 +188,23 @@ class Llama:
 
     # ------------------------------------------------------------------------------------- text API
 
-    def generate(self, prompt: str, max_tokens: int = 256, stop: list[str] | None = None, **sampling: Any) -> str:
-        """The continuation of prompt as one string."""
-        steps = self.stream_tokens(self.tokenize(prompt), max_tokens=max_tokens, stop=stop, **sampling)
+    def generate(self, prompt: str, max_tokens: int = 256, stop: list[str] | None = None,
+                 json_schema: dict | str | None = None, grammar: str | None = None, regex: str | None = None,
+                 **sampling: Any) -> str:
+        """The continuation of prompt as one string; json_schema (a dict or its JSON), grammar (GBNF) or
+        regex constrain it (`last_stats.finish_reason` is "length" if the budget ran out first)."""
+        steps = self.stream_tokens(self.tokenize(prompt), max_tokens=max_tokens, stop=stop,
+                                   constraint=constraint_from(json_schema, grammar, regex), **sampling)
         return "".join(step.text for step in steps)
 
     def create_completion(self, prompt: str | list[int], max_tokens: int = 16, stop: str | list[str] | None = None,
-                          stream: bool = False, **sampling: Any):
+                          stream: bool = False, json_schema: dict | str | None = None, grammar: str | None = None,
+                          regex: str | None = None, **sampling: Any):
         """An OpenAI-shaped text completion (or an iterator of chunks with stream=True)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         stops = [stop] if isinstance(stop, str) else stop
-        steps = self.stream_tokens(ids, max_tokens=max_tokens, stop=stops, **sampling)
+        steps = self.stream_tokens(ids, max_tokens=max_tokens, stop=stops,
+                                   constraint=constraint_from(json_schema, grammar, regex), **sampling)
         meta = self._meta("cmpl")
         if stream:
             return self._completion_chunks(steps, meta)
@@ -180,23 +218,34 @@ class Llama:
         yield openai.completion_chunk(meta, "", self._finish())
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None,
-                               stop: str | list[str] | None = None, stream: bool = False, **sampling: Any):
-        """An OpenAI-shaped chat completion (or an iterator of chunks with stream=True)."""
-        ids = self.chat_prompt_ids(messages)
+                               stop: str | list[str] | None = None, stream: bool = False,
+                               response_format: dict | None = None, tools: list[dict] | None = None,
+                               tool_choice: str | dict | None = None, parallel_tool_calls: bool = False,
+                               decoding: str | None = None, **sampling: Any):
+        """An OpenAI-shaped chat completion (or an iterator of chunks with stream=True). response_format,
+        tools and tool_choice as llama-cpp-python and OpenAI take them: see text/tools.py."""
+        plan = self.chat_plan(tools, tool_choice, response_format, parallel_tool_calls)
+        ids = self.chat_prompt_ids(messages, tools=plan.tools)
         stops = [stop] if isinstance(stop, str) else stop
-        steps = self.stream_tokens(ids, max_tokens=self.n_ctx if max_tokens is None else max_tokens, stop=stops, **sampling)
+        sampler = self.sampler(plan.constraint, plan.trigger, **sampling)
+        steps = self.stream_tokens(ids, max_tokens=self.n_ctx if max_tokens is None else max_tokens, stop=stops,
+                                   sampler=sampler, decoding=decoding)
         meta = self._meta("chatcmpl")
         if stream:
-            return self._chat_chunks(steps, meta)
+            return self._chat_chunks(steps, meta, plan)
         text = "".join(step.text for step in steps)
-        return openai.chat_completion(meta, text, self._finish(), self._usage())
+        content, calls = plan.split(text)
+        return openai.chat_completion(meta, content, self._finish(), self._usage(), tool_calls=calls)
 
-    def _chat_chunks(self, steps, meta) -> Iterator[dict]:
+    def _chat_chunks(self, steps, meta, plan: ChatPlan) -> Iterator[dict]:
         yield openai.chat_chunk(meta, {"role": "assistant"})
+        deltas = plan.deltas()
         for step in steps:
-            if step.text:
-                yield openai.chat_chunk(meta, {"content": step.text})
-        yield openai.chat_chunk(meta, {}, self._finish())
+            for delta in deltas.feed(step.text):
+                yield openai.chat_chunk(meta, delta)
+        for delta in deltas.flush():
+            yield openai.chat_chunk(meta, delta)
+        yield openai.chat_chunk(meta, {}, openai.chat_finish_reason(self._finish(), bool(deltas.calls)))
 
     def _meta(self, kind: str) -> dict:
         return openai.response_meta(kind, str(self.model_path))

@@ -20,6 +20,7 @@ import numpy as np
 from .api import Llama
 from .errors import BadRequestError, ContextOverflowError, LlambaError
 from .generation.generate import Step
+from .generation.constraints import Constraint
 from .generation.sampling import OPTIONS, SamplingParams, option_type, repl_key
 
 FORMAT = "llamba-chat-session/1"
@@ -30,6 +31,7 @@ class ChatSettings:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = 512
     overflow: str = "shift"  # shift | stop
+    format: Constraint | None = None  # what each answer must follow (a JSON schema, a grammar...), or free text
 
     def set(self, key: str, value: str) -> None:
         """Set one setting from text, as the REPL's /set does; raises LlambaError on a bad key or value."""
@@ -96,7 +98,8 @@ class ChatSession:
         s = self.settings
         pieces: list[str] = []
         try:
-            for step in self.llm.stream_tokens(ids, max_tokens=s.max_tokens, **asdict(s.sampling)):
+            for step in self.llm.stream_tokens(ids, max_tokens=s.max_tokens, constraint=s.format,
+                                               **asdict(s.sampling)):
                 pieces.append(step.text)
                 yield step
         finally:

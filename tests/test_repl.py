@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pexpect
@@ -13,6 +14,8 @@ PROMPT = ">>> "
 @pytest.fixture()
 def repl(smollm2_path, tmp_path):
     env = {"LLAMBA_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "TERM": "dumb"}
+    if "PYTHONPATH" in os.environ:  # the llamba under test, where it is not the installed one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     child = pexpect.spawn(sys.executable, ["-m", "llamba", "chat", str(smollm2_path), "--temp", "0", "-n", "24"],
                           env=env, encoding="utf-8", timeout=120, cwd=str(tmp_path), dimensions=(40, 200))
     child.expect_exact(PROMPT)
@@ -96,3 +99,26 @@ def test_pasted_lines_are_one_message(repl):
     child.expect_exact(PROMPT)
     child.sendline("/show")
     child.expect(r"history\s+2 messages")
+
+
+def test_format_switches_constrained_answers_on_and_off(repl):
+    """/format regex constrains the next answers (checked against the vocabulary when set), /format off frees
+    them again; a bad pattern is an error line, not a crash."""
+    child, _ = repl
+    child.sendline("/format regex [a-")
+    child.expect(r"invalid regular expression")
+    child.expect_exact(PROMPT)
+    child.sendline("/format regex (yes|no), [0-9]{3}")
+    child.expect("format: regular expression")
+    child.expect_exact(PROMPT)
+    child.sendline("Is the sky blue?")
+    child.expect(r"\r\n(yes|no), [0-9]{3}\r\n")
+    child.expect_exact(PROMPT)
+    child.sendline("/show")
+    child.expect(r"format\s+regular expression")
+    child.expect_exact(PROMPT)
+    child.sendline("/format off")
+    child.expect("free text")
+    child.expect_exact(PROMPT)
+    child.sendline("/format json")
+    child.expect("format: JSON schema")

@@ -10,7 +10,8 @@ import click
 
 from ..errors import LlambaError
 from ..store import llamba_home
-from .common import decoding_option, model_options, open_llama, pop_sampling, sampling_options
+from .common import (decoding_option, format_options, model_options, open_llama, pop_sampling, read_constraint,
+                     sampling_options)
 
 HELP = """commands:
   /help                 this list
@@ -23,6 +24,8 @@ HELP = """commands:
   /load FILE            load a saved conversation
   /regen                answer the last message again
   /stats                show or hide the line of statistics after each answer
+  /format [KIND ARG]    constrain the answers: json (any object), json-schema FILE|JSON, grammar FILE (GBNF),
+                        regex PATTERN; /format off for free text again; /format alone shows the current one
 input: type and press Enter (a pasted block of lines is one message); a line of three double quotes starts
 and ends a multi-line block;
 a line ending in a backslash continues on the next; Ctrl-C stops an answer.
@@ -169,12 +172,38 @@ class Repl:
             self.info(f"loaded {len(session.messages)} messages from {arg}")
         elif name == "regen":
             self.stream(session.regenerate())
+        elif name == "format":
+            self.set_format(arg)
         elif name == "stats":
             self.show_stats = not self.show_stats
             self.info(f"statistics {'on' if self.show_stats else 'off'}")
         else:
             raise LlambaError(f"unknown command /{name}: /help lists the commands")
         return None
+
+    def set_format(self, arg: str) -> None:
+        """/format: switch the answers' constraint (checked against the vocabulary now, not at the next answer)."""
+        settings = self.session.settings
+        kind, _, value = arg.partition(" ")
+        value = value.strip()
+        if not kind:
+            current = settings.format
+            self.info(f"format: {current.label if current else 'free text'}")
+            return
+        if kind == "off":
+            settings.format = None
+            self.info("format off: free text")
+            return
+        if kind == "json":
+            constraint = read_constraint('{"type": "object"}', None, None)
+        elif kind in ("json-schema", "grammar", "regex") and value:
+            constraint = read_constraint(value if kind == "json-schema" else None,
+                                         value if kind == "grammar" else None, value if kind == "regex" else None)
+        else:
+            raise LlambaError("usage: /format json | json-schema FILE|JSON | grammar FILE | regex PATTERN | off")
+        self.session.llm.sampler(constraint)  # an invalid schema or grammar fails here
+        settings.format = constraint
+        self.info(f"format: {constraint.label}")
 
     def show(self) -> None:
         llm, s = self.session.llm, self.session.settings
@@ -185,6 +214,7 @@ class Repl:
         click.echo(f"system     {self.session.system or '(none)'}")
         sampling = ", ".join(f"{k}={v}" for k, v in asdict(s.sampling).items() if k != "logit_bias")
         click.echo(f"sampling   {sampling}, max_tokens={s.max_tokens}")
+        click.echo(f"format     {s.format.label if s.format else 'free text'}")
         click.echo(f"history    {len(self.session.messages)} messages, {llm.cache.n_past} tokens in the cache")
 
 
@@ -223,18 +253,22 @@ def _setup_readline() -> None:
 @click.option("--overflow", type=click.Choice(["shift", "stop"]), default="shift", show_default=True,
               help="When the context fills: drop the oldest exchanges (shift) or refuse (stop).")
 @click.option("--no-stats", is_flag=True, help="Hide the statistics line after each answer.")
+@format_options
 @decoding_option()
 @sampling_options
-def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, decoding, draft,
-         **kwargs) -> None:
+def chat(model, ctx_size, threads, chat_template, kv_type, system, max_tokens, overflow, no_stats, json_schema,
+         grammar_file, regex, decoding, draft, **kwargs) -> None:
     """Chat with MODEL (default: smollm2-135m) in the terminal, answers streaming as they come."""
     from ..generation.sampling import SamplingParams
     from ..session import ChatSession, ChatSettings
 
     sampling = SamplingParams(**pop_sampling(kwargs)).validate()
+    constraint = read_constraint(json_schema, grammar_file, regex)
     llm = open_llama(model, ctx_size, threads, chat_template, kv_type=kv_type, decoding=decoding, draft=draft)
+    if constraint is not None:
+        llm.sampler(constraint)  # an invalid schema or grammar fails before the first message
     repl = Repl(None, show_stats=not no_stats)
-    settings = ChatSettings(sampling=sampling, max_tokens=max_tokens, overflow=overflow)
+    settings = ChatSettings(sampling=sampling, max_tokens=max_tokens, overflow=overflow, format=constraint)
     repl.session = ChatSession(llm, system=system, settings=settings, notify=repl.info)
     if sys.stdin.isatty():
         _setup_readline()

@@ -15,12 +15,7 @@ def read_text_option(text: str | None, path: str | None) -> str:
     if text is not None:
         return text
     if path is not None:
-        try:
-            return Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise LlambaError(f"{path}: cannot read ({e.strerror})") from None
-        except UnicodeDecodeError:
-            raise LlambaError(f"{path}: not UTF-8 text") from None
+        return _read_file(path, "text")
     if sys.stdin is None or sys.stdin.isatty():
         raise LlambaError("no text: give -p TEXT, -f FILE, or pipe text to standard input")
     return sys.stdin.read()
@@ -50,6 +45,37 @@ def sampling_options(fn):
         fn = click.option(cli_flag(option), option.name, type=kind, default=option.default,
                           show_default=option.default is not None, help=option.metadata["help"])(fn)
     return fn
+
+
+def format_options(fn):
+    """--json-schema, --grammar, --regex: what the output must follow (llama.cpp's flags)."""
+    import click
+
+    fn = click.option("--regex", default=None, metavar="PATTERN",
+                      help="The output matches this regular expression.")(fn)
+    fn = click.option("--grammar", "grammar_file", default=None, metavar="FILE",
+                      help="The output follows this GBNF grammar (llama.cpp's format).")(fn)
+    return click.option("--json-schema", default=None, metavar="FILE|JSON",
+                        help="The output is JSON that follows this schema (a file, or the schema itself).")(fn)
+
+
+def read_constraint(json_schema: str | None, grammar_file: str | None, regex: str | None):
+    """The Constraint the format flags ask for (None without any); files are read here."""
+    from ..generation.constraints import constraint_from
+
+    if json_schema is not None and not json_schema.lstrip().startswith("{"):
+        json_schema = _read_file(json_schema, "JSON schema")
+    grammar = _read_file(grammar_file, "grammar") if grammar_file is not None else None
+    return constraint_from(json_schema=json_schema, grammar=grammar, regex=regex)
+
+
+def _read_file(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise LlambaError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise LlambaError(f"{path}: the {what} is not UTF-8 text") from None
 
 
 def _int_range(bounds: dict):

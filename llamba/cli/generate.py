@@ -6,8 +6,8 @@ import json
 
 import click
 
-from .common import (decoding_option, model_options, open_llama, pop_sampling, read_text_option,
-                     sampling_options, speed_line)
+from .common import (decoding_option, format_options, model_options, open_llama, pop_sampling, read_constraint,
+                     read_text_option, sampling_options, speed_line)
 
 
 @click.command()
@@ -22,17 +22,21 @@ from .common import (decoding_option, model_options, open_llama, pop_sampling, r
               help="Read special tokens written in the prompt (<|im_start|>, <bos>...) as those tokens, as llama-cli "
                    "does; --no-special treats them as plain text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and speeds.")
+@format_options
 @decoding_option()
 @sampling_options
 def generate(model, ctx_size, threads, chat_template, kv_type, prompt, path, max_tokens, stop, chat, special, as_json,
-             decoding, draft, **kwargs) -> None:
+             json_schema, grammar_file, regex, decoding, draft, **kwargs) -> None:
     """Continue a prompt and print the text as it is generated."""
     sampling = pop_sampling(kwargs)
     text = read_text_option(prompt, path)
-    llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json, kv_type=kv_type, decoding=decoding, draft=draft)
+    constraint = read_constraint(json_schema, grammar_file, regex)
+    llm = open_llama(model, ctx_size, threads, chat_template, quiet=as_json, kv_type=kv_type, decoding=decoding,
+                     draft=draft)
     ids = llm.chat_prompt_ids([{"role": "user", "content": text}]) if chat else llm.tokenize(text, special=special)
     generated, pieces = [], []
-    for step in llm.stream_tokens(ids, max_tokens=max_tokens, stop=list(stop), **sampling):
+    for step in llm.stream_tokens(ids, max_tokens=max_tokens, stop=list(stop), constraint=constraint,
+                                  **sampling):
         if step.token >= 0:
             generated.append(step.token)
         pieces.append(step.text)

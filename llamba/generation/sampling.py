@@ -221,16 +221,18 @@ def build_chain(p: SamplingParams) -> list[Stage]:
 
 class Sampler:
     """Picks the next token from logits through its chain; `distribution` exposes the final candidates and
-    probabilities (the decoders' speculative sampling needs them)."""
+    probabilities (the decoders' speculative sampling needs them). `constraint`: a stage that runs first and
+    masks what a grammar forbids (generation/constraints.py's GrammarMask)."""
 
-    def __init__(self, params: SamplingParams | None = None, **overrides):
+    def __init__(self, params: SamplingParams | None = None, constraint: Stage | None = None, **overrides):
         params = params or SamplingParams()
         for key, value in overrides.items():
             if not hasattr(params, key):
                 raise BadRequestError(f"unknown sampling option {key!r}")
             setattr(params, key, value)
         self.params = params.validate()
-        self.chain = build_chain(params)
+        self.constraint = constraint
+        self.chain = ([constraint] if constraint is not None else []) + build_chain(params)
         self.rng = np.random.default_rng(None if params.seed == -1 else params.seed)
 
     def sample(self, logits: np.ndarray, history: list[int] | None = None) -> int:

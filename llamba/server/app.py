@@ -17,13 +17,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadError
+from ..generation.constraints import Constraint, constraint_from
 from ..generation.sampling import OPTIONS, Sampler, option_type
 from ..text import openai
+from ..text.tools import ChatPlan
 from .engine import Engine, Event, Request
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, tools, ...)
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
 
 
 class StreamOptions(_Body):
@@ -48,9 +50,13 @@ class _Sampling(_SamplingFields):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     decoding: str | None = None  # llamba's: guess ahead (same output): see generation/decoding
+    json_schema: dict | None = None  # llama-server's: the output follows this schema
+    grammar: str | None = None  # llama-server's: the output follows this GBNF grammar
 
-    def sampler(self) -> Sampler:
-        return Sampler(**{o.name: getattr(self, o.name) for o in OPTIONS})
+    def sampler(self, llm, constraint: Constraint | None = None, trigger: str | None = None) -> Sampler:
+        """The request's sampler; constraint (else the request's own json_schema or grammar) masks its chain."""
+        constraint = constraint or constraint_from(json_schema=self.json_schema, grammar=self.grammar)
+        return llm.sampler(constraint, trigger, **{o.name: getattr(self, o.name) for o in OPTIONS})
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -64,10 +70,15 @@ class TextPart(_Body):
 class Message(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls, for the chat template
+    tool_call_id: str | None = None  # a tool result's call
+    name: str | None = None
 
     def plain(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        extra = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id, "name": self.name}
+        return {**message, **{k: v for k, v in extra.items() if v is not None}}
 
 
 class ChatRequest(_Sampling):
@@ -76,6 +87,13 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = False  # llama-server's default: a small model allowed more calls repeats them
+
+    def plan(self, llm) -> ChatPlan:
+        return llm.chat_plan(self.tools, self.tool_choice, self.response_format, self.parallel_tool_calls)
 
 
 class CompletionRequest(_Sampling):
@@ -145,11 +163,12 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             raise _HTTPError(_error(404, f"model {name!r} is not served here (serving {model_id!r})",
                                     param="model", code="model_not_found"))
 
-    def submit(prompt_ids: list[int], body: _Sampling, max_tokens: int, top_logprobs: int | None):
+    def submit(prompt_ids: list[int], body: _Sampling, max_tokens: int, top_logprobs: int | None,
+               plan: ChatPlan | None = None):
         if not prompt_ids:
             raise _HTTPError(_error(400, "the prompt is empty", param="prompt"))
         try:
-            sampler = body.sampler()
+            sampler = body.sampler(llm, plan.constraint, plan.trigger) if plan else body.sampler(llm)
             request = Request(prompt_ids, max_tokens, sampler, body.stops(), top_logprobs,
                               decoding=body.decoding or default_decoding)
             loop = asyncio.get_running_loop()
@@ -248,28 +267,37 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
     async def chat(body: ChatRequest):
         check_model(body.model)
         try:
-            prompt_ids = llm.chat_prompt_ids([m.plain() for m in body.messages])
+            plan = body.plan(llm)
+        except LlambaError as e:
+            return _error_for(e)
+        try:
+            prompt_ids = llm.chat_prompt_ids([m.plain() for m in body.messages], tools=plan.tools)
         except LlambaError as e:
             return _error(400, str(e), param="messages")
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         n_top = (body.top_logprobs or 0) if body.logprobs else None
-        request, inbox = submit(prompt_ids, body, engine.n_ctx if limit is None else limit, n_top)
+        request, inbox = submit(prompt_ids, body, engine.n_ctx if limit is None else limit, n_top, plan)
         if body.stream:
-            return _sse(chat_chunks(request, inbox, meta("chatcmpl"), body))
+            return _sse(chat_chunks(request, inbox, meta("chatcmpl"), body, plan))
         text, entries, last = await collect(request, inbox)
         if last.error:
             return _error(500, last.error, kind="server_error")
         logprobs = chat_logprobs(entries) if n_top is not None else None
-        return openai.chat_completion(meta("chatcmpl"), text, finish(last), usage(request), logprobs)
+        content, calls = plan.split(text)
+        return openai.chat_completion(meta("chatcmpl"), content, finish(last), usage(request), logprobs, calls)
 
-    async def chat_chunks(request, inbox, head: dict, body: ChatRequest):
+    async def chat_chunks(request, inbox, head: dict, body: ChatRequest, plan: ChatPlan):
         yield openai.chat_chunk(head, {"role": "assistant", "content": ""})
+        deltas = plan.deltas()
         async for event in events(request, inbox):
             entry = logprob_entry(event)
-            if event.text or entry:
-                yield openai.chat_chunk(head, {"content": event.text}, logprobs=chat_logprobs([entry]) if entry else None)
+            pieces = deltas.feed(event.text) or ([{"content": ""}] if entry else [])  # logprobs ride on content
+            for i, delta in enumerate(pieces):
+                yield openai.chat_chunk(head, delta, logprobs=chat_logprobs([entry]) if entry and not i else None)
             if event.finish_reason is not None:
-                yield openai.chat_chunk(head, {}, finish(event))
+                for delta in deltas.flush():
+                    yield openai.chat_chunk(head, delta)
+                yield openai.chat_chunk(head, {}, openai.chat_finish_reason(finish(event), bool(deltas.calls)))
         if body.stream_options and body.stream_options.include_usage:
             yield openai.usage_chunk(head, "chat.completion.chunk", usage(request))
 

@@ -1,10 +1,14 @@
 """The OpenAI response shapes, built in one place for the Python API (api.py) and the server (server/app.py):
-completions and chat completions, whole or as stream chunks, with usage and finish reasons."""
+completions and chat completions, whole or as stream chunks, with usage and finish reasons; and the one
+request shape both read the same way, response_format."""
 
 from __future__ import annotations
 
 import time
 import uuid
+
+from ..errors import BadRequestError
+from ..generation.constraints import Constraint
 
 
 def response_meta(kind: str, model: str) -> dict:
@@ -32,10 +36,21 @@ def completion_chunk(meta: dict, text: str, finish_reason: str | None = None, lo
     return {**meta, "object": "text_completion", "choices": [choice]}
 
 
-def chat_completion(meta: dict, text: str, finish_reason: str, usage: dict, logprobs: dict | None = None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+def chat_completion(meta: dict, text: str | None, finish_reason: str, usage: dict, logprobs: dict | None = None,
+                    tool_calls: list[dict] | None = None) -> dict:
+    """A whole chat answer; with tool_calls (OpenAI's [{"id", "type", "function": {"name", "arguments"}}]) the
+    message carries them and the finish reason is "tool_calls"."""
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    choice = {"index": 0, "message": message, "finish_reason": chat_finish_reason(finish_reason, bool(tool_calls)),
               "logprobs": logprobs}
     return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+
+def chat_finish_reason(finish_reason: str, called_tools: bool) -> str:
+    """An answer that ended by itself after tool calls finished for "tool_calls" (a cut one stays "length")."""
+    return "tool_calls" if called_tools and finish_reason == "stop" else finish_reason
 
 
 def chat_chunk(meta: dict, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
@@ -50,3 +65,22 @@ def usage_chunk(meta: dict, object_name: str, usage: dict) -> dict:
     """The last chunk of a stream when the client asked for usage (stream_options.include_usage)."""
     return {**meta, "object": object_name, "choices": [], "usage": usage}
 
+
+
+def response_format_constraint(response_format: dict | None):
+    """The Constraint a request's response_format asks for: {"type": "json_object"} (any object; llama-cpp-python's
+    optional "schema" beside it), {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}, or
+    {"type": "text"} / None (free text). Anything else is a BadRequestError."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json_schema(response_format.get("schema") or {"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise BadRequestError('response_format.json_schema must be {"name": ..., "schema": {...}}')
+        return Constraint.json_schema(spec.get("schema") or {"type": "object"})
+    raise BadRequestError(f"response_format.type must be text, json_object or json_schema (got {kind!r})")

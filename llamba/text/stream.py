@@ -25,18 +25,22 @@ class StopFilter:
         if first >= 0:
             self._held = ""
             return buf[:first], True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), 0, -1):
-                if buf.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
+        keep = max((partial_suffix(buf, s) for s in self.stops if s), default=0)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
         rest, self._held = self._held, ""
         return rest
+
+
+def partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of text that begins marker (but is not all of it): what to hold back
+    while marker may still be forming."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
 
 
 class TextStream:

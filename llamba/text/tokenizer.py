@@ -341,6 +341,18 @@ class Tokenizer:
         except KeyError:
             return text.encode("utf-8")
 
+    def vocabulary_bytes(self) -> list[bytes]:
+        """Every token's bytes, in id order, as a grammar engine wants them: special tokens (control ones, and
+        user-defined ones written like <tag>) are b"\\xff" + their text, so no grammar matches them as text
+        (llguidance's convention, as its llama.cpp glue builds it)."""
+        return [b"\xff" + text.encode("utf-8") if self.is_special(i) else self._piece(i)
+                for i, text in enumerate(self.tokens)]
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether a token is a special one (a control token, or a user-defined one written like <tag>)."""
+        kind, text = self.token_type[token_id], self.tokens[token_id]
+        return kind in (CONTROL, UNKNOWN) or (kind == USER_DEFINED and text.startswith("<") and text.endswith(">"))
+
     def decode(self, ids, special: bool = False) -> str:
         """Text of ids; special shows control tokens' text. Invalid UTF-8 becomes U+FFFD."""
         stream = self.streamer(special)

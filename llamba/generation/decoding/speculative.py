@@ -282,6 +282,7 @@ def verify_guesses(rows: np.ndarray, draft: Draft, sampler: Sampler, history: li
             child = children[0]
             ids, p = sampler.distribution(row, context)
             ok, token = _accept(ids, p, draft.tokens[child], draft.probs[child], sampler.rng)
+            sampler.accept(token)  # as sample() does: stages with state (a grammar) follow the output
             if not ok:
                 return Verdict(accepted, token, kept)
         else:
