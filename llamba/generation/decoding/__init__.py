@@ -44,7 +44,10 @@ def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: 
         name = spec[len("draft:") :]
         if not name or load_model is None or target is None:
             raise LlambaError("draft decoding needs a model: --decoding draft:PATH_OR_NAME")
-        return Speculation(DraftModel(load_model(name), n_ctx, target.hp.n_vocab, kv_type, label=name),
+        draft = load_model(name)
+        if target.key_stats is not None and draft.hp.n_vocab == target.hp.n_vocab:  # a quantized cache's keys
+            draft.calibrate_keys(target.calibration_tokens)
+        return Speculation(DraftModel(draft, n_ctx, target.hp.n_vocab, kv_type, label=name),
                            Controller(max_k=6))
     raise BadRequestError(f"unknown decoding {spec!r} (choose from {', '.join(DECODERS)})")
 
