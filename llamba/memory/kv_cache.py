@@ -138,7 +138,8 @@ class KVCache:
     """Keys and values [n_layer][n_head_kv, n_cells, head_dim] with per-cell position and sequence mask.
 
     kv_type "f32" stores float32; "f16" stores float16 bits as uint16 (half the memory; Numba has no float16
-    type, and the attention kernels decode the bits exactly). np.zeros maps untouched pages lazily, so a long
+    type, and the attention kernels decode the bits exactly); "q8_0" and "q4_0" store ggml blocks (BlockLayerKV),
+    their keys about key_stats (a model's KeyStatistics; without them, plain blocks as llama.cpp's). np.zeros maps untouched pages lazily, so a long
     context costs memory only as it fills. Positions of a sequence run from 0 to n_ctx - 1.
     """
 
