@@ -130,7 +130,7 @@ def test_context_zero_means_the_models_own(tiny):
 
 
 def test_a_kv_cache_larger_than_memory_is_refused(smollm2_path):
-    assert_one_line_error(llamba("generate", smollm2_path, "-p", "hi", "-c", "16000000"), "GiB of KV cache")
+    assert_one_line_error(llamba("generate", smollm2_path, "-p", "hi", "-c", "16000000"), "GiB of f32 KV cache")
 
 
 def test_finish_reason_context_when_the_context_ends_the_answer(tiny):
