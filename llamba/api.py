@@ -23,7 +23,7 @@ from .generation.constraints import Constraint, GrammarMask, GrammarVocabulary, 
 from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
 from .generation.generate import GenerationStats, Step, generate_steps
 from .generation.sampling import Sampler, SamplingParams
-from .memory.kv_cache import KVCache
+from .memory.kv_cache import QUANTIZED, check_kv_type
 from .memory.sequence import Sequence
 from .models import load_transformer
 from .models.metadata import MAX_CONTEXT
@@ -36,6 +36,13 @@ from .text.tools import ChatPlan, plan_chat, template_messages, trigger_is_token
 from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
+# what a quantized KV cache measures the model's keys on (memory/kv_cache.py, KeyStatistics): prose and code
+KEY_CALIBRATION_TEXT = (
+    "The library opens at nine on weekdays. Members may borrow up to ten books for three weeks, and renew them "
+    "online unless someone else has asked for them.\n\n"
+    "def mean(values):\n    \"\"\"The arithmetic mean of a non-empty list.\"\"\"\n"
+    "    return sum(values) / len(values)\n\n"
+    "Q: What is the boiling point of water at sea level?\nA: 100 degrees Celsius, or 212 degrees Fahrenheit.")
 MIN_CTX = 8
 DRAFT_ENV = "LLAMBA_DRAFT"  # the draft model auto asks, when none is given (a name or a path; "none": no draft)
 
@@ -53,6 +60,7 @@ class Llama:
             raise LlambaError(f"threads must be at least 1 (got {n_threads}); leave it out to use every core")
         self.n_threads = set_threads(n_threads)
         say = on_status or (lambda message: None)
+        check_kv_type(kv_type)
         self.model_path = Path(resolve_model(model, say=say))
         ensure_compiled(self.model_path, kv_type)
         self.model = load_transformer(self.model_path)
@@ -62,7 +70,9 @@ class Llama:
         self.tokenizer.add_end_of_generation(turn_terminator(self.template))
         hp = self.model.hp
         self.n_ctx = _context_size(n_ctx, hp.n_ctx_train)
-        self.cache = KVCache.for_model(hp, self.n_ctx, kv_type)
+        if kv_type in QUANTIZED:
+            self.model.calibrate_keys(self.tokenizer.encode(KEY_CALIBRATION_TEXT))
+        self.cache = self.model.new_cache(self.n_ctx, kv_type)
         self.sequence = Sequence(self.cache)  # what the cache holds, position by position
         self.last_stats = GenerationStats()
         self.decoding = decoding or DEFAULT_DECODING

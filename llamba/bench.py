@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import LlambaError
-from .memory.kv_cache import KVCache
+from .formats.ggml_types import ggml_type
+from .memory.kv_cache import QUANTIZED
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Measurement:
 class LlambaRunner:
     def __init__(self, llm):
         self.model = llm.model
-        self.cache = KVCache.for_model(llm.model.hp, 1024)
+        self.cache = llm.model.new_cache(1024, llm.cache.kv_type)
 
     def prompt(self, ids: list[int]) -> None:
         self.cache.trim(0)
@@ -50,13 +51,14 @@ class LlambaRunner:
 
 
 class LlamaCppRunner:
-    def __init__(self, path: str, threads: int, n_ctx: int = 1024):
+    def __init__(self, path: str, threads: int, n_ctx: int = 1024, kv_type: str = "f16"):
         try:
             from llama_cpp import Llama as LlamaCpp
         except ImportError:
             raise LlambaError("--compare-llama-cpp needs llama-cpp-python: pip install 'llamba[bench]'") from None
+        kv = ggml_type(kv_type).id  # llama.cpp's quantized values need flash attention
         self.llm = LlamaCpp(str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                            verbose=False, logits_all=False)
+                            verbose=False, logits_all=False, type_k=kv, type_v=kv, flash_attn=kv_type in QUANTIZED)
 
     def prompt(self, ids: list[int]) -> None:
         self.llm.reset()  # n_past back to 0: eval overwrites the cache from the start

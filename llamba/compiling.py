@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .memory.kv_cache import KVCache
 from .ops.jit import kernels_compiled, release_compiler_pages
 from .ops.matmul import SMALL_BATCH
 
@@ -39,7 +38,7 @@ def ensure_compiled(path: Path, kv_type: str) -> None:
 def warm_up(model, kv_type: str) -> None:
     """Run the kernels once on a scratch cache (the prefill path and the batch path), so loading or compiling
     them happens now, then release the compiler's pages."""
-    scratch = KVCache.for_model(model.hp, SMALL_BATCH + 8, kv_type)
+    scratch = model.new_cache(SMALL_BATCH + 8, kv_type)
     later_layers = frozenset(range(1, model.hp.n_layer))  # every layer runs the same kernels
     model.forward_tokens([0] * (SMALL_BATCH + 1), 0, scratch, skip=later_layers)
     model.forward_tokens([0], SMALL_BATCH + 1, scratch)

@@ -21,6 +21,7 @@ from .api import Llama
 from .errors import BadRequestError, ContextOverflowError, LlambaError
 from .generation.generate import Step
 from .generation.constraints import Constraint
+from .memory.kv_cache import QUANTIZED, ROW_DTYPE
 from .generation.sampling import OPTIONS, SamplingParams, option_type, repl_key
 
 FORMAT = "llamba-chat-session/1"
@@ -154,6 +155,9 @@ class ChatSession:
         n = keys[0].shape[1]
         arrays = {f"k{i}": k for i, k in enumerate(keys)} | {f"v{i}": v for i, v in enumerate(values)}
         marks = {"kv_type": np.array(self.llm.cache.kv_type), "identity": np.array(json.dumps(identity))}
+        stats = self.llm.cache.key_stats
+        if stats is not None:  # a quantized cache's keys mean nothing without the centre and spread taken out
+            marks |= {"key_centre": np.stack(stats.centre), "key_spread": np.stack(stats.spread)}
         _write_atomically(path, lambda f: np.savez(f, tokens=np.asarray(self.llm.sequence.tokens[:n], dtype=np.int64),
                                                    **marks, **arrays))
 
@@ -207,6 +211,7 @@ def _read_kv(path: Path, llm: Llama) -> tuple[list[int], list[np.ndarray], list[
             identity = json.loads(str(kv["identity"])) if "identity" in kv.files else None
             if identity == expected_identity:
                 saved_type = str(kv["kv_type"])
+                saved_stats = [kv[name] if name in kv.files else None for name in ("key_centre", "key_spread")]
                 tokens = kv["tokens"]
                 keys = [kv[f"k{i}"] for i in range(n_layer)]
                 values = [kv[f"v{i}"] for i in range(n_layer)]
@@ -219,6 +224,14 @@ def _read_kv(path: Path, llm: Llama) -> tuple[list[int], list[np.ndarray], list[
         raise _Unusable(f"its {n} positions do not fit this context of {cache.n_ctx}")
     if ((tokens < 0) | (tokens >= llm.model.hp.n_vocab)).any():
         raise _Unusable("it holds token ids outside the vocabulary")
+    if saved_type in QUANTIZED or cache.kv_type in QUANTIZED:
+        if saved_type != cache.kv_type:
+            raise _Unusable(f"it holds a {saved_type} cache and this session's is {cache.kv_type} "
+                            f"(run with --kv-type {saved_type} to use it)")
+        stats = cache.key_stats
+        if not all(s is not None and np.array_equal(s, np.stack(mine))
+                   for s, mine in zip(saved_stats, (stats.centre, stats.spread))):
+            raise _Unusable("its keys were quantized about another centre and spread than this cache's")
     expected = (cache.k[0].shape[0], n, cache.k[0].shape[2])
     if any(a.shape != expected for a in keys + values):
         raise _Unusable("its arrays do not have this model's shape")
@@ -226,15 +239,17 @@ def _read_kv(path: Path, llm: Llama) -> tuple[list[int], list[np.ndarray], list[
 
 
 def _convert_kv(arrays: list[np.ndarray], saved: str, wanted: str, n_layer: int):
-    """Saved arrays as this cache stores them: f16 widens to f32 exactly; f32 would round, so it is refused."""
-    stored = {"f32": np.float32, "f16": np.uint16}
+    """Saved arrays as this cache stores them: f16 widens to f32 exactly; f32 would round, so it is refused
+    (quantized types are only ever loaded into their own type)."""
+    stored = {"f32": np.float32, "f16": np.uint16} | ROW_DTYPE
     if saved not in stored or any(a.dtype != stored[saved] for a in arrays):
         raise _Unusable("its arrays are not of the KV type it names")
     if saved != wanted:
         if saved == "f32":
             raise _Unusable("it holds f32 keys and values, and this session's f16 cache would round them")
         arrays = [a.view(np.float16).astype(np.float32) for a in arrays]
-    if not all(np.isfinite(a.view(np.float16) if a.dtype == np.uint16 else a).all() for a in arrays):
+    if not all(np.isfinite(a.view(np.float16) if a.dtype == np.uint16 else a).all() for a in arrays
+               if a.dtype in (np.float32, np.uint16)):  # a quantized cell's scales: a NaN would stop the model
         raise _Unusable("it holds NaN or infinite values")
     return arrays[:n_layer], arrays[n_layer:]
 

@@ -25,17 +25,17 @@ def tiny(request, tmp_path_factory):
                                              n_layer=n_layer))
 
 
-def _one_at_a_time(model, prompt, tokens, seq_cache=None):
+def _one_at_a_time(model, prompt, tokens, kv_type="f32"):
     """Logits of each token evaluated alone after the prompt (the plain decoding loop)."""
-    cache = seq_cache or KVCache.for_model(model.hp, 128)
+    cache = model.new_cache(128, kv_type)
     model.forward_tokens(prompt, 0, cache)
     return np.stack([model.forward_tokens([t], len(prompt) + i, cache) for i, t in enumerate(tokens)])
 
 
-def _check_invariance(model, prompt, guesses):
-    alone = _one_at_a_time(model, prompt, guesses)
+def _check_invariance(model, prompt, guesses, kv_type="f32"):
+    alone = _one_at_a_time(model, prompt, guesses, kv_type)
     # a line of guesses in one batch
-    cache = KVCache.for_model(model.hp, 128)
+    cache = model.new_cache(128, kv_type)
     model.forward_tokens(prompt, 0, cache)
     line = model.forward(Batch.chain(guesses, len(prompt), logits="all"), cache)
     assert np.array_equal(line, alone)
@@ -45,16 +45,16 @@ def _check_invariance(model, prompt, guesses):
     tree = _tree(prompt_len=len(prompt), branches=[guesses, decoy])
     logits = model.forward(tree, cache)
     assert np.array_equal(logits[: len(guesses)], alone)
-    assert np.array_equal(logits[len(guesses) :], _one_at_a_time(model, prompt, decoy))
+    assert np.array_equal(logits[len(guesses) :], _one_at_a_time(model, prompt, decoy, kv_type))
     # beside another sequence that holds a different prompt
-    cache = KVCache.for_model(model.hp, 128)
+    cache = model.new_cache(128, kv_type)
     model.forward(Batch.chain(prompt, 0), cache)
     other = prompt[::-1][:7]
     model.forward(Batch.chain(other, 0, seq=1), cache)
     both = model.forward(Batch.join([Batch.chain(guesses, len(prompt), logits="all"),
                                      Batch.chain(guesses[:4], len(other), seq=1, logits="all")]), cache)
     assert np.array_equal(both[: len(guesses)], alone)
-    assert np.array_equal(both[len(guesses) :], _one_at_a_time(model, other, guesses[:4]))
+    assert np.array_equal(both[len(guesses) :], _one_at_a_time(model, other, guesses[:4], kv_type))
 
 
 def _tree(prompt_len: int, branches: list[list[int]]) -> Batch:
@@ -64,6 +64,13 @@ def _tree(prompt_len: int, branches: list[list[int]]) -> Batch:
 
 def test_logits_are_batch_invariant(tiny):
     _check_invariance(tiny, PROMPT, GUESSES)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])
+def test_logits_are_batch_invariant_for_every_kv_type(tiny, kv_type):
+    """The quantized caches too: a token's codes depend on its own key alone, and each query reads its list."""
+    tiny.calibrate_keys(PROMPT)  # centred, spread keys: the quantized caches' whole path
+    _check_invariance(tiny, PROMPT * 7, GUESSES, kv_type)  # 77 tokens: the prompt takes the prefill path
 
 
 def test_rejected_guesses_leave_no_trace(tiny):

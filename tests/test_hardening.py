@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llamba import Llama, store
-from llamba.errors import LlambaError, NumericalError
+from llamba.errors import BadRequestError, LlambaError, NumericalError
 from llamba.text.chat_template import ChatTemplate
 from llamba.session import ChatSession, ChatSettings
 from tests import fuzz
@@ -130,7 +130,7 @@ def test_context_zero_means_the_models_own(tiny):
 
 
 def test_a_kv_cache_larger_than_memory_is_refused(smollm2_path):
-    assert_one_line_error(llamba("generate", smollm2_path, "-p", "hi", "-c", "16000000"), "GiB of KV cache")
+    assert_one_line_error(llamba("generate", smollm2_path, "-p", "hi", "-c", "16000000"), "GiB of f32 KV cache")
 
 
 def test_finish_reason_context_when_the_context_ends_the_answer(tiny):
@@ -192,6 +192,33 @@ def test_f32_session_into_f16_is_recomputed_not_misread(tiny, tmp_path):
     fresh = ChatSession(Llama(str(tiny), n_ctx=128, n_threads=1, kv_type="f16"))
     fresh.load(saved.with_name("f32.json"))
     assert len(f16.messages) == 2 and next_answer(f16) == next_answer(fresh)
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_quantized_session_round_trip(tiny, tmp_path, kv_type):
+    """A q8_0 / q4_0 cache saved and loaded into the same type is used as it is: the next answer equals the
+    one the saving session gives, having evaluated only the new turn."""
+    saved_session, saved = chat_once(tiny, kv_type, tmp_path)
+    loaded = ChatSession(Llama(str(tiny), n_ctx=128, n_threads=1, kv_type=kv_type))
+    loaded.load(saved)
+    assert len(loaded.llm.sequence) > 0
+    keys, _ = loaded.llm.cache.read_seq(0)
+    assert np.array_equal(keys[0], saved_session.llm.cache.read_seq(0)[0][0])
+    assert next_answer(loaded) == next_answer(saved_session)
+    stats = loaded.llm.last_stats
+    assert stats.evaluated_prompt_tokens <= stats.prompt_tokens - 20
+
+
+@pytest.mark.parametrize("saved_type,loaded_type", [("q8_0", "f16"), ("f16", "q4_0"), ("q4_0", "q8_0")])
+def test_a_session_of_another_kv_type_is_recomputed(tiny, tmp_path, saved_type, loaded_type):
+    _, saved = chat_once(tiny, saved_type, tmp_path)
+    notes = []
+    other = ChatSession(Llama(str(tiny), n_ctx=128, n_threads=1, kv_type=loaded_type), notify=notes.append)
+    other.load(saved)
+    assert other.llm.sequence.tokens == [] and len(other.messages) == 2
+    assert any("recomputed" in n for n in notes)
+    if saved_type in ("q8_0", "q4_0"):
+        assert any(f"--kv-type {saved_type}" in n for n in notes)
 
 
 def test_a_cache_from_another_model_is_not_used(tiny, tmp_path):
@@ -280,3 +307,32 @@ def test_fuzz_cases_replay_identically(tmp_path):
     a = fuzz._write_case(11, 3, seeds, 0.0, tmp_path / "a.gguf")
     b = fuzz._write_case(11, 3, seeds, 0.0, tmp_path / "b.gguf")
     assert a[1] == b[1] and (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------- KV types
+
+def test_an_unknown_kv_type_is_one_line_listing_the_choices(tiny):
+    with pytest.raises(BadRequestError, match="unknown KV cache type 'q5_1' \\(choose from f32, f16, q8_0, q4_0\\)"):
+        Llama(str(tiny), n_ctx=64, kv_type="q5_1")
+    result = llamba("generate", tiny, "-p", "hi", "-n", "1", "--kv-type", "q5_1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "'q5_1' is not one of 'f32', 'f16', 'q8_0', 'q4_0'" in result.stderr
+
+
+def test_a_cache_that_cannot_fit_says_how_big_and_what_to_do():
+    from llamba.memory.kv_cache import KVCache
+
+    with pytest.raises(LlambaError, match=r"a context of 1000000000 tokens needs [0-9.]+ GiB of f16 KV cache; this "
+                                          r"machine has [0-9.]+ GiB \(use a smaller -c, or --kv-type q8_0\)"):
+        KVCache(n_layer=24, n_head_kv=2, head_dim=64, n_ctx=10**9, kv_type="f16")
+    with pytest.raises(LlambaError, match=r"GiB of q4_0 KV cache; .* \(use a smaller -c\)"):
+        KVCache(n_layer=24, n_head_kv=2, head_dim=64, n_ctx=10**10, kv_type="q4_0")
+
+
+def test_quantized_caches_take_their_block_sizes():
+    """q8_0: 34 bytes per 32 values, q4_0: 18, as llama.cpp's (the 1.5B at 32k: 0.50 and 0.26 GiB)."""
+    from llamba.memory.kv_cache import KVCache
+
+    sizes = {t: KVCache(28, 2, 128, 32768, t, n_cells=32768).nbytes for t in ("f16", "q8_0", "q4_0")}
+    assert sizes == {"f16": 28 * 2 * 2 * 32768 * 128 * 2, "q8_0": 28 * 2 * 2 * 32768 * 4 * 34,
+                     "q4_0": 28 * 2 * 2 * 32768 * 4 * 18}

@@ -276,12 +276,7 @@ def test_attention(n, window, softcap):
     np.testing.assert_allclose(_listed(q, k, v, start, 0.3, window, softcap), expected, rtol=1e-4, atol=1e-5)
     keys = np.arange(start + n)
     out = np.empty_like(q)
-    attention_chain(out, q, k, v, keys, keys, np.arange(start, start + n), np.float32(0.3), window, np.float32(softcap))
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-    scattered = keys[::-1].copy()  # the same keys in other cells: a gathered copy instead of a view
-    kc, vc = np.empty_like(k), np.empty_like(v)
-    kc[:, scattered], vc[:, scattered] = k[:, keys], v[:, keys]
-    attention_chain(out, q, kc, vc, scattered, keys, np.arange(start, start + n), np.float32(0.3), window,
+    attention_chain(out, q, k[:, keys], v[:, keys], keys, np.arange(start, start + n), np.float32(0.3), window,
                     np.float32(softcap))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
@@ -313,3 +308,80 @@ def test_gated_activations():
     x = gate.copy()
     activations.softcap(x, 2.0)
     np.testing.assert_allclose(x, 2.0 * np.tanh(gate / 2.0), rtol=1e-5, atol=1e-6)
+
+
+def test_f32_to_f16_bits_rounds_as_numpy():
+    """Round to nearest even, overflow to inf, subnormals, NaN: against astype(float16), over every exponent and
+    random bit patterns."""
+    from llamba.ops.jit import f32_to_f16_bits, kernel
+
+    @kernel
+    def convert(out, x):
+        for i in range(x.size):
+            out[i] = f32_to_f16_bits(x[i])
+
+    magnitudes = RNG.standard_normal(50_000) * 10.0 ** RNG.uniform(-9, 6, 50_000)
+    edges = [0.0, -0.0, np.inf, -np.inf, 65504, 65519, 65520, 6.1e-5, 2.98e-8, 3e-8, 5.96e-8]
+    patterns = RNG.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([magnitudes.astype(np.float32), np.array(edges, np.float32), patterns])
+    x = x[~np.isnan(x)]
+    out = np.empty(x.size, np.uint16)
+    convert(out, x)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(out, x.astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_kv_blocks_are_ggml_blocks(kv_type):
+    """A quantized cache's cells hold exactly the bytes ggml's reference quantizer writes, and decode to exactly
+    its dequantized values (formats.quants reproduces ggml bit for bit)."""
+    from llamba.formats.quants import quantize
+    from llamba.ops.kv_blocks import ROW_DTYPE, decode_cells, row_bytes, store_cells
+
+    src = (RNG.standard_normal((5, 2, 64)) * 3).astype(np.float32)
+    src[0, 0, :32] = 0  # an all-zero block: scale 0
+    src[1, 1, 7] = 500.0  # an outlier
+    rows = np.zeros((2, 9, row_bytes(kv_type, 64)), ROW_DTYPE[kv_type])
+    cells = np.array([3, 0, 8, 5, 1])
+    zero, one = np.zeros((2, 64), np.float32), np.ones((2, 64), np.float32)
+    store_cells(rows, cells, src, zero, one)
+    expected = quantize(src.reshape(10, 64), kv_type)
+    assert np.array_equal(rows[:, cells].transpose(1, 0, 2).reshape(10, -1).view(np.uint8), expected)
+    out = np.empty((2, 5, 64), np.float32)
+    decode_cells(out, rows, cells, zero, one)
+    assert np.array_equal(out.transpose(1, 0, 2).reshape(10, 64), dequantize(expected, kv_type).reshape(10, 64))
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0)])
+def test_block_attention_reads_the_codes(kv_type, window, softcap):
+    """attention_listed_blocks over centred, spread, quantized keys and quantized values equals float64
+    attention over what those codes decode to (decode_cells): the kernel reads the blocks in place, right."""
+    from llamba.ops.attention import attention_listed_blocks
+    from llamba.ops.kv_blocks import ROW_DTYPE, decode_cells, row_bytes, store_cells
+
+    n, n_head, n_kv, hd, start = 6, 4, 2, 64, 30
+    n_cells = start + n
+    q = RNG.standard_normal((n, n_head, hd)).astype(np.float32)
+    k = RNG.standard_normal((n_cells, n_kv, hd)).astype(np.float32)
+    centre = (RNG.standard_normal((n_kv, hd)) * 20).astype(np.float32)
+    spread = RNG.uniform(0.2, 3.0, (n_kv, hd)).astype(np.float32)
+    k = k * spread + centre  # keys with large constant channels, as Qwen's
+    v = RNG.standard_normal((n_cells, n_kv, hd)).astype(np.float32)
+    width = row_bytes(kv_type, hd)
+    k_rows, v_rows = np.zeros((n_kv, n_cells, width), ROW_DTYPE[kv_type]), np.zeros((n_kv, n_cells, width), ROW_DTYPE[kv_type])
+    cells = np.arange(n_cells)
+    zero, one = np.zeros_like(centre), np.ones_like(centre)
+    store_cells(k_rows, cells, k, centre, (1 / spread).astype(np.float32))
+    store_cells(v_rows, cells, v, zero, one)
+    k_dec, v_dec = np.empty((n_kv, n_cells, hd), np.float32), np.empty((n_kv, n_cells, hd), np.float32)
+    decode_cells(k_dec, k_rows, cells, centre, spread)
+    decode_cells(v_dec, v_rows, cells, zero, one)
+    assert np.abs(k_dec - k.transpose(1, 0, 2)).max() < (0.2 if kv_type == "q8_0" else 2.5)  # the codes are close
+    q_pos = np.arange(start, start + n)
+    visible = np.stack([np.concatenate([cells[: p + 1], np.zeros(n_cells - p - 1, np.int64)]) for p in q_pos])
+    out = np.empty_like(q)
+    attention_listed_blocks(out, q, k_rows, v_rows, centre, spread, visible, q_pos + 1, cells, q_pos,
+                            np.float32(0.1), window, np.float32(softcap))
+    expected = _attention_reference(q.astype(np.float64), k_dec, v_dec, start, 0.1, window, softcap)
+    np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-4)

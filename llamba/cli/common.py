@@ -123,8 +123,10 @@ def model_options(fn):
     """MODEL argument (optional: the default model) with --ctx-size, --threads and --chat-template."""
     import click
 
-    fn = click.option("--kv-type", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
-                      help="KV cache precision (f16 halves its memory).")(fn)
+    from ..memory.kv_cache import KV_TYPES
+
+    fn = click.option("--kv-type", type=click.Choice(KV_TYPES), default="f32", show_default=True,
+                      help="KV cache type: f16 halves its memory, q8_0 and q4_0 store blocks of 8 or 4 bits.")(fn)
     fn = click.option("--chat-template", default=None,
                       help="A template file or a built-in style (chatml, llama2, llama3, mistral, gemma).")(fn)
     fn = click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="Threads (default: every core).")(fn)

@@ -8,7 +8,6 @@ import time
 import click
 
 from ..generation.perplexity import perplexity
-from ..memory.kv_cache import KVCache
 from .common import model_options, open_llama, read_text_option
 
 
@@ -21,14 +20,14 @@ def perplexity_cmd(model, ctx_size, threads, chat_template, kv_type, path, chunk
     """Perplexity over non-overlapping chunks of -c tokens (default 512), scoring each chunk's second half."""
     n_ctx = ctx_size or 512
     text = read_text_option(None, path)
-    llm = open_llama(model, n_ctx, threads, chat_template, quiet=as_json)
+    llm = open_llama(model, n_ctx, threads, chat_template, quiet=as_json, kv_type=kv_type)
     started = time.perf_counter()
 
     def progress(done: int, total: int, ppl: float) -> None:
         if not as_json:
             click.echo(f"\r[{done}/{total}] ppl {ppl:.4f}  ({time.perf_counter() - started:.0f} s)", nl=False, err=True)
 
-    result = perplexity(llm.model, llm.tokenizer, KVCache.for_model(llm.model.hp, n_ctx, kv_type), text, n_ctx, chunks, progress)
+    result = perplexity(llm.model, llm.tokenizer, llm.model.new_cache(n_ctx, kv_type), text, n_ctx, chunks, progress)
     if as_json:
         click.echo(json.dumps({"ppl": result.ppl, "chunks": result.chunks, "tokens_scored": result.tokens_scored,
                                "n_ctx": n_ctx}))

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ContextOverflowError, LlambaError
-from ..ops.attention import attention_chain, attention_listed
+from ..errors import BadRequestError, ContextOverflowError, LlambaError, UnsupportedError
+from ..ops.attention import attention_chain, attention_listed, attention_listed_blocks
 from ..ops.jit import kernel
+from ..ops.kv_blocks import BLOCK, ROW_DTYPE, decode_cells, row_bytes, store_cells
 from .batch import Batch
 
-KV_TYPES = ("f32", "f16")
+KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+QUANTIZED = tuple(ROW_DTYPE)
 SPARE_CELLS = 64  # beyond n_ctx: a tree of guesses can hold several tokens at one position
 
 
@@ -30,6 +32,11 @@ def _write_cells(dst, cells, src):
     for t in range(src.shape[0]):
         for h in range(src.shape[1]):
             dst[h, cells[t]] = src[t, h]
+
+
+def check_kv_type(kv_type: str) -> None:
+    if kv_type not in KV_TYPES:
+        raise BadRequestError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
 
 
 class LayerKV:
@@ -54,44 +61,122 @@ class LayerKV:
     def attend_chain(self, out, q, keys, key_pos, q_pos, scale, window, softcap) -> None:
         """out = attention of q [n_tokens, n_head, head_dim] over the cells `keys` (a chain: a prompt, each query
         seeing the keys up to its own position)."""
-        attention_chain(out, q, self.k, self.v, keys, key_pos, q_pos, scale, window, softcap)
+        attention_chain(out, q, _floats(self.k[:, keys]), _floats(self.v[:, keys]), key_pos, q_pos, scale, window,
+                        softcap)
 
     def attend_listed(self, out, q, visible, counts, q_pos, scale, window, softcap) -> None:
         """out = attention of q where query t sees the cells visible[t, :counts[t]], in position order."""
         attention_listed(out, q, self.k, self.v, visible, counts, self.cell_pos, q_pos, scale, window, softcap)
 
 
+class BlockLayerKV(LayerKV):
+    """A layer's keys and values as q8_0 or q4_0 blocks of 32 along the head dimension (ggml's formats, see
+    ops/kv_blocks.py), each cell's bytes [n_head_kv, n_cells, row bytes] from its own token alone.
+
+    Keys are centred and spread per channel before quantizing: stored as (k - centre) / spread, with a fixed
+    centre and spread per (head, channel) from the model (KeyStatistics). Some models' keys carry channels
+    that are nearly constant and a hundred times larger than the rest (Qwen2's key biases, on the slowly
+    rotating RoPE channels): per-block quantization along the head then spends every level on them and rounds
+    the informative channels to nothing, as llama.cpp's quantized caches do. Attention adds q . centre back and
+    multiplies q by the spread, so the scores are the same scores. Values are quantized as they are."""
+
+    def __init__(self, k, v, cell_pos, centre: np.ndarray, spread: np.ndarray):
+        super().__init__(k, v, cell_pos)
+        self.centre, self.spread = centre, spread  # [n_head_kv, head_dim] float32
+        self.inverse_spread = (np.float32(1.0) / spread).astype(np.float32)
+        self.zero = np.zeros_like(centre)
+        self.one = np.ones_like(centre)
+
+    def write(self, cells, k, v) -> None:
+        store_cells(self.k, cells, k, self.centre, self.inverse_spread)
+        store_cells(self.v, cells, v, self.zero, self.one)
+
+    def attend_chain(self, out, q, keys, key_pos, q_pos, scale, window, softcap) -> None:
+        """Prefill: the keys and values the chain sees, decoded once for all its queries."""
+        shape = (self.k.shape[0], len(keys), self.centre.shape[1])
+        keys_f, values_f = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        decode_cells(keys_f, self.k, keys, self.centre, self.spread)
+        decode_cells(values_f, self.v, keys, self.zero, self.one)
+        attention_chain(out, q, keys_f, values_f, key_pos, q_pos, scale, window, softcap)
+
+    def attend_listed(self, out, q, visible, counts, q_pos, scale, window, softcap) -> None:
+        attention_listed_blocks(out, q, self.k, self.v, self.centre, self.spread, visible, counts, self.cell_pos,
+                                q_pos, scale, window, softcap)
+
+
+@dataclass
+class KeyStatistics:
+    """Per layer, the centre and spread [n_head_kv, head_dim] a quantized cache takes out of the keys before
+    quantizing them (see BlockLayerKV). Any values give the right attention; good ones give accurate codes."""
+
+    centre: list[np.ndarray]
+    spread: list[np.ndarray]
+
+    @classmethod
+    def of_keys(cls, keys: list[np.ndarray], neox: bool) -> "KeyStatistics":
+        """From sample keys per layer [n_head_kv, n_tokens, head_dim] (RoPE applied): the mean per channel, and
+        the root-mean-square about it of each rotated pair (RoPE turns a pair's two channels into each other, so
+        they share one spread)."""
+        centres, spreads = [], []
+        for k in keys:
+            k = k.astype(np.float64)
+            centre = k.mean(axis=1)
+            power = ((k - centre[:, None]) ** 2).mean(axis=1)
+            half = power.shape[1] // 2
+            first, second = (np.arange(half), np.arange(half, 2 * half)) if neox else \
+                (np.arange(0, 2 * half, 2), np.arange(1, 2 * half, 2))
+            pair = (power[:, first] + power[:, second]) / 2
+            power[:, first] = power[:, second] = pair
+            spread = np.sqrt(power)
+            floor = 1e-3 * max(float(spread.max()), 1e-30)  # a channel that never moves: no division by ~0
+            centres.append(centre.astype(np.float32))
+            spreads.append(np.maximum(spread, floor).astype(np.float32))
+        return cls(centres, spreads)
+
+
 class KVCache:
     """Keys and values [n_layer][n_head_kv, n_cells, head_dim] with per-cell position and sequence mask.
 
     kv_type "f32" stores float32; "f16" stores float16 bits as uint16 (half the memory; Numba has no float16
-    type, and the attention kernels decode the bits exactly). np.zeros maps untouched pages lazily, so a long
+    type, and the attention kernels decode the bits exactly); "q8_0" and "q4_0" store ggml blocks (BlockLayerKV),
+    their keys about key_stats (a model's KeyStatistics; without them, plain blocks as llama.cpp's). np.zeros maps untouched pages lazily, so a long
     context costs memory only as it fills. Positions of a sequence run from 0 to n_ctx - 1.
     """
 
     def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, n_ctx: int, kv_type: str = "f32",
-                 n_cells: int | None = None):
-        if kv_type not in KV_TYPES:
-            raise LlambaError(f"KV cache type must be one of {', '.join(KV_TYPES)} (got {kv_type!r})")
+                 n_cells: int | None = None, key_stats: KeyStatistics | None = None):
+        check_kv_type(kv_type)
+        if kv_type in QUANTIZED and head_dim % BLOCK:
+            raise UnsupportedError(f"a {kv_type} KV cache needs heads of a multiple of {BLOCK} values (this model's "
+                                   f"have {head_dim}): use --kv-type f16")
         self.n_ctx = n_ctx
         self.kv_type = kv_type
         self.n_cells = n_cells or n_ctx + SPARE_CELLS
-        dtype = np.float32 if kv_type == "f32" else np.uint16
-        _check_fits(2 * n_layer * n_head_kv * self.n_cells * head_dim * np.dtype(dtype).itemsize, n_ctx)
-        self.k = [np.zeros((n_head_kv, self.n_cells, head_dim), dtype) for _ in range(n_layer)]
-        self.v = [np.zeros((n_head_kv, self.n_cells, head_dim), dtype) for _ in range(n_layer)]
+        dtype = {"f32": np.float32, "f16": np.uint16}.get(kv_type) or ROW_DTYPE[kv_type]
+        width = row_bytes(kv_type, head_dim) if kv_type in QUANTIZED else head_dim
+        _check_fits(2 * n_layer * n_head_kv * self.n_cells * width * np.dtype(dtype).itemsize, n_ctx, kv_type)
+        self.k = [np.zeros((n_head_kv, self.n_cells, width), dtype) for _ in range(n_layer)]
+        self.v = [np.zeros((n_head_kv, self.n_cells, width), dtype) for _ in range(n_layer)]
         self.cell_pos = np.full(self.n_cells, -1, np.int64)
         self.cell_seqs = np.zeros(self.n_cells, np.uint64)  # bit s: the cell belongs to sequence s; 0: free
         self.last_cells = np.zeros(0, np.int64)  # the cells the latest batch was given, in batch order
-        self._layers = [LayerKV(k, v, self.cell_pos) for k, v in zip(self.k, self.v)]
+        if kv_type in QUANTIZED:
+            flat = np.zeros((n_head_kv, head_dim), np.float32)
+            self.key_stats = key_stats or KeyStatistics([flat] * n_layer, [flat + 1] * n_layer)
+            self._layers = [BlockLayerKV(k, v, self.cell_pos, c, s)
+                            for k, v, c, s in zip(self.k, self.v, self.key_stats.centre, self.key_stats.spread)]
+        else:
+            self.key_stats = None
+            self._layers = [LayerKV(k, v, self.cell_pos) for k, v in zip(self.k, self.v)]
 
     def layer(self, i: int) -> LayerKV:
         """Layer i's keys and values, the only way attention reaches them."""
         return self._layers[i]
 
     @classmethod
-    def for_model(cls, hp, n_ctx: int | None = None, kv_type: str = "f32", n_cells: int | None = None) -> "KVCache":
-        return cls(hp.n_layer, hp.n_head_kv, hp.head_dim, n_ctx or hp.n_ctx_train, kv_type, n_cells)
+    def for_model(cls, hp, n_ctx: int | None = None, kv_type: str = "f32", n_cells: int | None = None,
+                  key_stats: KeyStatistics | None = None) -> "KVCache":
+        return cls(hp.n_layer, hp.n_head_kv, hp.head_dim, n_ctx or hp.n_ctx_train, kv_type, n_cells, key_stats)
 
     # ------------------------------------------------------------------------------------- sequences
 
@@ -262,12 +347,19 @@ def _fill_visible(visible, counts, flat, starts, lengths, seq_index, parents, ce
         counts[t] = m + depth
 
 
-def _check_fits(n_bytes: int, n_ctx: int) -> None:
+def _check_fits(n_bytes: int, n_ctx: int, kv_type: str) -> None:
     """Refuse a cache larger than the machine's memory (it is mapped lazily, so it would fail only when full)."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: let the allocation decide
         return
     if n_bytes > memory:
-        raise LlambaError(f"a context of {n_ctx} tokens needs {n_bytes / 2**30:.1f} GiB of KV cache; this machine "
-                          f"has {memory / 2**30:.1f} GiB (use a smaller -c, or --kv-type f16)")
+        smaller = KV_TYPES[KV_TYPES.index(kv_type) + 1 :]  # each type takes less memory than the one before
+        raise LlambaError(f"a context of {n_ctx} tokens needs {n_bytes / 2**30:.1f} GiB of {kv_type} KV cache; this "
+                          f"machine has {memory / 2**30:.1f} GiB (use a smaller -c"
+                          + (f", or --kv-type {smaller[0]}" if smaller else "") + ")")
+
+
+def _floats(cached: np.ndarray) -> np.ndarray:
+    """Cache rows as float32 (a float16 cache holds its values as uint16 bits)."""
+    return cached.view(np.float16).astype(np.float32) if cached.dtype == np.uint16 else cached

@@ -24,6 +24,7 @@ from ..errors import ContextOverflowError, GGUFError, LlambaError, NumericalErro
 from ..formats.gguf import GGUFFile
 from ..formats.quants import dequantize
 from ..memory.batch import Batch
+from ..memory.kv_cache import KeyStatistics, KVCache
 from ..ops.activations import softcap
 from ..ops.matmul import SMALL_BATCH, gather_rows, matmul
 from ..ops.heads import norm_qk_whole, split_heads
@@ -102,8 +103,26 @@ class Transformer:
         self.layers = [self._layer(i) for i in range(hp.n_layer)]
         del self._arena, self.allocate  # the mapping lives on in the weights' arrays
         self.threads = ThreadGovernor()  # how many threads each forward uses, by measurement
+        self.key_stats: KeyStatistics | None = None  # set by calibrate_keys, for quantized caches
+        self.calibration_tokens: list[int] = []
         g.release_pages()  # everything lives in the repacked arrays now; keep the file's pages out of RSS
         _return_freed_memory()
+
+    def calibrate_keys(self, tokens: list[int]) -> KeyStatistics:
+        """Measure the centre and spread of this model's keys over a fixed text's tokens, once: every quantized
+        cache the model makes afterwards takes them out of its keys (see memory.kv_cache.BlockLayerKV). Fixed
+        per model, so a token's quantized key never depends on what else the cache holds."""
+        if self.key_stats is None or tokens != self.calibration_tokens:
+            cache = KVCache.for_model(self.hp, len(tokens), "f32")
+            self.forward_tokens(tokens, 0, cache)
+            cells = cache.seq_cells(0)[1:]  # the first token is an attention sink, its key unlike the others
+            self.key_stats = KeyStatistics.of_keys([k[:, cells] for k in cache.k], self.hp.rope.neox)
+            self.calibration_tokens = list(tokens)
+        return self.key_stats
+
+    def new_cache(self, n_ctx: int | None = None, kv_type: str = "f32", n_cells: int | None = None) -> KVCache:
+        """A KV cache for this model (a quantized one with the keys' calibration, when it was measured)."""
+        return KVCache.for_model(self.hp, n_ctx, kv_type, n_cells, self.key_stats)
 
     # ------------------------------------------------------------------------------------------ loading
     # Every tensor's whole shape is checked against the hyperparameters: the kernels trust them. Each

@@ -13,6 +13,7 @@ import numba
 import numpy as np
 
 from .jit import as_f32, kernel, softmax_exp
+from .kv_blocks import BLOCK, block_add, block_dot
 from .matmul import chunk_times_x
 from .repack import CHUNK
 
@@ -34,62 +35,113 @@ def attention_listed(out, q, k_cache, v_cache, visible, counts, cell_pos, q_pos,
     for job in numba.prange(n_tokens * n_head):
         h, t = job // n_tokens, job % n_tokens
         kv = h // group
-        n = counts[t]
-        first = 0
-        if window > 0:
-            while first < n and q_pos[t] - cell_pos[visible[t, first]] >= window:
-                first += 1
-        n_keys = n - first
+        first = _first_in_window(visible, counts, cell_pos, q_pos, t, window)
+        n_keys = counts[t] - first
         scores = np.empty(n_keys, np.float32)
-        best = -np.inf
         for j in range(n_keys):
             key = k_cache[kv, visible[t, first + j]]
             s = np.float32(0.0)
             for d in range(head_dim):
                 s += q[t, h, d] * as_f32(key[d])
-            s *= scale
-            if softcap > 0:
-                s = softcap * np.tanh(s / softcap)
-            scores[j] = s
-            best = max(best, s)
-        total = np.float32(0.0)
-        for j in range(n_keys):
-            scores[j] = softmax_exp(scores[j] - best)
-            total += scores[j]
+            scores[j] = _capped(s * scale, softcap)
+        _softmax(scores)
         # the values four at a time: one per pass left the loop's overhead (the accumulator's loads and
         # stores, aliasing checks) costing more than its arithmetic
-        inverse = np.float32(1.0) / total
-        values, cells = v_cache[kv], visible[t, first:n]
+        values, cells = v_cache[kv], visible[t, first:counts[t]]
         acc = np.zeros(head_dim, np.float32)
         j = 0
         while j + 4 <= n_keys:
             v0, v1, v2, v3 = values[cells[j]], values[cells[j + 1]], values[cells[j + 2]], values[cells[j + 3]]
-            p0, p1 = scores[j] * inverse, scores[j + 1] * inverse
-            p2, p3 = scores[j + 2] * inverse, scores[j + 3] * inverse
+            p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
             for d in range(head_dim):
                 acc[d] += (p0 * as_f32(v0[d]) + p1 * as_f32(v1[d])) + (p2 * as_f32(v2[d]) + p3 * as_f32(v3[d]))
             j += 4
         for j in range(j, n_keys):
-            value, p = values[cells[j]], scores[j] * inverse
+            value, p = values[cells[j]], scores[j]
             for d in range(head_dim):
                 acc[d] += p * as_f32(value[d])
         out[t, h, :] = acc
 
 
-def attention_chain(out, q, k_cache, v_cache, keys: np.ndarray, key_pos: np.ndarray, q_pos: np.ndarray,
-                    scale, window: int, softcap) -> np.ndarray:
-    """Long prompts: queries that each see the cells `keys` (in position order) up to their own position.
+@kernel(parallel=True)
+def attention_listed_blocks(out, q, k_rows, v_rows, k_centre, k_spread, visible, counts, cell_pos, q_pos, scale,
+                            window, softcap):
+    """attention_listed over a block-quantized cache (see kv_blocks.py), read block by block in place.
 
-    keys [n_keys] are the sequence's cached cells followed by the batch's own; key_pos their positions.
-    The keys (and the values, transposed) are copied out once as float32, padded to whole chunks, so that
-    each block of queries is two register-blocked products (matmul's prefill loop), in parallel over
-    blocks and heads."""
-    n_kv, head_dim = k_cache.shape[0], k_cache.shape[2]
+    Keys were stored as (k - k_centre) / k_spread per channel, so a score is q . k_centre plus the dot of
+    q * k_spread with the stored key: the same score, from codes that spend their levels on what varies."""
+    n_tokens, n_head, head_dim = q.shape
+    n_blocks = head_dim // BLOCK
+    group = n_head // k_rows.shape[0]
+    for job in numba.prange(n_tokens * n_head):
+        h, t = job // n_tokens, job % n_tokens
+        kv = h // group
+        first = _first_in_window(visible, counts, cell_pos, q_pos, t, window)
+        n_keys = counts[t] - first
+        spread_q = q[t, h] * k_spread[kv]
+        centred = np.float32(0.0)
+        for d in range(head_dim):
+            centred += q[t, h, d] * k_centre[kv, d]
+        scores = np.empty(n_keys, np.float32)
+        for j in range(n_keys):
+            key = k_rows[kv, visible[t, first + j]]
+            s = centred
+            for b in range(n_blocks):
+                s += block_dot(key, b, spread_q, b * BLOCK)
+            scores[j] = _capped(s * scale, softcap)
+        _softmax(scores)
+        acc = np.zeros(head_dim, np.float32)
+        for j in range(n_keys):
+            value = v_rows[kv, visible[t, first + j]]
+            for b in range(n_blocks):
+                block_add(acc, value, b, scores[j], b * BLOCK)
+        out[t, h, :] = acc
+
+
+@kernel(inline=True)
+def _first_in_window(visible, counts, cell_pos, q_pos, t, window):
+    """Index of the first of query t's visible cells inside its sliding window (0 without one)."""
+    first = 0
+    if window > 0:
+        while first < counts[t] and q_pos[t] - cell_pos[visible[t, first]] >= window:
+            first += 1
+    return first
+
+
+@kernel(inline=True)
+def _capped(s, softcap):
+    return softcap * np.tanh(s / softcap) if softcap > 0 else s
+
+
+@kernel(inline=True)
+def _softmax(scores):
+    """scores <- softmax(scores), in place."""
+    best = -np.inf
+    for j in range(scores.size):
+        best = max(best, scores[j])
+    total = np.float32(0.0)
+    for j in range(scores.size):
+        scores[j] = softmax_exp(scores[j] - best)
+        total += scores[j]
+    inverse = np.float32(1.0) / total
+    for j in range(scores.size):
+        scores[j] *= inverse
+
+
+def attention_chain(out, q, keys: np.ndarray, values: np.ndarray, key_pos: np.ndarray, q_pos: np.ndarray,
+                    scale, window: int, softcap) -> np.ndarray:
+    """Long prompts: queries that each see the keys (in position order) up to their own position.
+
+    keys, values [n_head_kv, n_keys, head_dim] float32 are what the batch's sequence sees: its cached cells
+    followed by the batch's own, widened from the cache once for all the queries; key_pos their positions.
+    They are padded to whole chunks (the values transposed), so that each block of queries is two
+    register-blocked products (matmul's prefill loop), in parallel over blocks and heads."""
+    n_kv, n_keys, head_dim = keys.shape
     padded_dim = -(-head_dim // CHUNK) * CHUNK
-    keys_f = np.zeros((n_kv, len(keys) + CHUNK, head_dim), np.float32)
-    keys_f[:, : len(keys)] = _floats(k_cache[:, keys])
-    values_t = np.zeros((n_kv, padded_dim, len(keys)), np.float32)
-    values_t[:, :head_dim] = _floats(v_cache[:, keys]).transpose(0, 2, 1)
+    keys_f = np.zeros((n_kv, n_keys + CHUNK, head_dim), np.float32)
+    keys_f[:, :n_keys] = keys
+    values_t = np.zeros((n_kv, padded_dim, n_keys), np.float32)
+    values_t[:, :head_dim] = values.transpose(0, 2, 1)
     _attend_chain(out, q, keys_f, values_t, key_pos, q_pos, scale, window, softcap)
     return out
 
@@ -140,8 +192,3 @@ def _softmax_rows(scores, key_pos, q_pos, scale, window, softcap):
             total += row[j]
         for j in range(row.size):  # a NaN score leaves no key weighted: NaN out, which stops the model
             row[j] = row[j] / total if total > 0 else np.float32(np.nan)
-
-
-def _floats(cached: np.ndarray) -> np.ndarray:
-    """Cache rows as float32 (a float16 cache holds its values as uint16 bits)."""
-    return cached.view(np.float16).astype(np.float32) if cached.dtype == np.uint16 else cached

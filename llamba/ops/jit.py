@@ -76,6 +76,17 @@ def bitcast_f32(typingctx, bits):
 
 
 @intrinsic
+def bitcast_u32(typingctx, value):
+    """Reinterpret a float32's bits as a uint32."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return sig, codegen
+
+
+@intrinsic
 def fma(typingctx, a, b, c):
     """a * b + c with one rounding (llvm.fma.f32): the same result wherever it is called, and it vectorizes."""
     sig = types.float32(types.float32, types.float32, types.float32)
@@ -119,6 +130,26 @@ def f16_bits_to_f32(h):
     h32 = np.uint32(h)
     bits = ((h32 & np.uint32(0x8000)) << np.uint32(16)) | ((h32 & np.uint32(0x7FFF)) << np.uint32(13))
     return bitcast_f32(bits) * _F16_EXPONENT_SHIFT
+
+
+_F16_DENORM_MAGIC = np.uint32(126 << 23)  # 0.5: adding it lines a tiny float's bits up as an f16 subnormal's
+
+
+@numba.njit(inline="always", cache=True)
+def f32_to_f16_bits(f):
+    """float32 -> float16 bits, rounded to nearest even as NumPy's astype(float16) and ggml's FP32_TO_FP16
+    (overflow to inf, subnormals, NaN kept); F. Giesen's float_to_half_fast3_rtne."""
+    x = bitcast_u32(np.float32(f))
+    sign = (x >> np.uint32(16)) & np.uint32(0x8000)
+    x &= np.uint32(0x7FFFFFFF)
+    if x >= np.uint32(0x47800000):  # 65536 and beyond (those from 65520 round up here too): inf, or NaN
+        h = np.uint32(0x7E00) if x > np.uint32(0x7F800000) else np.uint32(0x7C00)
+    elif x < np.uint32(0x38800000):  # below 2^-14: an f16 subnormal, rounded by the float addition itself
+        h = bitcast_u32(bitcast_f32(x) + bitcast_f32(_F16_DENORM_MAGIC)) - _F16_DENORM_MAGIC
+    else:
+        odd = (x >> np.uint32(13)) & np.uint32(1)
+        h = (x + np.uint32(((15 - 127) << 23) & 0xFFFFFFFF) + np.uint32(0xFFF) + odd) >> np.uint32(13)
+    return np.uint16(sign | h)
 
 
 def as_f32(x):

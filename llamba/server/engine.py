@@ -27,7 +27,7 @@ from ..generation.decoding import DECODERS, Speculation, make_speculation
 from ..generation.decoding.speculative import Draft, guess, settle
 from ..generation.sampling import Sampler
 from ..memory.batch import MAX_SEQUENCES, Batch
-from ..memory.kv_cache import SPARE_CELLS, KVCache
+from ..memory.kv_cache import SPARE_CELLS
 from ..memory.sequence import Sequence
 from ..text.stream import TextStream
 
@@ -92,8 +92,8 @@ class Engine:
         self.decoders = GUESSING + ((draft,) if draft else ())
         self._draft_model = self._load_draft(draft) if draft else None
         self.n_ctx = llm.n_ctx
-        self.cache = KVCache.for_model(self.model.hp, self.n_ctx, llm.cache.kv_type,
-                                       n_cells=parallel * self.n_ctx + SPARE_CELLS)
+        self.cache = self.model.new_cache(self.n_ctx, llm.cache.kv_type,
+                                          n_cells=parallel * self.n_ctx + SPARE_CELLS)
         self.slots = [_Slot(Sequence(self.cache, seq)) for seq in range(parallel)]
         self.max_queue = max_queue
         self.waiting: deque[Request] = deque()

@@ -53,7 +53,10 @@ def _draft_model(name: str, target, n_ctx: int, kv_type: str, load_model):
 
     if not name or load_model is None or target is None:
         raise LlambaError("draft decoding needs a model: --decoding draft:PATH_OR_NAME")
-    return DraftModel(load_model(name), n_ctx, target.hp.n_vocab, kv_type, label=name)
+    draft = load_model(name)
+    if target.key_stats is not None and draft.hp.n_vocab == target.hp.n_vocab:  # a quantized cache's keys
+        draft.calibrate_keys(target.calibration_tokens)
+    return DraftModel(draft, n_ctx, target.hp.n_vocab, kv_type, label=name)
 
 
 __all__ = ["DECODERS", "DEFAULT_DECODING", "Controller", "Speculation", "SpeculationStats", "decode_tokens", "make_speculation"]

@@ -35,7 +35,7 @@ class DraftModel:
                               f"model's ({n_vocab}); a draft model must share the vocabulary")
         self.model = draft_model
         self.name = f"draft:{label}"
-        self.cache = KVCache.for_model(draft_model.hp, n_ctx, kv_type)
+        self.cache = KVCache.for_model(draft_model.hp, n_ctx, kv_type, key_stats=draft_model.key_stats)
         self.sequence = Sequence(self.cache)  # what the draft's cache holds
         self.logits = np.full(n_vocab, -np.inf, np.float32)  # the tokens past DRAFT_VOCAB stay unlikely
 

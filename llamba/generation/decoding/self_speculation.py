@@ -25,6 +25,7 @@ class LayerSkipping:
 
     def __init__(self, model, skip: frozenset[int] = frozenset()):
         self.model, self.hp, self.skip = model, model.hp, skip
+        self.key_stats = model.key_stats  # its cache quantizes keys as the whole model's does
 
     def forward_tokens(self, tokens, start_pos: int, cache, **kwargs) -> np.ndarray:
         return self.model.forward_tokens(tokens, start_pos, cache, skip=self.skip, **kwargs)
