@@ -19,7 +19,6 @@ unpacked scales); tok/s per GB of active weights is the speed that size-free fig
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,10 +27,8 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-import scale  # noqa: E402
-from scale import BLOCK, FILE_TYPE, Engines, _random_tensor, _tokenizer, _use_more_bits, measure  # noqa: E402
+from scale import FILE_TYPE, Engines, _random_tensor, _use_more_bits, add_tokenizer, measure, write_tensors  # noqa: E402
 
-from llamba.store import resolve_model  # noqa: E402
 
 N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM = 2048, 32, 4, 128
 N_EXPERT, N_USED, N_FF_EXP, N_FF = 128, 8, 768, 6144
@@ -82,32 +79,9 @@ def write_random_moe(path: Path, n_layer: int, mix: str, seed: int = 0) -> None:
                        (w.add_expert_used_count, N_USED), (w.add_expert_feed_forward_length, N_FF_EXP),
                        (w.add_file_type, FILE_TYPE[mix]), (w.add_quantization_version, 2)):
         add(value)
-    scale.TOKENIZER_SOURCE = str(resolve_model("qwen2.5-coder-1.5b"))  # from the store, wherever it is
-    tok = _tokenizer(N_VOCAB)
-    w.add_tokenizer_model(tok["model"])
-    w.add_tokenizer_pre(tok["pre"])
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    w.add_bos_token_id(tok["ids"]["bos"])
-    w.add_eos_token_id(tok["ids"]["eos"])
+    add_tokenizer(w, N_VOCAB)
     w.add_add_bos_token(False)
-    for name, shape, type_name in plan:
-        if type_name in ("F32", "ROUTER"):
-            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
-        else:
-            elements, block_bytes = BLOCK[type_name]
-            byte_shape = (*shape[:-1], shape[-1] // elements * block_bytes)
-            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                              raw_dtype=gguf.GGMLQuantizationType[type_name])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    rng = np.random.default_rng(seed)
-    for name, shape, type_name in plan:
-        w.write_tensor_data(_tensor(rng, name, shape, type_name))
-    w.close()
-    os.replace(tmp, path)
+    write_tensors(w, plan, _tensor, seed, tmp, path)
 
 
 def active_bytes(model) -> int:

@@ -150,7 +150,14 @@ def write_random_gguf(path: Path, label: str, s: Shape, mix: str, seed: int = 0)
         w.add_vocab_size(s.n_vocab)
     w.add_file_type(FILE_TYPE[mix])
     w.add_quantization_version(2)
-    tok = _tokenizer(s.n_vocab)
+    add_tokenizer(w, s.n_vocab)
+    w.add_add_bos_token(False)
+    write_tensors(w, plan, _random_tensor, seed, tmp, path)
+
+
+def add_tokenizer(w, n_vocab: int) -> None:
+    """The 1.5B's BPE vocabulary cut to n_vocab tokens, into a GGUF writer."""
+    tok = _tokenizer(n_vocab)
     w.add_tokenizer_model(tok["model"])
     w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])
@@ -159,21 +166,27 @@ def write_random_gguf(path: Path, label: str, s: Shape, mix: str, seed: int = 0)
     w.add_bos_token_id(tok["ids"]["bos"])
     w.add_eos_token_id(tok["ids"]["eos"])
     w.add_pad_token_id(tok["ids"]["padding"])
-    w.add_add_bos_token(False)
+
+
+def write_tensors(w, plan, make_tensor, seed: int, tmp: Path, path: Path) -> None:
+    """Write the plan's tensors (name, shape, type: "F32" and "ROUTER" are float32; 2-D or stacked 3-D blocks)
+    one at a time (never the whole model in memory), then move the file into place."""
+    import gguf
+
     for name, shape, type_name in plan:
-        if type_name == "F32":
+        if type_name in ("F32", "ROUTER"):
             w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
         else:
             elements, block_bytes = BLOCK[type_name]
-            byte_shape = (shape[0], shape[1] // elements * block_bytes)
-            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1],
+            byte_shape = (*shape[:-1], shape[-1] // elements * block_bytes)
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
                               raw_dtype=gguf.GGMLQuantizationType[type_name])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
     for name, shape, type_name in plan:
-        w.write_tensor_data(_random_tensor(rng, name, shape, type_name))
+        w.write_tensor_data(make_tensor(rng, name, shape, type_name))
     w.close()
     os.replace(tmp, path)
 
