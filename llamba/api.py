@@ -25,7 +25,7 @@ from .generation.generate import GenerationStats, Step, generate_steps
 from .generation.sampling import Sampler, SamplingParams
 from .memory.kv_cache import QUANTIZED, check_kv_type
 from .memory.sequence import Sequence
-from .models import load_transformer
+from .models import load_transformer, read_hparams
 from .models.metadata import MAX_CONTEXT
 from .ops.threads import set_threads
 from .store import resolve_model
@@ -95,9 +95,10 @@ class Llama:
 
     def _take_configured_draft(self, name: str, say: Callable[[str], None]) -> None:
         """The draft model set in the environment, if it fits this model (one default serves every model that
-        shares its vocabulary; any other just copies)."""
+        shares its vocabulary; any other just copies). Its vocabulary is read from the metadata: a draft that
+        does not fit is never loaded."""
         try:
-            n_vocab = self._load_draft(name).hp.n_vocab
+            n_vocab = read_hparams(resolve_model(name)).n_vocab
         except LlambaError as e:
             raise LlambaError(f"{DRAFT_ENV}: {e}") from None
         if n_vocab == self.model.hp.n_vocab:

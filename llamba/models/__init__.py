@@ -63,12 +63,17 @@ def export_spec(g: GGUFFile):
     return next((spec for spec in specs if bool(spec.experts) == has_experts), specs[0])
 
 
+def read_hparams(source: str | os.PathLike | GGUFFile) -> HParams:
+    """A model's hyperparameters from its metadata alone (nothing is repacked)."""
+    g = source if isinstance(source, GGUFFile) else open_gguf(source)
+    return architecture_module(g.architecture, g.path).hparams(g)
+
+
 def load_transformer(source: str | os.PathLike | GGUFFile) -> Transformer:
     """Open a GGUF file (or take an open one) and build its transformer, weights repacked for the kernels."""
     g = source if isinstance(source, GGUFFile) else open_gguf(source)
-    module = architecture_module(g.architecture, g.path)
-    return Transformer(g, module.hparams(g))
+    return Transformer(g, read_hparams(g))
 
 
-__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "architecture_module", "hf_spec",
+__all__ = ["ARCHITECTURES", "HParams", "Transformer", "load_transformer", "read_hparams", "architecture_module", "hf_spec",
            "export_spec"]

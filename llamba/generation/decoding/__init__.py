@@ -30,7 +30,7 @@ def make_speculation(spec: str | None, target=None, n_ctx: int = 4096, kv_type: 
         return None
     if spec == "prompt-lookup":
         return Speculation(PromptLookup(), Controller(max_k=8))
-    if spec == "auto":  # prompt lookup, and the draft model where nothing matches; guess counts step by step
+    if spec == "auto":  # prompt lookup, and the draft model where it pays more (see auto.py)
         helper = _draft_model(draft, target, n_ctx, kv_type, load_model) if draft else None
         return Speculation(AutoDrafter(PromptLookup(), helper), Controller(max_k=8))
     if spec == "lookahead":

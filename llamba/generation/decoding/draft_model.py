@@ -38,6 +38,7 @@ class DraftModel:
         self.cache = KVCache.for_model(draft_model.hp, n_ctx, kv_type, key_stats=draft_model.key_stats)
         self.sequence = Sequence(self.cache)  # what the draft's cache holds
         self.logits = np.full(n_vocab, -np.inf, np.float32)  # the tokens past DRAFT_VOCAB stay unlikely
+        self.n_head = n_vocab  # how many of self.logits the draft computes
 
     def reset(self) -> None:
         pass  # the cache is reused across generations: only the differing tail is recomputed
@@ -48,7 +49,7 @@ class DraftModel:
         tokens, probs, seen = [], [], list(context)
         for i in range(k):
             ids, p = sampler.distribution(logits, seen)
-            if greedy and top_probability(logits) < MIN_CONFIDENCE:
+            if greedy and top_probability(logits[: self.n_head]) < MIN_CONFIDENCE:  # the rest is -inf
                 break
             token = int(ids[0]) if greedy else int(ids[sampler.rng.choice(len(ids), p=p)])
             tokens.append(token)
@@ -69,7 +70,8 @@ class DraftModel:
 
     def _forward(self, tokens: list[int], pos: int) -> np.ndarray:
         head = self.model.forward_tokens(tokens, pos, self.cache, vocab=DRAFT_VOCAB)
-        self.logits[: len(head)] = head
+        self.n_head = len(head)
+        self.logits[: self.n_head] = head
         return self.logits
 
 

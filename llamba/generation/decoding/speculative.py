@@ -159,14 +159,11 @@ class Controller:
         return one * (1 + 0.25 * (n - 1))
 
     def record_forward(self, n: int, seconds: float) -> None:
-        old = self.forward_cost.get(n)
-        self.forward_cost[n] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        _moving_average(self.forward_cost, n, seconds)
 
     def record_draft(self, proposed: int, seconds: float, kind=None) -> None:
         if proposed:
-            old = self.draft_costs.get(kind)
-            cost = seconds / proposed
-            self.draft_costs[kind] = cost if old is None else 0.8 * old + 0.2 * cost
+            _moving_average(self.draft_costs, kind, seconds / proposed)
 
     def record_guesses(self, proposed: int, accepted: int, kind=None) -> None:
         if proposed:
@@ -174,6 +171,12 @@ class Controller:
             checked = min(proposed, accepted + 1)
             rate = accepted / checked
             self.accept_rates[kind] = min(0.98, max(0.02, 0.85 * self.accept_rate(kind) + 0.15 * rate))
+
+
+def _moving_average(table: dict, key, value: float) -> None:
+    """table[key] follows value with weight 0.2 (the first value as it is): recent costs count most."""
+    old = table.get(key)
+    table[key] = value if old is None else 0.8 * old + 0.2 * value
 
 
 @dataclass
