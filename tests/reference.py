@@ -41,7 +41,7 @@ def silu(x):
 
 
 def int8_inputs(x: np.ndarray, group: int) -> np.ndarray:
-    """x [n, d] as the integer weight kernels see it: per token and block of `group` inputs, rounded to the
+    """x [n, d] as the integer weight kernels see it: per token and span of `group` inputs, rounded to the
     nearest multiple of max|x| / 127 (float32 arithmetic, as the kernel's)."""
     blocks = x.astype(np.float32).reshape(x.shape[0], -1, group)
     top = np.abs(blocks).max(-1, keepdims=True)
@@ -79,7 +79,7 @@ class ReferenceModel:
         integer kernels' arithmetic, and llama.cpp's)."""
         t = self.g.tensors[name]
         if t.type.name not in ("F32", "F16", "BF16"):
-            x = int8_inputs(x, 16 if t.type.name in ("Q6_K", "Q2_K", "Q3_K") else 32)
+            x = int8_inputs(x, 256 if t.type.name.endswith("_K") else 32)  # K-quants: one scale per super-block
         return x @ self.w(name).T
 
     def forward(self, tokens, kv_type: str = "f32") -> np.ndarray:

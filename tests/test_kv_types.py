@@ -22,7 +22,9 @@ from llamba.models import load_transformer
 from llamba.text.tokenizer import Tokenizer
 from tests.conftest import REFERENCE_DIR, _model
 
-N_CTX, CHUNKS = 512, 2
+N_CTX = 512
+CHUNKS = {"qwen2.5-coder-1.5b": 2}  # else 6, as benchmarks/kv_types.py: with 2, Gemma's f16 and q8_0 wander by
+#                                      half a percent either way (the 1.5B's by a hundredth)
 
 
 class _RoundedToF16(LayerKV):
@@ -53,12 +55,12 @@ def test_f16_cache_is_f32_rounded_exactly(smollm2):
     assert all(np.array_equal(a, b) for a, b in zip(*results))
 
 
-def _teacher_forced(model, tokenizer, kv_type):
-    """Logits and per-token NLL over the scored halves of the first CHUNKS chunks of gpl-3.txt."""
+def _teacher_forced(model, tokenizer, kv_type, chunks):
+    """Logits and per-token NLL over the scored halves of the first chunks of gpl-3.txt."""
     ids = tokenizer.encode((REFERENCE_DIR / "gpl-3.txt").read_text(encoding="utf-8"), add_special=True)
     cache = model.new_cache(N_CTX, kv_type)
     logits, nll = [], []
-    for c in range(CHUNKS):
+    for c in range(chunks):
         chunk = list(ids[c * N_CTX:(c + 1) * N_CTX])
         if tokenizer.add_bos and tokenizer.bos_id is not None:
             chunk[0] = tokenizer.bos_id
@@ -71,17 +73,19 @@ def _teacher_forced(model, tokenizer, kv_type):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
 def test_kv_types_against_f32(name):
-    """Teacher-forced on gpl-3 (2 chunks of 512): f16 and q8_0 pick f32's top-1 token at least 93% of the time
-    (measured: f16 95.7 / 97.3 / 97.7 / 99.2%, the floor 2-ulp noise sets) and move perplexity by under 1%
-    (f16: -0.45 / -0.45 / +0.05 / -0.01%; llama.cpp's q8_0 costs the 0.5B +2.1%)."""
+    """Teacher-forced on gpl-3 (6 chunks of 512, the 1.5B 2): f16 and q8_0 pick f32's top-1 token at least 93%
+    of the time (measured on 2 chunks: f16 95.7 / 97.3 / 97.7 / 99.2%, the floor 2-ulp noise sets) and move
+    perplexity by under 1% (Gemma on 6 chunks: f16 +0.24%, q8_0 +0.83%, where llama.cpp's q8_0 gives -0.47%;
+    llama.cpp's q8_0 costs the 0.5B +2.1%)."""
     from llamba.api import KEY_CALIBRATION_TEXT
 
     path = _model(name)
     model = load_transformer(path)
     tokenizer = Tokenizer(model.gguf.metadata, str(path))
     model.calibrate_keys(tokenizer.encode(KEY_CALIBRATION_TEXT))
-    top1, ppl = _teacher_forced(model, tokenizer, "f32")
+    chunks = CHUNKS.get(name, 6)
+    top1, ppl = _teacher_forced(model, tokenizer, "f32", chunks)
     for kv_type in ("f16", "q8_0"):
-        other_top1, other_ppl = _teacher_forced(model, tokenizer, kv_type)
+        other_top1, other_ppl = _teacher_forced(model, tokenizer, kv_type, chunks)
         assert (other_top1 == top1).mean() >= 0.93, kv_type
         assert abs(other_ppl / ppl - 1) < 0.01, (kv_type, other_ppl, ppl)

@@ -50,7 +50,7 @@ def test_matvec_matmul_and_rows(type_name):
     raw, w = _random_matrix(type_name, 200, n_cols)
     lanes = to_lanes(raw, ggml_type(type_name), n_cols)
     x = RNG.standard_normal((SMALL_BATCH + 11, n_cols)).astype(np.float32)  # two calls: 64 tokens and 11
-    seen = x if lanes.kind == "f32" else reference.int8_inputs(x, lanes.group)
+    seen = x if lanes.kind == "f32" else reference.int8_inputs(x, lanes.input_span)
     expected = seen.astype(np.float64) @ w.T.astype(np.float64)  # [75, 200]
     tol = 1e-5 * np.abs(w).max() * np.abs(x).max() * n_cols
     half_steps = np.abs(seen - x) @ np.abs(w.T)  # how far rounding the inputs can move each output

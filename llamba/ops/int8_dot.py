@@ -7,7 +7,8 @@ the sums of 4 into 16 int32 lanes: 64 multiply-adds per instruction, four times 
 
 Numba cannot reach that instruction, so `chunk_product_*` are intrinsics that emit the LLVM IR of a whole
 chunk for up to NT tokens: a loop over the blocks whose integer sums and float accumulators (one per token and
-row vector) all stay in registers, each block's sums scaled into the floats as the loop goes. (One call per
+row vector) all stay in registers, each block's sums scaled into the floats as the loop goes (a K-quant's
+sums first add up in integers over its super-block, times their integer sub-block scales). (One call per
 block, with the sums and accumulators going through memory, ran at a third of this speed.) Where the CPU lacks
 VNNI they emit the same sums as plain integer vector arithmetic (LLVM picks the best instructions it has): the
 results are the same integers. Integer sums are exact and each token's float arithmetic is the same whatever
@@ -149,33 +150,18 @@ def _load_halves(builder, ptr, at):
     return builder.fpext(builder.load(builder.bitcast(builder.gep(ptr, [at]), kind.as_pointer()), align=2), _FLOATS)
 
 
-def _load_small_ints(builder, ptr, at, signed: bool):
-    """16 bytes from ptr + at (sub-block scales or mins), as float32."""
-    kind = ir.VectorType(_I8, 16)
-    v = builder.load(builder.bitcast(builder.gep(ptr, [at]), kind.as_pointer()), align=1)
-    return builder.sitofp(v, _FLOATS) if signed else builder.uitofp(v, _FLOATS)
-
-
-def _block_scales(builder, a: "_Args", layout: "_Layout", b, v: int, offsets: bool):
-    """Row vector v's scales and offsets (None without) of block b, as float32: the float16 numbers as they
-    are, or a K-quant's d * sc and -(dmin * mn), with d and dmin its super-block's (exact products)."""
+def _block_scales(builder, a: "_Args", b, v: int, offsets: bool):
+    """Row vector v's float16 scales and offsets (None without) of block b, as float32."""
     at = builder.add(builder.mul(b, ir.Constant(_I64, CHUNK)), ir.Constant(_I64, 16 * v))
-    if a.scale_type == types.uint16:
-        return _load_halves(builder, a.scale, at), _load_halves(builder, a.offset, at) if offsets else None
-    fields = 1 + offsets  # d (and dmin) per super-block and row
-    super_block = builder.udiv(b, ir.Constant(_I64, SUPER // layout.group))
-    d_at = builder.add(builder.mul(super_block, ir.Constant(_I64, fields * CHUNK)), ir.Constant(_I64, 16 * v))
-    signed = a.scale_type == types.int8
-    scale = builder.fmul(_load_halves(builder, a.supers, d_at), _load_small_ints(builder, a.scale, at, signed))
-    if not offsets:
-        return scale, None
-    dmin = _load_halves(builder, a.supers, builder.add(d_at, ir.Constant(_I64, CHUNK)))
-    return scale, builder.fneg(builder.fmul(dmin, _load_small_ints(builder, a.offset, at, signed)))
+    return _load_halves(builder, a.scale, at), _load_halves(builder, a.offset, at) if offsets else None
 
 
 def _emit_chunk(builder, a: _Args, layout: _Layout, n_tokens: int, offsets: bool):
     """The chunk for n_tokens tokens: a loop over blocks with one float accumulator per token and row vector
     in a register, each block's integer sums scaled into it; then the accumulators stored to a.acc."""
+    if a.scale_type != types.uint16:
+        _emit_super_chunk(builder, a, layout, n_tokens, offsets)
+        return
     entry = builder.block
     loop = builder.function.append_basic_block("chunk.blocks")
     done = builder.function.append_basic_block("chunk.stored")
@@ -183,23 +169,118 @@ def _emit_chunk(builder, a: _Args, layout: _Layout, n_tokens: int, offsets: bool
     builder.position_at_end(loop)
     b = builder.phi(_I64)
     b.add_incoming(ir.Constant(_I64, 0), entry)
-    acc = [[builder.phi(_FLOATS) for _ in range(ROW_VECTORS)] for _ in range(n_tokens)]
-    for p in (p for row in acc for p in row):
-        p.add_incoming(ir.Constant(_FLOATS, [0.0] * 16), entry)
+    acc = _phis(builder, _FLOATS, n_tokens, ir.Constant(_FLOATS, [0.0] * 16), entry)
     tokens = [_Token(builder, a, b, t) for t in range(n_tokens)]
     sums = _block_sums(builder, a, layout, b, tokens)
     new = _scaled_into(builder, a, layout, b, tokens, sums, acc, offsets)
     b_next = builder.add(b, ir.Constant(_I64, 1))
     b.add_incoming(b_next, builder.block)
-    for t in range(n_tokens):
-        for v in range(ROW_VECTORS):
-            acc[t][v].add_incoming(new[t][v], builder.block)
+    _add_incoming(acc, new, builder.block)
     builder.cbranch(builder.icmp_signed("<", b_next, a.n_blocks), loop, done)
     builder.position_at_end(done)
+    _store_accumulators(builder, a, new)
+
+
+def _emit_super_chunk(builder, a: _Args, layout: _Layout, n_tokens: int, offsets: bool):
+    """The chunk of a K-quant, whose activations have one scale per super-block (as llama.cpp's q8_K): per
+    super-block, each sub-block's integer sums times its integer scale (and its code sum times its integer
+    min) add up in int32 lanes, exactly; only then are they scaled into the float accumulators, by d dx (and
+    -dmin dx). Per sub-block that is an integer multiply-add where a per-block activation scale needs float
+    scales, conversions and fmas: the K-quants' decode spent some 40% of its instructions there."""
+    per_super = ir.Constant(_I64, SUPER // layout.group)
+    fn = builder.function
+    entry, outer, inner = builder.block, fn.append_basic_block("chunk.supers"), fn.append_basic_block("chunk.subs")
+    latch, done = fn.append_basic_block("chunk.super_done"), fn.append_basic_block("chunk.stored")
+    zeros, int_zeros = ir.Constant(_FLOATS, [0.0] * 16), ir.Constant(_LANES, [0] * 16)
+    builder.branch(outer)
+
+    builder.position_at_end(outer)
+    s = builder.phi(_I64)
+    s.add_incoming(ir.Constant(_I64, 0), entry)
+    acc = _phis(builder, _FLOATS, n_tokens, zeros, entry)
+    builder.branch(inner)
+
+    builder.position_at_end(inner)
+    j = builder.phi(_I64)
+    j.add_incoming(ir.Constant(_I64, 0), outer)
+    scaled = _phis(builder, _LANES, n_tokens, int_zeros, outer)
+    mins = _phis(builder, _LANES, n_tokens, int_zeros, outer) if offsets else None
+    b = builder.add(builder.mul(s, per_super), j)
+    tokens = [_Token(builder, a, b, t) for t in range(n_tokens)]
+    sums = _block_sums(builder, a, layout, b, tokens)
+    new_scaled, new_mins = [], []
+    at = builder.mul(b, ir.Constant(_I64, CHUNK))
+    for v in range(ROW_VECTORS):
+        at_v = builder.add(at, ir.Constant(_I64, 16 * v))
+        sc = _load_small_lanes(builder, a.scale, at_v, a.scale_type == types.int8)
+        mn = _load_small_lanes(builder, a.offset, at_v, a.scale_type == types.int8) if offsets else None
+        for t, token in enumerate(tokens):
+            if v == 0:
+                new_scaled.append([]), new_mins.append([])
+            new_scaled[t].append(builder.add(scaled[t][v], builder.mul(sums[t][v], sc)))
+            if offsets:
+                new_mins[t].append(builder.add(mins[t][v], builder.mul(mn, token.code_sum)))
+    j_next = builder.add(j, ir.Constant(_I64, 1))
+    j.add_incoming(j_next, builder.block)
+    _add_incoming(scaled, new_scaled, builder.block)
+    if offsets:
+        _add_incoming(mins, new_mins, builder.block)
+    builder.cbranch(builder.icmp_signed("<", j_next, per_super), inner, latch)
+
+    builder.position_at_end(latch)
+    first = builder.mul(s, per_super)
+    fields = 1 + offsets  # d (and dmin) per super-block and row
+    new = []
     for t in range(n_tokens):
+        dx = _splat(builder, builder.load(builder.gep(a.x_scales, [
+            builder.add(builder.mul(a.n_blocks, ir.Constant(_I64, t)), first)])), _FLOATS)
+        row = []
         for v in range(ROW_VECTORS):
+            d_at = builder.add(builder.mul(s, ir.Constant(_I64, fields * CHUNK)), ir.Constant(_I64, 16 * v))
+            d = _load_halves(builder, a.supers, d_at)
+            value = _fma(builder, builder.fmul(d, dx), builder.sitofp(new_scaled[t][v], _FLOATS), acc[t][v])
+            if offsets:
+                dmin = _load_halves(builder, a.supers, builder.add(d_at, ir.Constant(_I64, CHUNK)))
+                minus_dmin_dx = builder.fneg(builder.fmul(dmin, dx))
+                value = _fma(builder, minus_dmin_dx, builder.sitofp(new_mins[t][v], _FLOATS), value)
+            row.append(value)
+        new.append(row)
+    s_next = builder.add(s, ir.Constant(_I64, 1))
+    s.add_incoming(s_next, builder.block)
+    _add_incoming(acc, new, builder.block)
+    n_supers = builder.udiv(a.n_blocks, per_super)
+    builder.cbranch(builder.icmp_signed("<", s_next, n_supers), outer, done)
+
+    builder.position_at_end(done)
+    _store_accumulators(builder, a, new)
+
+
+def _phis(builder, kind, n_tokens: int, start, start_block) -> list:
+    """A phi per token and row vector, entered with `start` from start_block."""
+    phis = [[builder.phi(kind) for _ in range(ROW_VECTORS)] for _ in range(n_tokens)]
+    for p in (p for row in phis for p in row):
+        p.add_incoming(start, start_block)
+    return phis
+
+
+def _add_incoming(phis: list, values: list, block) -> None:
+    for row, value_row in zip(phis, values):
+        for p, value in zip(row, value_row):
+            p.add_incoming(value, block)
+
+
+def _store_accumulators(builder, a: _Args, acc: list) -> None:
+    for t, row in enumerate(acc):
+        for v, value in enumerate(row):
             at = builder.gep(a.acc, [ir.Constant(_I64, (t * ROW_VECTORS + v) * 16)])
-            builder.store(new[t][v], builder.bitcast(at, _FLOATS.as_pointer()), align=4)
+            builder.store(value, builder.bitcast(at, _FLOATS.as_pointer()), align=4)
+
+
+def _load_small_lanes(builder, ptr, at, signed: bool):
+    """16 bytes from ptr + at (sub-block scales or mins), as int32 lanes."""
+    kind = ir.VectorType(_I8, 16)
+    v = builder.load(builder.bitcast(builder.gep(ptr, [at]), kind.as_pointer()), align=1)
+    return builder.sext(v, _LANES) if signed else builder.zext(v, _LANES)
 
 
 def _block_sums(builder, a: _Args, layout: _Layout, b, tokens: list) -> list:
@@ -238,6 +319,7 @@ class _Token:
         dx = builder.load(builder.gep(a.x_scales, [i]))
         code_sum = builder.load(builder.gep(a.x_code_sums, [i]))
         self.minus_bias = _splat(builder, builder.mul(builder.neg(a.code_bias), code_sum), _LANES)
+        self.code_sum = _splat(builder, code_sum, _LANES)
         self.dx = _splat(builder, dx, _FLOATS)
         self.dx_sum = _splat(builder, builder.fmul(dx, builder.sitofp(code_sum, _F32)), _FLOATS)
 
@@ -245,7 +327,7 @@ class _Token:
 def _scaled_into(builder, a: _Args, layout: _Layout, b, tokens: list, sums: list, acc: list, offsets: bool) -> list:
     """acc + block b's sums scaled: fma(o, dx sum c, fma(s dx, sum q c - bias sum c, acc)), per token and row
     vector, the same operations whatever the token count."""
-    scales, offs = zip(*(_block_scales(builder, a, layout, b, v, offsets) for v in range(ROW_VECTORS)))
+    scales, offs = zip(*(_block_scales(builder, a, b, v, offsets) for v in range(ROW_VECTORS)))
     new = []
     for token, token_sums, token_acc in zip(tokens, sums, acc):
         row = []

@@ -1,8 +1,8 @@
 """Matrix products over lanes-layout weights, for any number of tokens.
 
-Quantized weights: each token's inputs are quantized to 8 bits per block (as llama.cpp's q8_0 does), and
-integer dot products with the weight codes (int8_dot, AVX-512 VNNI where the CPU has it) are scaled into
-float accumulators, one per row and token. The same kernel serves one token, a tree of guesses, several
+Quantized weights: each token's inputs are quantized to 8 bits with a scale per block (as llama.cpp's q8_0
+does), or per super-block for the K-quants (as its q8_K), and integer dot products with the weight codes
+(int8_dot, AVX-512 VNNI where the CPU has it) are scaled into float accumulators, one per row and token. The same kernel serves one token, a tree of guesses, several
 sequences and a long prompt (64 tokens per call), so a token's outputs never depend on what else is in the
 batch. Integer multiply-adds run at four times the float rate, which is what makes verifying guesses cheap.
 
@@ -26,42 +26,47 @@ PARALLEL_QUANTIZE = 8  # tokens from which the inputs are quantized in parallel 
 
 
 @exact_kernel(parallel=True)
-def quantize_activations(x, group):
-    """Each token's inputs in blocks of `group` as int8 codes, round(x * 127 / max|x|), with per block the scale
-    max|x| / 127 and the codes' sum (for offsets and code biases). A token's codes depend on its inputs alone,
-    as llama.cpp's q8_0 do."""
+def quantize_activations(x, group, span):
+    """Each token's inputs as int8 codes, round(x * 127 / max|x|) with the max taken over each `span` inputs
+    (a block, as llama.cpp's q8_0, or a K-quant's super-block, as its q8_K), with per block of `group` inputs
+    the scale max|x| / 127 and the codes' sum (for offsets and code biases). A token's codes depend on its
+    inputs alone."""
     n_tokens, n_cols = x.shape
     codes = np.empty((n_tokens, n_cols), np.int8)
     scales = np.empty((n_tokens, n_cols // group), np.float32)
     code_sums = np.empty((n_tokens, n_cols // group), np.int32)
     if n_tokens >= PARALLEL_QUANTIZE:
         for t in numba.prange(n_tokens):
-            _quantize_token(x[t], group, codes[t], scales[t], code_sums[t])
+            _quantize_token(x[t], group, span, codes[t], scales[t], code_sums[t])
     else:
         for t in range(n_tokens):
-            _quantize_token(x[t], group, codes[t], scales[t], code_sums[t])
+            _quantize_token(x[t], group, span, codes[t], scales[t], code_sums[t])
     return codes, scales, code_sums
 
 
 @exact_kernel
-def _quantize_token(x, group, codes, scales, code_sums):
+def _quantize_token(x, group, span, codes, scales, code_sums):
     """One token's inputs x [n_cols] into codes, scales and code sums. max|x| is taken on the float bits as
     integers (for non-negative floats their order is the bits' order), which vectorizes where a float max
     does not, and keeps a NaN (its bits are above infinity's) so the product is NaN and the model stops."""
     bits = x.view(np.int32)
-    for b in range(scales.size):
-        start = np.uint64(b * group)  # unsigned indices: no negative-index wrap-around, which stops SIMD
+    blocks_per_span = span // group
+    for s in range(x.size // span):
+        start = np.uint64(s * span)  # unsigned indices: no negative-index wrap-around, which stops SIMD
         top_bits = np.int32(0)
-        for j in range(np.uint64(group)):
+        for j in range(np.uint64(span)):
             top_bits = max(top_bits, bits[start + j] & np.int32(0x7FFFFFFF))
         top = bitcast_f32(np.uint32(top_bits))
         inverse = np.float32(127.0) / top if top > 0 else np.float32(0.0)
-        code_sum = np.int32(0)
-        for j in range(np.uint64(group)):
-            q = np.int32(np.rint(x[start + j] * inverse))
-            codes[start + j] = q
-            code_sum += q
-        scales[b], code_sums[b] = top / np.float32(127.0), code_sum
+        for g in range(blocks_per_span):
+            b = s * blocks_per_span + g
+            at = np.uint64(b * group)
+            code_sum = np.int32(0)
+            for j in range(np.uint64(group)):
+                q = np.int32(np.rint(x[at + j] * inverse))
+                codes[at + j] = q
+                code_sum += q
+            scales[b], code_sums[b] = top / np.float32(127.0), code_sum
 
 
 @exact_kernel
@@ -83,7 +88,7 @@ def _chunk_product(acc, codes, codes_at, words, words_at, row_words, scale, scal
 
 
 @exact_kernel(parallel=True)
-def batch_int8(out, codes, scale, offset, supers, code_bias, group, layout, x, n_threads):
+def batch_int8(out, codes, scale, offset, supers, code_bias, group, span, layout, x, n_threads):
     """out [n_tokens, n_rows] = x W^T for quantized weights, the inputs x quantized to 8 bits here (one call,
     not two: a call costs microseconds, and decoding makes over a hundred per token).
 
@@ -91,7 +96,7 @@ def batch_int8(out, codes, scale, offset, supers, code_bias, group, layout, x, n
     int8_dot's chunk product, which keeps a float accumulator per row and token in registers over all the
     blocks. Every token's arithmetic is the same whatever else is in the batch, so its outputs are
     bit-identical alone or in any batch."""
-    x_codes, x_scales, x_code_sums = quantize_activations(x, group)
+    x_codes, x_scales, x_code_sums = quantize_activations(x, group, span)
     words = x_codes.view(np.int32)  # 4 activation codes per int32
     n_tokens, row_words = words.shape
     n_chunks, n_blocks = codes.shape[0], codes.shape[1]
@@ -315,7 +320,7 @@ def gather_rows(w: LaneMatrix, rows: np.ndarray, out: np.ndarray | None = None) 
     for t, r in enumerate(rows):
         r = int(r)
         if w.kind != "f32":
-            codes, scale, offset, supers, code_bias, group, layout = w.int8_operands
+            codes, scale, offset, supers, code_bias, group, _, layout = w.int8_operands
             _row(out[t], codes, scale, offset, supers, code_bias, group, layout, r)
         else:
             out[t] = w.codes[r // CHUNK, :, r % CHUNK]

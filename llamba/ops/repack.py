@@ -74,9 +74,16 @@ class LaneMatrix:
 
     @cached_property
     def int8_operands(self) -> tuple:
-        """The integer kernel's weight arguments, (codes, scale, offset, supers, code_bias, group, layout),
-        worked out once: decoding calls it over a hundred times per token."""
-        return self.codes, self.scale, self.offset, self.supers, self.code_bias, self.group, LAYOUTS.index(self.layout)
+        """The integer kernel's weight arguments, (codes, scale, offset, supers, code_bias, group, input_span,
+        layout), worked out once: decoding calls it over a hundred times per token."""
+        return (self.codes, self.scale, self.offset, self.supers, self.code_bias, self.group, self.input_span,
+                LAYOUTS.index(self.layout))
+
+    @property
+    def input_span(self) -> int:
+        """Inputs that share one activation scale: a K-quant's super-block (its sub-blocks' integer scales
+        then apply to integer sums), else a block."""
+        return SUPER if self.supers.shape[1] else self.group
 
     @property
     def layout(self) -> str:
