@@ -14,7 +14,8 @@ from llamba.generation.decoding.draft_model import DraftModel
 from llamba.generation.decoding.lookahead import Lookahead
 from llamba.generation.decoding.prompt_lookup import PromptLookup
 from llamba.generation.decoding.self_speculation import SelfSpeculation, choose_skipped_layers
-from llamba.generation.decoding.speculative import Draft, _accept, decode_tokens, verify_guesses
+from llamba.generation.decoding.speculative import (STEADY_LAG, Draft, _accept, decode_tokens, guess,
+                                                    verify_guesses)
 from llamba.memory.kv_cache import KVCache
 from llamba.generation.sampling import Sampler
 from tests.tiny_models import write_tiny_model
@@ -108,6 +109,25 @@ def test_auto_copies_where_the_context_matches_and_asks_the_draft_elsewhere(tiny
     assert _generate(target, prompt, 40, auto) == plain
     kinds = set(auto.controller.accept_rates)
     assert DRAFT in kinds and any(k != DRAFT and k >= 2 for k in kinds), kinds
+
+
+def test_a_drafts_catch_up_is_not_charged_to_its_guesses(tiny_pair, monkeypatch):
+    """Under auto, a draft model first asked after a run of copies must read those tokens first: a one-off
+    catch-up, which charged to its guesses made them look too dear to try again (on the 1.5B with the 0.5B
+    the draft was then never used). Only steps where it reads at most STEADY_LAG tokens set its cost."""
+    monkeypatch.setattr(draft_model, "MIN_CONFIDENCE", 0.0)
+    target, draft = tiny_pair
+    drafter = DraftModel(draft, 128, target.hp.n_vocab)
+    auto = Speculation(AutoDrafter(PromptLookup(), drafter), Controller(fixed_k=3))
+    auto.fresh = False  # a generation underway: its tokens so far were copied, the draft has read none
+    history = list(range(40, 80))  # nothing repeats: the draft is the only kind on offer
+    first = guess(auto, history, 8, Sampler(temperature=0))
+    assert first.kind == DRAFT and len(first.tokens) == 3 and drafter.lag(history) == 0
+    assert DRAFT not in auto.controller.draft_costs  # 39 tokens read: not what a guess costs
+    history += first.tokens[:1] + [7]  # the target took one guess and gave its own next token
+    assert drafter.lag(history) <= STEADY_LAG
+    guess(auto, history, 8, Sampler(temperature=0))
+    assert auto.controller.draft_costs[DRAFT] > 0
 
 
 def test_a_draft_head_of_the_first_tokens_guesses_only_those(tiny_pair, monkeypatch):

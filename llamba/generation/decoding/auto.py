@@ -34,6 +34,10 @@ class AutoDrafter:
         match = self.lookup.kind(context)
         return ([match] if match else []) + ([DRAFT] if self.draft is not None else [])
 
+    def lag(self, context: list[int], kind) -> int:
+        """Tokens to evaluate before guessing: the draft model's catch-up (copying needs none)."""
+        return self.draft.lag(context) if kind == DRAFT else 0
+
     def propose(self, context: list[int], k: int, sampler, kind) -> Draft:
         if kind == DRAFT:
             return self.draft.propose(context, k, sampler)

@@ -43,6 +43,11 @@ class DraftModel:
     def reset(self) -> None:
         pass  # the cache is reused across generations: only the differing tail is recomputed
 
+    def lag(self, context: list[int], kind=None) -> int:
+        """Tokens the draft must evaluate before its first guess after context (besides the last one); kind
+        as the drafters that offer several take it."""
+        return len(context) - 1 - min(self.sequence.common_prefix(context), len(context) - 1)
+
     def propose(self, context: list[int], k: int, sampler: Sampler) -> Draft:
         logits = self._catch_up(context)
         greedy = sampler.params.temperature == 0

@@ -84,6 +84,10 @@ class SpeculationStats:
         return (self.steps + self.accepted) / self.steps if self.steps else 0.0
 
 
+STEADY_LAG = 2  # tokens a draft model evaluates before guessing in steady use: the target's next token, and
+#                the last guess when all were accepted
+
+
 class Controller:
     """Chooses how many guesses to check per step, from what this machine and model measure.
 
@@ -238,10 +242,14 @@ def guess(spec: Speculation, history: list[int], room: int, sampler: Sampler) ->
     k = spec.controller.choose(room, extra_rows, kind)
     if not k:
         return Draft([])
+    lag = drafter.lag(history, kind) if hasattr(drafter, "lag") else 0
     t0 = time.perf_counter()
     draft = drafter.propose(history, k, sampler, kind) if hasattr(drafter, "kinds") else drafter.propose(history, k, sampler)
     draft.kind = kind
-    if not spec.fresh:  # a first guess also reads the whole prompt (a draft model's cache): not a guess's cost
+    # A drafter that first had to read many tokens (a generation's prompt, or the tokens copied while the
+    # controller took another kind) did a one-off catch-up: charged to these guesses, it would make the kind
+    # look too dear to try again for the rest of the session.
+    if not spec.fresh and lag <= STEADY_LAG:
         spec.controller.record_draft(max(draft.n_guesses, 1), time.perf_counter() - t0, kind)  # none: it still looked
     spec.fresh = False
     return draft
