@@ -258,7 +258,15 @@ def _rope_scaling(arch: str, scaling, where: str) -> dict:
     original = scaling.get("original_max_position_embeddings")
     if kind == "yarn" and isinstance(original, int):
         out[f"{arch}.rope.scaling.original_context_length"] = original
+    if kind == "yarn":  # what llama.cpp's converter writes too (its llama, qwen2 and deepseek2 read the defaults)
+        out |= {f"{arch}.rope.scaling.{key}": float(scaling[hf]) for hf, key in YARN_KEYS.items()
+                if isinstance(scaling.get(hf), (int, float))}
     return out
+
+
+# YaRN's settings in a rope_scaling -> GGUF rope.scaling.* (attention_factor wins over attn_factor, as there)
+YARN_KEYS = {"extrapolation_factor": "yarn_ext_factor", "attn_factor": "yarn_attn_factor",
+             "attention_factor": "yarn_attn_factor", "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow"}
 
 
 def generated_tensors(config: dict, metadata: dict, arch: str) -> dict[str, np.ndarray]:
