@@ -119,6 +119,25 @@ def test_latent_attention_caches_the_latent_and_the_rotary_key(tmp_path):
     assert (keys.shape[0], keys.shape[2]) == (1, 80)
 
 
+@pytest.mark.parametrize("kv_type, value_bytes", [("f32", 4), ("f16", 2)])
+def test_latent_cache_holds_each_vector_once(tmp_path, kv_type, value_bytes):
+    """kv_lora_rank + n_rot values a token and layer, not twice that; the logits bit for bit those of a cache
+    that keeps the values apart (a prompt, then decoding)."""
+    model = load_transformer(convert(write_checkpoint(tmp_path / "hf", "DeepseekV2ForCausalLM"), tmp_path / "m.gguf",
+                                     "q8_0"))
+    hp = model.hp
+    once = model.new_cache(64, kv_type)
+    apart = KVCache(hp.n_layer, hp.n_head_kv, hp.head_dim, 64, kv_type)
+    assert once.nbytes == hp.n_layer * once.n_cells * (64 + 16) * value_bytes == apart.nbytes // 2
+
+    def run(cache) -> list[np.ndarray]:
+        prompt = model.forward_tokens(PROMPT, 0, cache, all_logits=True)
+        return [prompt] + [model.forward_tokens([t], len(PROMPT) + i, cache) for i, t in enumerate(GUESSES)]
+
+    assert all(np.array_equal(a, b) for a, b in zip(run(once), run(apart)))
+    assert once.nbytes_used == (len(PROMPT) + len(GUESSES)) * hp.n_layer * 80 * value_bytes
+
+
 def test_fused_phi3_logits_are_batch_invariant(tmp_path):
     model = load_transformer(convert(write_checkpoint(tmp_path / "hf", "Phi3ForCausalLM"), tmp_path / "m.gguf", "q8_0"))
     assert len(model.layers[0].wqkv) == 1 and len(model.layers[0].ffn.gate_up) == 1
