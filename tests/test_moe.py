@@ -245,6 +245,20 @@ def test_inconsistent_expert_metadata_is_a_clear_error(qwen3moe_path, tmp_path, 
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("key, value, kind, fragment", [
+    ("rope.scaling.yarn_log_multiplier", -0.5, fuzz.VT.FLOAT32, "yarn_log_multiplier = -0.5 must be finite and at"),
+    ("rope.scaling.yarn_log_multiplier", "x", fuzz.VT.STRING, "yarn_log_multiplier = 'x' is not a number"),
+    ("rope.scaling.type", "linear", fuzz.VT.STRING, "DeepSeek2 with RoPE scaling 'linear' is not supported"),
+])
+def test_bad_deepseek_yarn_metadata_is_a_clear_error(tmp_path, key, value, kind, fragment):
+    folder = write_checkpoint(tmp_path / "hf", "DeepseekV2ForCausalLM", **DEEPSEEK_YARN)
+    edit = lambda spec: spec.kv.__setitem__(f"deepseek2.{key}", (value, kind, None))  # noqa: E731
+    path = _mutant(convert(folder, tmp_path / "m.gguf", "f32"), tmp_path / "bad.gguf", edit)
+    with pytest.raises(LlambaError) as e:
+        load_transformer(path)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
 def test_an_unsupported_architecture_names_the_supported_ones(qwen3moe_path, tmp_path):
     path = _mutant(qwen3moe_path, tmp_path / "bad.gguf",
                    lambda spec: spec.kv.__setitem__("general.architecture", ("grok", fuzz.VT.STRING, None)))
@@ -264,6 +278,9 @@ def _edit_config(folder: Path, **changes) -> None:
     ("Qwen2MoeForCausalLM", {"norm_topk_prob": True}, "norm_topk_prob = true is not supported"),
     ("Qwen2MoeForCausalLM", {"mlp_only_layers": [1]}, "dense layers between the expert layers"),
     ("MixtralForCausalLM", {"num_local_experts": None}, "'num_local_experts' is missing"),
+    ("DeepseekV2ForCausalLM", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "DeepSeek with rope_scaling = 'dynamic' is not supported"),
+    ("DeepseekV2ForCausalLM", {"topk_method": "random"}, "DeepSeek with topk_method = 'random' is not supported"),
 ])
 def test_inconsistent_checkpoints_are_clear_errors(tmp_path, model_class, changes, fragment):
     folder = write_checkpoint(tmp_path / "hf", model_class)
