@@ -138,6 +138,37 @@ def test_latent_cache_holds_each_vector_once(tmp_path, kv_type, value_bytes):
     assert once.nbytes_used == (len(PROMPT) + len(GUESSES)) * hp.n_layer * 80 * value_bytes
 
 
+LONG_PROMPT = list(np.random.default_rng(8).integers(0, 380, 80))  # past SMALL_BATCH: the chain kernel's path
+
+
+def _prompt_and_steps(model, cache) -> np.ndarray:
+    prompt = model.forward_tokens(LONG_PROMPT, 0, cache, all_logits=True)
+    steps = [model.forward_tokens([t], len(LONG_PROMPT) + i, cache) for i, t in enumerate(GUESSES)]
+    return np.concatenate([prompt, np.stack(steps)])
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_quantized_latent_cache_holds_each_vector_once(tmp_path, kv_type):
+    """A q8_0 / q4_0 latent cache: one row of blocks a token and layer. Plain blocks give the bits of a cache
+    keeping the values apart; centred and spread (after calibration) the values come back through the spread
+    and centre after attention, as close to the float cache's logits as keeping them apart is."""
+    from llamba.ops.kv_blocks import row_bytes
+
+    folder = write_checkpoint(tmp_path / "hf", "DeepseekV2ForCausalLM", kv_lora_rank=48)  # 48 + 16: two blocks
+    model = load_transformer(convert(folder, tmp_path / "m.gguf", "f32"))
+    hp = model.hp
+    apart = lambda stats: KVCache(hp.n_layer, 1, hp.head_dim, 128, kv_type, key_stats=stats)  # noqa: E731
+    once = model.new_cache(128, kv_type)
+    assert once.nbytes == hp.n_layer * once.n_cells * row_bytes(kv_type, 64) == apart(None).nbytes // 2
+    assert np.array_equal(_prompt_and_steps(model, once), _prompt_and_steps(model, apart(None)))
+    stats = model.calibrate_keys(LONG_PROMPT)
+    exact = _prompt_and_steps(model, model.new_cache(128, "f32"))
+    shared = _prompt_and_steps(model, model.new_cache(128, kv_type))
+    separate = _prompt_and_steps(model, apart(stats))
+    assert 0 < np.abs(shared - exact).max() <= 2 * np.abs(separate - exact).max()
+    _check_invariance(model, PROMPT, GUESSES, kv_type)
+
+
 def test_fused_phi3_logits_are_batch_invariant(tmp_path):
     model = load_transformer(convert(write_checkpoint(tmp_path / "hf", "Phi3ForCausalLM"), tmp_path / "m.gguf", "q8_0"))
     assert len(model.layers[0].wqkv) == 1 and len(model.layers[0].ffn.gate_up) == 1

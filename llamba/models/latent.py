@@ -15,7 +15,7 @@ rotary parts go first; the order of a dot product's terms is all that changes.
 
 The cache is the shared one (memory/), one key head wide kv_lora_rank + n_rot, whose values are its keys:
 it holds each token's vector once (576 values a token and layer for V2-Lite, against 2 x 16 x 192 for its
-uncompressed heads; a quantized cache keeps keys and values apart).
+uncompressed heads), quantized caches too.
 """
 
 from __future__ import annotations
