@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import UnsupportedError
 from ..formats.gguf import GGUFFile
 from ..ops.rope import RopeConfig, yarn_attention_scale
-from .hf import EXPERT_NAMES, ConfigKey, HFSpec
+from .hf import EXPERT_NAMES, ConfigKey, HFSpec, rope_scaling_kind
 from .latent import LatentDims
 from .metadata import MAX_WIDTH, HParams, arch_keys, read_common, read_experts
 
@@ -93,18 +93,13 @@ def _check_config(config: dict, where: str) -> None:
         "scoring_func": (config.get("scoring_func", "softmax"), ("softmax", "sigmoid")),
         "topk_method": (config.get("topk_method", "greedy"), ("greedy", "group_limited_greedy", "noaux_tc")),
         "moe_layer_freq": (config.get("moe_layer_freq", 1), (1,)),
-        "rope_scaling": (_rope_kind(config), (None, "yarn")),
+        "rope_scaling": (rope_scaling_kind(config.get("rope_scaling")), (None, "yarn")),
     }
     for key, (value, supported) in refused.items():
         if value not in supported:
             runs = ", ".join(repr(v) for v in supported)
             raise UnsupportedError(f"{where}: DeepSeek with {key} = {value!r} is not supported yet "
                                    f"(llamba runs {runs})")
-
-
-def _rope_kind(config: dict) -> str | None:
-    scaling = config.get("rope_scaling")
-    return scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
 
 
 def _latent_metadata(config: dict) -> dict:

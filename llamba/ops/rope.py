@@ -72,10 +72,10 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def yarn_attention_scale(cfg: RopeConfig) -> float:
-    """The factor on DeepSeek's 1/sqrt(head size): (attn_factor * mscale(factor, mscale_all_dim))^2."""
-    if cfg.scaling != "yarn" or not cfg.yarn_mscale_all_dim:
-        return 1.0
-    return (cfg.yarn_attn_factor * yarn_mscale(cfg.factor, cfg.yarn_mscale_all_dim)) ** 2
+    """The factor on DeepSeek's 1/sqrt(head size), as llama.cpp's deepseek2 graph pre-scales its kq_scale:
+    (attn_factor * mscale(factor, mscale_all_dim))^2, attn_factor^2 without YaRN."""
+    factor = cfg.factor if cfg.scaling == "yarn" else 1.0
+    return (cfg.yarn_attn_factor * yarn_mscale(factor, cfg.yarn_mscale_all_dim)) ** 2
 
 
 def _yarn_theta(theta: np.ndarray, cfg: RopeConfig) -> tuple[np.ndarray, float]:
@@ -94,7 +94,7 @@ def rope_tables(positions: np.ndarray, cfg: RopeConfig) -> tuple[np.ndarray, np.
     """cos, sin [n_positions, n_rot/2] float32 for the given positions."""
     inv = inverse_frequencies(cfg)
     theta = positions.astype(np.float64)[:, None] * inv[None, :]
-    magnitude = 1.0
+    magnitude = cfg.yarn_attn_factor  # ggml scales the tables by rope.scaling.attn_factor whatever the scaling
     if cfg.scaling == "linear":
         theta = theta / cfg.factor
     elif cfg.scaling == "yarn" and cfg.factor != 1.0:
