@@ -28,6 +28,14 @@ DEEPSEEK_V2 = {"tie_word_embeddings": False, "num_key_value_heads": 4, "kv_lora_
                "first_k_dense_replace": 1, "routed_scaling_factor": 1.5, "norm_topk_prob": False,
                "topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1,
                "moe_layer_freq": 1, "intermediate_size": 96}
+# YaRN as the released checkpoints set it (DeepSeek-V2: 40 times 4096 positions, mscale = mscale_all_dim = 0.707;
+# Qwen2.5: 4 times 32768), over a shorter original context so that the tiny heads' pairs span the whole ramp
+# (extrapolated, blended, interpolated) within the tests' 64 positions
+DEEPSEEK_YARN = {"rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 256,
+                                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+                 "max_position_embeddings": 10240}
+QWEN_YARN = {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+             "tie_word_embeddings": False}
 # class name -> (family, config beyond the common one)
 MODELS = {
     "LlamaForCausalLM": ("llama", {"tie_word_embeddings": False}),
@@ -170,7 +178,8 @@ def _unfused(w: dict, p: str, q_dim: int, kv_dim: int) -> dict:
 
 
 MOE_FAMILIES = ("qwen2moe", "qwen3moe", "mixtral", "olmoe")  # the llama-like layers with experts
-JUDGED_BY_LLAMA_CPP = (*MOE_FAMILIES, "phi3", "deepseek2")  # tested against llama.cpp's logits (no real model here)
+# tested against llama.cpp's logits (no real model here; qwen2 for YaRN)
+JUDGED_BY_LLAMA_CPP = (*MOE_FAMILIES, "phi3", "deepseek2", "qwen2")
 ROUTER_SCALE = 0.6  # routers' weights: scores far apart, so no expert is chosen by a rounding's luck
 
 
@@ -240,9 +249,21 @@ def _deepseek_tensors(config: dict, rand, norm) -> dict[str, np.ndarray]:
     return t
 
 
-def _rope_pairs(x, pos, base):  # [n, heads, d]: DeepSeek's rotary parts, adjacent pairs (interleaved)
+def _rope_pairs(x, pos, base, scaling=None):  # [n, heads, d]: DeepSeek's rotary parts, adjacent pairs (interleaved)
     halves = np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)  # its modeling code de-interleaves first
-    return _rope_halves(halves, pos, base)
+    return _rope_halves(halves, pos, base, scaling)
+
+
+def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _softmax_scale(config: dict, head_size: int) -> float:
+    """DeepSeek's attention scale: 1/sqrt(head size), times YaRN's mscale(factor, mscale_all_dim) squared."""
+    scaling = config.get("rope_scaling") or {}
+    mscale_all_dim = scaling.get("mscale_all_dim")
+    mscale = _yarn_get_mscale(scaling["factor"], mscale_all_dim) if mscale_all_dim else 1.0
+    return head_size ** -0.5 * mscale * mscale
 
 
 def deepseek_forward(w: dict, config: dict, ids: list[int]) -> np.ndarray:
@@ -265,10 +286,11 @@ def deepseek_forward(w: dict, config: dict, ids: list[int]) -> np.ndarray:
         compressed = h @ w[a + "kv_a_proj_with_mqa.weight"].T
         latent = _rmsnorm(compressed[:, :kv_lora], w[a + "kv_a_layernorm.weight"], eps, False)
         kv = (latent @ w[a + "kv_b_proj.weight"].T).reshape(n, n_head, nope + v_head)
-        k_pe = np.repeat(_rope_pairs(compressed[:, None, kv_lora:], pos, config["rope_theta"]), n_head, axis=1)
-        q = np.concatenate([q[..., :nope], _rope_pairs(q[..., nope:], pos, config["rope_theta"])], axis=-1)
+        rope = lambda x: _rope_pairs(x, pos, config["rope_theta"], config.get("rope_scaling"))  # noqa: E731
+        k_pe = np.repeat(rope(compressed[:, None, kv_lora:]), n_head, axis=1)
+        q = np.concatenate([q[..., :nope], rope(q[..., nope:])], axis=-1)
         k = np.concatenate([kv[..., :nope], k_pe], axis=-1)
-        scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(nope + n_rot)
+        scores = np.einsum("qhd,khd->hqk", q, k) * _softmax_scale(config, nope + n_rot)
         scores = np.where((pos[:, None] < pos[None, :])[None], -np.inf, scores)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -366,13 +388,39 @@ def _llama3_inv_freq(inv, scaling):
     return np.where(medium, blended, scaled)
 
 
+def _yarn_inv_freq(inv, scaling, dim, base):
+    """transformers' _compute_yarn_parameters (DeepSeek's YarnRotaryEmbedding is the same): the frequencies,
+    each between its interpolated and extrapolated value by a ramp over the correction range, and the
+    factor on cos and sin."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if scaling.get("attention_factor") is not None:
+        magnitude = scaling["attention_factor"]
+    elif mscale and mscale_all_dim:
+        magnitude = _yarn_get_mscale(factor, mscale) / _yarn_get_mscale(factor, mscale_all_dim)
+    else:
+        magnitude = _yarn_get_mscale(factor)
+    corr = lambda rotations: dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+    low = max(math.floor(corr(scaling.get("beta_fast") or 32)), 0)
+    high = min(math.ceil(corr(scaling.get("beta_slow") or 1)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low if high != low else 0.001), 0, 1)
+    extrapolation = 1 - ramp
+    return inv / factor * (1 - extrapolation) + inv * extrapolation, magnitude
+
+
 def _rope_halves(x, pos, base, scaling=None):  # [n, heads, hd]: Hugging Face's rotate_half
     hd = x.shape[-1]
     inv = base ** (-np.arange(0, hd, 2) / hd)  # [hd/2]
-    if scaling:
+    magnitude = 1.0
+    kind = scaling and scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
         inv = _llama3_inv_freq(inv, scaling)
+    elif kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "yarn":
+        inv, magnitude = _yarn_inv_freq(inv, scaling, hd, base)
     ang = pos[:, None, None] * inv[None, None, :]
-    cos, sin = np.cos(ang), np.sin(ang)
+    cos, sin = np.cos(ang) * magnitude, np.sin(ang) * magnitude
     a, b = x[..., : hd // 2], x[..., hd // 2:]
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 

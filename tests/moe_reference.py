@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from llamba.convert import convert
-from tests.hf_checkpoints import write_checkpoint
+from tests.hf_checkpoints import DEEPSEEK_YARN, QWEN_YARN, write_checkpoint
 
 REFERENCE = Path(__file__).parent / "reference_data" / "moe"
 CASES = {  # name -> (Hugging Face class, output type, seed, config changes)
@@ -23,14 +23,25 @@ CASES = {  # name -> (Hugging Face class, output type, seed, config changes)
 }
 # V2-Lite's layout: no q_lora_rank, which llama.cpp recognises by the layer count alone
 CASES["deepseek2-lite-f32"] = ("DeepseekV2ForCausalLM", "f32", 17, {"num_hidden_layers": 27, "q_lora_rank": None})
+# YaRN: DeepSeek's (the attention scale takes mscale_all_dim) and Qwen2.5's (cos and sin take the mscale)
+CASES["deepseek2-yarn-f32"] = ("DeepseekV2ForCausalLM", "f32", 19, DEEPSEEK_YARN)
+CASES["qwen2-yarn-f32"] = ("Qwen2ForCausalLM", "f32", 20, QWEN_YARN)
+# V2's group_limited_greedy: two groups of four experts, the one whose two best sum highest kept
+CASES["deepseek2-groups-f32"] = ("DeepseekV2ForCausalLM", "f32", 21,
+                                 {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1})
 N_TOKENS = 64  # teacher-forced positions
 
 
-def build(name: str, folder: Path) -> Path:
-    """The case's checkpoint written into folder/hf and converted to folder/NAME.gguf."""
-    model_class, output_type, seed, changes = CASES[name]
+QUANTIZE_TYPES = REFERENCE / "q4_k_m_types.json"  # case -> tensor -> the type llama-quantize Q4_K_M gave it
+QUANTIZED_CASES = [name for name in CASES if name.endswith("-f32")]  # their F32 files, quantized by llama.cpp
+
+
+def build(name: str, folder: Path, output_type: str | None = None) -> Path:
+    """The case's checkpoint written into folder/hf and converted to folder/NAME.gguf (in the case's output
+    type, or the one given)."""
+    model_class, case_type, seed, changes = CASES[name]
     checkpoint = write_checkpoint(folder / "hf", model_class, seed=seed, **changes)
-    return convert(checkpoint, folder / f"{name}.gguf", output_type)
+    return convert(checkpoint, folder / f"{name}.gguf", output_type or case_type)
 
 
 def tokens(n_vocab: int, seed: int) -> np.ndarray:

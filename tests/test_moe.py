@@ -8,6 +8,7 @@ test_moe_llama_cpp.)"""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from llamba.models import load_transformer
 from llamba.models.ffn import ExpertFFN
 from llamba.ops.routing import route_top_k, sigmoid
 from tests import fuzz
-from tests.hf_checkpoints import write_checkpoint
+from tests.hf_checkpoints import DEEPSEEK_YARN, MODELS, QWEN_YARN, hf_forward, write_checkpoint
 from tests.test_batch import GUESSES, PROMPT, _check_invariance
 
 # each family in a type of its own, so the experts run through several of the integer kernel's layouts
@@ -55,9 +56,14 @@ def test_routing_matches_numpy(normalize):
     np.testing.assert_allclose(sigmoid(x), 1 / (1 + np.exp(-x.astype(np.float64))), rtol=2e-6, atol=1e-30)
 
 
-def _reference_grouped_sigmoid(scores, bias, k, n_group, group_used):
-    """DeepSeek-V3's selection in NumPy: sigmoid, biased choice, best groups by their two best, top k."""
-    probs = 1 / (1 + np.exp(-scores))
+def _reference_grouped(scores, bias, k, n_group, group_used, sigmoid_gate, normalize):
+    """Group-limited selection as llama.cpp does it, in NumPy: softmax or sigmoid, biased choice, the best
+    groups by their two best, top k, (renormalized) unbiased weights."""
+    if sigmoid_gate:
+        probs = 1 / (1 + np.exp(-scores))
+    else:
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
     ids = []
     for choice in probs + bias:
         groups = choice.reshape(n_group, -1)
@@ -67,20 +73,22 @@ def _reference_grouped_sigmoid(scores, bias, k, n_group, group_used):
         ids.append(np.argsort(-masked.reshape(-1), kind="stable")[:k])
     ids = np.array(ids)
     weights = np.take_along_axis(probs, ids, axis=-1)
-    return ids, weights / weights.sum(-1, keepdims=True)
+    return ids, weights / weights.sum(-1, keepdims=True) if normalize else weights
 
 
-def test_grouped_sigmoid_routing_matches_numpy():
+@pytest.mark.parametrize("sigmoid_gate, normalize", [(True, True), (False, False)])
+def test_grouped_routing_matches_numpy(sigmoid_gate, normalize):
+    """V3's noaux_tc (sigmoid, a selection bias, renormalized) and V2's group_limited_greedy (softmax, its
+    weights as they are), each against NumPy."""
     rng = np.random.default_rng(5)
     scores = (rng.standard_normal((41, 64)) * 2).astype(np.float32)
-    bias = (rng.standard_normal(64) * 0.3).astype(np.float32)
-    ids, weights = route_top_k(scores, 6, True, sigmoid_gate=True, bias=bias, n_group=8, group_used=3)
-    want_ids, want_weights = _reference_grouped_sigmoid(scores.astype(np.float64), bias, 6, 8, 3)
+    bias = (rng.standard_normal(64) * 0.3).astype(np.float32) if sigmoid_gate else np.zeros(64, np.float32)
+    ids, weights = route_top_k(scores, 6, normalize, sigmoid_gate=sigmoid_gate, bias=bias, n_group=8, group_used=3)
+    want_ids, want_weights = _reference_grouped(scores.astype(np.float64), bias, 6, 8, 3, sigmoid_gate, normalize)
     assert np.array_equal(ids, want_ids)
     np.testing.assert_allclose(weights, want_weights, rtol=2e-6)
-    assert max(len(set(row // 8)) for row in ids) == 3  # each token's experts from at most 3 of the 8 groups
-    plain_ids, _ = route_top_k(scores, 6, True, sigmoid_gate=True)
-    assert not np.array_equal(plain_ids, ids)  # the bias and the groups changed choices
+    ungrouped, _ = route_top_k(scores, 6, normalize, sigmoid_gate=sigmoid_gate, bias=bias)
+    assert (ungrouped != ids).any(axis=1).mean() > 0.3  # the groups change many tokens' choice
 
 
 def test_routing_of_a_token_does_not_depend_on_its_batch():
@@ -109,6 +117,56 @@ def test_latent_attention_caches_the_latent_and_the_rotary_key(tmp_path):
     assert model.layers[0].latent is not None and not isinstance(model.layers[0].ffn, ExpertFFN)  # a dense lead
     keys = KVCache.for_model(model.hp, 32).k[0]  # [n_head_kv, n_cells, values per token]
     assert (keys.shape[0], keys.shape[2]) == (1, 80)
+
+
+@pytest.mark.parametrize("kv_type, value_bytes", [("f32", 4), ("f16", 2)])
+def test_latent_cache_holds_each_vector_once(tmp_path, kv_type, value_bytes):
+    """kv_lora_rank + n_rot values a token and layer, not twice that; the logits bit for bit those of a cache
+    that keeps the values apart (a prompt, then decoding)."""
+    model = load_transformer(convert(write_checkpoint(tmp_path / "hf", "DeepseekV2ForCausalLM"), tmp_path / "m.gguf",
+                                     "q8_0"))
+    hp = model.hp
+    once = model.new_cache(64, kv_type)
+    apart = KVCache(hp.n_layer, hp.n_head_kv, hp.head_dim, 64, kv_type)
+    assert once.nbytes == hp.n_layer * once.n_cells * (64 + 16) * value_bytes == apart.nbytes // 2
+
+    def run(cache) -> list[np.ndarray]:
+        prompt = model.forward_tokens(PROMPT, 0, cache, all_logits=True)
+        return [prompt] + [model.forward_tokens([t], len(PROMPT) + i, cache) for i, t in enumerate(GUESSES)]
+
+    assert all(np.array_equal(a, b) for a, b in zip(run(once), run(apart)))
+    assert once.nbytes_used == (len(PROMPT) + len(GUESSES)) * hp.n_layer * 80 * value_bytes
+
+
+LONG_PROMPT = list(np.random.default_rng(8).integers(0, 380, 80))  # past SMALL_BATCH: the chain kernel's path
+
+
+def _prompt_and_steps(model, cache) -> np.ndarray:
+    prompt = model.forward_tokens(LONG_PROMPT, 0, cache, all_logits=True)
+    steps = [model.forward_tokens([t], len(LONG_PROMPT) + i, cache) for i, t in enumerate(GUESSES)]
+    return np.concatenate([prompt, np.stack(steps)])
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_quantized_latent_cache_holds_each_vector_once(tmp_path, kv_type):
+    """A q8_0 / q4_0 latent cache: one row of blocks a token and layer. Plain blocks give the bits of a cache
+    keeping the values apart; centred and spread (after calibration) the values come back through the spread
+    and centre after attention, as close to the float cache's logits as keeping them apart is."""
+    from llamba.ops.kv_blocks import row_bytes
+
+    folder = write_checkpoint(tmp_path / "hf", "DeepseekV2ForCausalLM", kv_lora_rank=48)  # 48 + 16: two blocks
+    model = load_transformer(convert(folder, tmp_path / "m.gguf", "f32"))
+    hp = model.hp
+    apart = lambda stats: KVCache(hp.n_layer, 1, hp.head_dim, 128, kv_type, key_stats=stats)  # noqa: E731
+    once = model.new_cache(128, kv_type)
+    assert once.nbytes == hp.n_layer * once.n_cells * row_bytes(kv_type, 64) == apart(None).nbytes // 2
+    assert np.array_equal(_prompt_and_steps(model, once), _prompt_and_steps(model, apart(None)))
+    stats = model.calibrate_keys(LONG_PROMPT)
+    exact = _prompt_and_steps(model, model.new_cache(128, "f32"))
+    shared = _prompt_and_steps(model, model.new_cache(128, kv_type))
+    separate = _prompt_and_steps(model, apart(stats))
+    assert 0 < np.abs(shared - exact).max() <= 2 * np.abs(separate - exact).max()
+    _check_invariance(model, PROMPT, GUESSES, kv_type)
 
 
 def test_fused_phi3_logits_are_batch_invariant(tmp_path):
@@ -218,6 +276,20 @@ def test_inconsistent_expert_metadata_is_a_clear_error(qwen3moe_path, tmp_path, 
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("key, value, kind, fragment", [
+    ("rope.scaling.yarn_log_multiplier", -0.5, fuzz.VT.FLOAT32, "yarn_log_multiplier = -0.5 must be finite and at"),
+    ("rope.scaling.yarn_log_multiplier", "x", fuzz.VT.STRING, "yarn_log_multiplier = 'x' is not a number"),
+    ("rope.scaling.type", "linear", fuzz.VT.STRING, "DeepSeek2 with RoPE scaling 'linear' is not supported"),
+])
+def test_bad_deepseek_yarn_metadata_is_a_clear_error(tmp_path, key, value, kind, fragment):
+    folder = write_checkpoint(tmp_path / "hf", "DeepseekV2ForCausalLM", **DEEPSEEK_YARN)
+    edit = lambda spec: spec.kv.__setitem__(f"deepseek2.{key}", (value, kind, None))  # noqa: E731
+    path = _mutant(convert(folder, tmp_path / "m.gguf", "f32"), tmp_path / "bad.gguf", edit)
+    with pytest.raises(LlambaError) as e:
+        load_transformer(path)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
 def test_an_unsupported_architecture_names_the_supported_ones(qwen3moe_path, tmp_path):
     path = _mutant(qwen3moe_path, tmp_path / "bad.gguf",
                    lambda spec: spec.kv.__setitem__("general.architecture", ("grok", fuzz.VT.STRING, None)))
@@ -237,6 +309,9 @@ def _edit_config(folder: Path, **changes) -> None:
     ("Qwen2MoeForCausalLM", {"norm_topk_prob": True}, "norm_topk_prob = true is not supported"),
     ("Qwen2MoeForCausalLM", {"mlp_only_layers": [1]}, "dense layers between the expert layers"),
     ("MixtralForCausalLM", {"num_local_experts": None}, "'num_local_experts' is missing"),
+    ("DeepseekV2ForCausalLM", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "DeepSeek with rope_scaling = 'dynamic' is not supported"),
+    ("DeepseekV2ForCausalLM", {"topk_method": "random"}, "DeepSeek with topk_method = 'random' is not supported"),
 ])
 def test_inconsistent_checkpoints_are_clear_errors(tmp_path, model_class, changes, fragment):
     folder = write_checkpoint(tmp_path / "hf", model_class)
@@ -277,3 +352,57 @@ def test_info_counts_the_active_parameters(qwen3moe_path):
     idle = 2 * 3 * (8 - 2) * 64 * 64  # layers x (gate, up, down) x experts not used x [n_ff_exp, n_embd]
     assert (summary["expert_count"], summary["expert_used_count"]) == (8, 2)
     assert summary["active_parameters"] == summary["parameters"] - idle
+
+
+# ------------------------------------------------------------------------------------------ YaRN
+
+@pytest.mark.parametrize("n_rot, base, scaling", [
+    (64, 10000.0, {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                   "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),  # DeepSeek-V2's
+    (128, 1e6, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),  # Qwen2.5's
+])
+def test_yarn_tables_match_transformers(n_rot, base, scaling):
+    """The released checkpoints' YaRN at their head sizes, far into the stretched context, against
+    transformers' frequencies and cos/sin factor (tests/hf_checkpoints); DeepSeek's attention scale too."""
+    from llamba.ops.rope import RopeConfig, rope_tables, yarn_attention_scale
+    from tests.hf_checkpoints import _softmax_scale, _yarn_inv_freq
+
+    cfg = RopeConfig(n_rot=n_rot, base=base, scaling="yarn", factor=float(scaling["factor"]),
+                     n_ctx_orig=scaling["original_max_position_embeddings"],
+                     yarn_mscale_all_dim=scaling.get("mscale_all_dim", 0.0))
+    positions = np.array([0, 1, 7, 300, 4095, 4096, 50_000, 131_000])
+    cos, sin = rope_tables(positions, cfg)
+    inv, magnitude = _yarn_inv_freq(base ** (-np.arange(0, n_rot, 2) / n_rot), scaling, n_rot, base)
+    angles = positions[:, None] * inv[None, :]
+    np.testing.assert_allclose(cos, np.cos(angles) * magnitude, atol=2e-6)
+    np.testing.assert_allclose(sin, np.sin(angles) * magnitude, atol=2e-6)
+    head = 192  # DeepSeek-V2's nope + rope head size
+    assert yarn_attention_scale(cfg) / math.sqrt(head) == pytest.approx(_softmax_scale({"rope_scaling": scaling}, head))
+
+
+@pytest.mark.parametrize("model_class, changes", [("DeepseekV2ForCausalLM", DEEPSEEK_YARN),
+                                                  ("Qwen2ForCausalLM", QWEN_YARN),
+                                                  ("LlamaForCausalLM", {"rope_scaling": QWEN_YARN["rope_scaling"]})])
+def test_yarn_checkpoints_match_their_forward(tmp_path, model_class, changes):
+    """A checkpoint with YaRN rope_scaling converts with llama.cpp's keys and runs as transformers runs it;
+    the positions are far enough for YaRN to matter (the forward without it is far off)."""
+    from llamba.formats.gguf import open_gguf
+    from tests.test_convert import _checkpoint_tensors
+
+    folder = write_checkpoint(tmp_path / "hf", model_class, seed=4, **changes)
+    path = convert(folder, tmp_path / "model.gguf", "f32")
+    g = open_gguf(path)
+    arch, scaling = g.architecture, changes["rope_scaling"]
+    assert (g.get(f"{arch}.rope.scaling.type"), g.get(f"{arch}.rope.scaling.factor")) == ("yarn", scaling["factor"])
+    assert g.get(f"{arch}.rope.scaling.original_context_length") == scaling["original_max_position_embeddings"]
+    if "mscale_all_dim" in scaling:
+        assert g.get(f"{arch}.rope.scaling.yarn_log_multiplier") == pytest.approx(0.0707)
+    ids = list(np.random.default_rng(4).integers(0, 300, 64))
+    tensors, config = _checkpoint_tensors(folder)
+    family = MODELS[model_class][0]
+    expected = hf_forward(tensors, config, family, ids)
+    without = hf_forward(tensors, {k: v for k, v in config.items() if k != "rope_scaling"}, family, ids)
+    model = load_transformer(path)
+    ours = model.forward_tokens(ids, 0, KVCache.for_model(model.hp, 64, kv_type="f32"), all_logits=True)
+    assert np.abs(ours - expected).max() < 1e-4 * np.abs(expected).max()
+    assert np.abs(ours - without).max() > 0.05 * np.abs(expected).max()

@@ -65,10 +65,11 @@ def convert(folder: str | os.PathLike, out: str | os.PathLike, output_type: str 
         producers[name] = _stacked(spec, checkpoint, name, members, n_expert, metadata)
     for name in sorted(producers, key=_order):
         shape, produce = producers[name]
-        plan.append(PlannedTensor(name, shape, tensor_type(output_type, name, shape, n_layer, tied), produce))
+        plan.append(PlannedTensor(name, shape, tensor_type(output_type, name, shape, n_layer, tied, n_expert),
+                                  produce))
     for name, values in generated_tensors(config, metadata, spec.arch).items():
-        plan.append(PlannedTensor(name, values.shape, tensor_type(output_type, name, values.shape, n_layer, tied),
-                                  lambda values=values: values))
+        kind = tensor_type(output_type, name, values.shape, n_layer, tied, n_expert)
+        plan.append(PlannedTensor(name, values.shape, kind, lambda values=values: values))
     write_gguf(out, spec.arch, metadata, plan, special_vocab=special_vocab, progress=progress)
     return Path(out)
 

@@ -24,10 +24,12 @@ def requantize(source: str | os.PathLike, out: str | os.PathLike, output_type: s
     value_types.pop("general.file_type", None)
     n_layer = int(g.arch_value("block_count", 0))
     tied = "output.weight" not in g.tensors
+    n_expert = int(g.arch_value("expert_count", 0))
     plan = []
     for name, info in g.tensors.items():
         shape = tuple(reversed(info.shape))
         produce = lambda info=info, shape=shape: dequantize(info.data, info.type).reshape(shape)  # noqa: E731
-        plan.append(PlannedTensor(name, shape, tensor_type(output_type, name, shape, n_layer, tied), produce))
+        kind = tensor_type(output_type, name, shape, n_layer, tied, n_expert)
+        plan.append(PlannedTensor(name, shape, kind, produce))
     write_gguf(out, g.architecture, metadata, plan, value_types=value_types, progress=progress)
     return Path(out)

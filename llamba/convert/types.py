@@ -1,10 +1,13 @@
 """Which GGML type each tensor gets, for an output type or the q4_k_m preset.
 
 Plain types put every 2-D weight in that type (as llama.cpp's converter does for --outtype q8_0). The preset
-`q4_k_m` is llama.cpp's Q4_K_M mix: Q4_K throughout, Q6_K for the output projection and for the value
-projection and the feed-forward down projection of the layers `use_more_bits` picks. Norms, biases and other
-1-D tensors and the experts' routers stay F32. A row length that is not a whole number of blocks falls back as
-llama.cpp falls back.
+`q4_k_m` is llama-quantize's Q4_K_M mix (src/llama-quant.cpp): Q4_K throughout, Q6_K for the output
+projection and, in the layers `use_more_bits` picks, for the value projections (attn_v, Phi-3's fused
+attn_qkv, an unsplit attn_kv_b) and every down projection (ffn_down, and a mixture's ffn_down_exps and
+ffn_down_shexp). A model of exactly 8 experts (Mixtral-8x7B's count) gets Q8_0 keys and values and Q5_K
+attn_output. DeepSeek's split attn_k_b / attn_v_b are none of these: Q4_K. Norms, biases and other 1-D
+tensors and the experts' routers stay F32. A row length that is not a whole number of blocks falls back as
+llama.cpp falls back. (Not copied: the 70B-only and Falcon-only rules.)
 """
 
 from __future__ import annotations
@@ -46,21 +49,36 @@ def check_output_type(name: str) -> str:
     return name.lower()
 
 
-def tensor_type(output: str, name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> GGMLType:
-    """The type of tensor `name` of NumPy shape `shape` in a file of output type `output`."""
+def tensor_type(output: str, name: str, shape: tuple[int, ...], n_layer: int, tied: bool,
+                n_expert: int = 0) -> GGMLType:
+    """The type of tensor `name` of NumPy shape `shape` in a file of output type `output` (of a model with
+    n_expert experts per layer, 0 if dense)."""
     if len(shape) < 2 or name.endswith("norm.weight") or not name.endswith(".weight") or ".ffn_gate_inp" in name:
         # routers stay F32, as llama.cpp keeps them: an expert chosen differently changes the whole output
         return ggml_type("F32")
-    wanted = PLAIN_TYPES.get(output) or _q4_k_m(name, n_layer, tied)
+    wanted = PLAIN_TYPES.get(output) or _q4_k_m(name, n_layer, tied, n_expert)
     return _fitting(ggml_type(wanted), shape[-1])
 
 
-def _q4_k_m(name: str, n_layer: int, tied: bool) -> str:
-    is_output = name == "output.weight" or (tied and name == "token_embd.weight")
-    if is_output:
+# llama-quantize's value-like tensors (tensor_get_category, category_is_attn_v), found anywhere in the name
+VALUE_LIKE = ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")
+
+
+def _q4_k_m(name: str, n_layer: int, tied: bool, n_expert: int) -> str:
+    """llama_tensor_get_type_impl's choices for Q4_K_M. It counts value-like tensors in file order where this
+    takes the layer: the same, as every layer has at most one (and DeepSeek's split files none)."""
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
         return "Q6_K"
     layer = layer_of(name)
-    if layer is not None and name.endswith((".attn_v.weight", ".ffn_down.weight")) and use_more_bits(layer, n_layer):
+    more_bits = layer is not None and use_more_bits(layer, n_layer)
+    eight_experts = n_expert == 8  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+    if any(part in name for part in VALUE_LIKE):
+        return "Q8_0" if eight_experts else "Q6_K" if more_bits else "Q4_K"
+    if "attn_k.weight" in name and eight_experts:
+        return "Q8_0"
+    if "attn_output.weight" in name and eight_experts:
+        return "Q5_K"
+    if "ffn_down" in name and more_bits:  # ffn_down, ffn_down_exps, ffn_down_shexp alike
         return "Q6_K"
     return "Q4_K"
 

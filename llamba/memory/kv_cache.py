@@ -51,9 +51,11 @@ class LayerKV:
         self.k, self.v, self.cell_pos = k, v, cell_pos
 
     def write(self, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Store k, v [n_tokens, n_head_kv, head_dim] float32 in the given cells."""
+        """Store k, v [n_tokens, n_head_kv, head_dim] float32 in the given cells (v only if it is kept apart:
+        a latent cache's values are its keys, one array)."""
         _write_cells(self.k, cells, self._stored(k))
-        _write_cells(self.v, cells, self._stored(v))
+        if self.v is not self.k:
+            _write_cells(self.v, cells, self._stored(v))
 
     def _stored(self, x: np.ndarray) -> np.ndarray:
         return x if self.k.dtype == np.float32 else x.astype(np.float16).view(np.uint16)
@@ -104,6 +106,28 @@ class BlockLayerKV(LayerKV):
                                 q_pos, scale, window, softcap)
 
 
+class SharedBlockLayerKV(BlockLayerKV):
+    """A latent cache's blocks (values_are_keys): one q8_0 / q4_0 array holds each vector once, centred and
+    spread as keys are. Attention's weighted sum of the stored values is then sum_j p_j (v_j - centre) /
+    spread, and since the weights sum to one, times the spread plus the centre gives back sum_j p_j v_j."""
+
+    def write(self, cells, k, v) -> None:
+        store_cells(self.k, cells, k, self.centre, self.inverse_spread)
+
+    def attend_chain(self, out, q, keys, key_pos, q_pos, scale, window, softcap) -> None:
+        """Prefill: the vectors the chain sees, decoded once as keys and values both."""
+        vectors = np.empty((self.k.shape[0], len(keys), self.centre.shape[1]), np.float32)
+        decode_cells(vectors, self.k, keys, self.centre, self.spread)
+        attention_chain(out, q, vectors, vectors, key_pos, q_pos, scale, window, softcap)
+
+    def attend_listed(self, out, q, visible, counts, q_pos, scale, window, softcap) -> None:
+        attention_listed_blocks(out, q, self.k, self.k, self.centre, self.spread, visible, counts, self.cell_pos,
+                                q_pos, scale, window, softcap)
+        group = q.shape[1] // self.centre.shape[0]  # query heads per kv head
+        out *= np.repeat(self.spread, group, axis=0)
+        out += np.repeat(self.centre, group, axis=0)
+
+
 @dataclass
 class KeyStatistics:
     """Per layer, the centre and spread [n_head_kv, head_dim] a quantized cache takes out of the keys before
@@ -141,10 +165,13 @@ class KVCache:
     type, and the attention kernels decode the bits exactly); "q8_0" and "q4_0" store ggml blocks (BlockLayerKV),
     their keys about key_stats (a model's KeyStatistics; without them, plain blocks as llama.cpp's). np.zeros maps untouched pages lazily, so a long
     context costs memory only as it fills. Positions of a sequence run from 0 to n_ctx - 1.
+
+    values_are_keys (latent attention, whose cached vector [k_pe | c] is its key and its value): one array per
+    layer serves as both, kv_lora_rank + n_rot values a token and layer (quantized: SharedBlockLayerKV).
     """
 
     def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, n_ctx: int, kv_type: str = "f32",
-                 n_cells: int | None = None, key_stats: KeyStatistics | None = None):
+                 n_cells: int | None = None, key_stats: KeyStatistics | None = None, values_are_keys: bool = False):
         check_kv_type(kv_type)
         if kv_type in QUANTIZED and head_dim % BLOCK:
             raise UnsupportedError(f"a {kv_type} KV cache needs heads of a multiple of {BLOCK} values (this model's "
@@ -154,16 +181,19 @@ class KVCache:
         self.n_cells = n_cells or n_ctx + SPARE_CELLS
         dtype = {"f32": np.float32, "f16": np.uint16}.get(kv_type) or ROW_DTYPE[kv_type]
         width = row_bytes(kv_type, head_dim) if kv_type in QUANTIZED else head_dim
-        _check_fits(2 * n_layer * n_head_kv * self.n_cells * width * np.dtype(dtype).itemsize, n_ctx, kv_type)
+        copies = 1 if values_are_keys else 2
+        _check_fits(copies * n_layer * n_head_kv * self.n_cells * width * np.dtype(dtype).itemsize, n_ctx, kv_type)
         self.k = [np.zeros((n_head_kv, self.n_cells, width), dtype) for _ in range(n_layer)]
-        self.v = [np.zeros((n_head_kv, self.n_cells, width), dtype) for _ in range(n_layer)]
+        self.v = self.k if values_are_keys else [np.zeros((n_head_kv, self.n_cells, width), dtype)
+                                                 for _ in range(n_layer)]
         self.cell_pos = np.full(self.n_cells, -1, np.int64)
         self.cell_seqs = np.zeros(self.n_cells, np.uint64)  # bit s: the cell belongs to sequence s; 0: free
         self.last_cells = np.zeros(0, np.int64)  # the cells the latest batch was given, in batch order
         if kv_type in QUANTIZED:
             flat = np.zeros((n_head_kv, head_dim), np.float32)
             self.key_stats = key_stats or KeyStatistics([flat] * n_layer, [flat + 1] * n_layer)
-            self._layers = [BlockLayerKV(k, v, self.cell_pos, c, s)
+            blocks = SharedBlockLayerKV if values_are_keys else BlockLayerKV
+            self._layers = [blocks(k, v, self.cell_pos, c, s)
                             for k, v, c, s in zip(self.k, self.v, self.key_stats.centre, self.key_stats.spread)]
         else:
             self.key_stats = None
@@ -176,7 +206,8 @@ class KVCache:
     @classmethod
     def for_model(cls, hp, n_ctx: int | None = None, kv_type: str = "f32", n_cells: int | None = None,
                   key_stats: KeyStatistics | None = None) -> "KVCache":
-        return cls(hp.n_layer, hp.n_head_kv, hp.head_dim, n_ctx or hp.n_ctx_train, kv_type, n_cells, key_stats)
+        return cls(hp.n_layer, hp.n_head_kv, hp.head_dim, n_ctx or hp.n_ctx_train, kv_type, n_cells, key_stats,
+                   values_are_keys=hp.mla is not None)
 
     # ------------------------------------------------------------------------------------- sequences
 
@@ -269,13 +300,18 @@ class KVCache:
     # ------------------------------------------------------------------------------------- sizes
 
     @property
+    def _arrays(self) -> list[np.ndarray]:
+        """Every array the cache holds, once (a latent cache's values are its keys)."""
+        return self.k if self.v is self.k else self.k + self.v
+
+    @property
     def nbytes(self) -> int:
         """The whole cache, every cell (pages of unused cells are never touched)."""
-        return sum(a.nbytes for a in self.k + self.v)
+        return sum(a.nbytes for a in self._arrays)
 
     @property
     def nbytes_used(self) -> int:
-        per_cell = sum(a.shape[0] * a.shape[2] * a.itemsize for a in self.k + self.v)
+        per_cell = sum(a.shape[0] * a.shape[2] * a.itemsize for a in self._arrays)
         return per_cell * int((self.cell_seqs != 0).sum())
 
 

@@ -7,18 +7,24 @@ As llama.cpp does, a model of 26 or 27 layers (V2-Lite) projects Q straight from
 attention.q_lora_rank. The GGUF layout is llama.cpp's latent one: one key head of kv_lora_rank + n_rot
 (attention.key_length), attn_k_b / attn_v_b split from Hugging Face's kv_b_proj, the uncompressed head sizes
 in attention.key_length_mla / value_length_mla. DeepSeek-V3's routing (and Moonlight's): a sigmoid per
-expert, the selection bias exp_probs_b, group-limited selection. Not yet run: YaRN's attention scaling (the
-released V2 and V3 checkpoints use it) and V2's group_limited_greedy."""
+expert, the selection bias exp_probs_b, group-limited selection.
+
+V2's group_limited_greedy runs as llama.cpp runs it: the same group-limited selection as V3's, each group
+scored by the sum of its two best experts. (DeepSeek-V2's modeling code scores a group by its best expert
+alone; the GGUF does not say which, and llama.cpp's rule is what a file is judged by here.) YaRN (the
+released V2 and V3 use it) as llama.cpp reads it: see _yarn and ops/rope.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
 from ..errors import UnsupportedError
 from ..formats.gguf import GGUFFile
-from .hf import EXPERT_NAMES, ConfigKey, HFSpec
+from ..ops.rope import RopeConfig, yarn_attention_scale
+from .hf import EXPERT_NAMES, ConfigKey, HFSpec, rope_scaling_kind
 from .latent import LatentDims
 from .metadata import MAX_WIDTH, HParams, arch_keys, read_common, read_experts
 
@@ -44,10 +50,8 @@ def hparams(g: GGUFFile) -> HParams:
     q_lora = 0 if hp.n_layer in LITE_LAYER_COUNTS else keys.count("attention.q_lora_rank", high=MAX_WIDTH)
     v_head = keys.count("attention.value_length_mla", high=MAX_WIDTH)
     hp.mla = LatentDims(q_lora, kv_lora, key_mla - n_rot, n_rot, v_head)
-    hp.attn_scale = 1.0 / math.sqrt(key_mla)
-    if hp.rope.scaling != "none":
-        raise UnsupportedError(f"{g.path}: DeepSeek2 with RoPE scaling {hp.rope.scaling!r} is not supported yet "
-                               "(YaRN's attention factor)")
+    hp.rope = _yarn(g, keys, hp.rope)
+    hp.attn_scale = yarn_attention_scale(hp.rope) / math.sqrt(key_mla)
     read_experts(g, hp, normalize=keys.flag("expert_weights_norm", False), split_ff=False)
     if hp.n_expert:
         hp.expert_sigmoid = keys.count("expert_gating_func", SOFTMAX, low=0, high=SIGMOID) == SIGMOID
@@ -56,6 +60,16 @@ def hparams(g: GGUFFile) -> HParams:
         hp.n_ff_shexp = hp.n_ff_exp * keys.count("expert_shared_count", 0, low=0, high=hp.n_expert)
         hp.expert_weights_scale = keys.real("expert_weights_scale", 1.0, high=1e3, above_low=True)
     return hp
+
+
+def _yarn(g: GGUFFile, keys, rope: RopeConfig) -> RopeConfig:
+    """DeepSeek's YaRN as llama.cpp reads it: rope.scaling.yarn_log_multiplier holds 0.1 x mscale_all_dim
+    (its converter's legacy), and mscale is taken to be mscale_all_dim (as in the released configs)."""
+    if rope.scaling not in ("none", "yarn"):
+        raise UnsupportedError(f"{g.path}: DeepSeek2 with RoPE scaling {rope.scaling!r} is not supported "
+                               "(llamba runs 'none' and 'yarn')")
+    log_mul = keys.real("rope.scaling.yarn_log_multiplier", 0.0, high=100.0)
+    return dataclasses.replace(rope, yarn_mscale_all_dim=log_mul / 0.1)
 
 
 def _expert_groups(keys, hp: HParams) -> tuple[int, int]:
@@ -77,9 +91,9 @@ def _expert_groups(keys, hp: HParams) -> tuple[int, int]:
 def _check_config(config: dict, where: str) -> None:
     refused = {
         "scoring_func": (config.get("scoring_func", "softmax"), ("softmax", "sigmoid")),
-        "topk_method": (config.get("topk_method", "greedy"), ("greedy", "noaux_tc")),
+        "topk_method": (config.get("topk_method", "greedy"), ("greedy", "group_limited_greedy", "noaux_tc")),
         "moe_layer_freq": (config.get("moe_layer_freq", 1), (1,)),
-        "rope_scaling": (config.get("rope_scaling"), (None,)),
+        "rope_scaling": (rope_scaling_kind(config.get("rope_scaling")), (None, "yarn")),
     }
     for key, (value, supported) in refused.items():
         if value not in supported:
@@ -97,13 +111,20 @@ def _latent_metadata(config: dict) -> dict:
             "attention.value_length_mla": config["v_head_dim"], "rope.dimension_count": n_rot,
             "expert_weights_norm": bool(config.get("norm_topk_prob", False)),
             "expert_gating_func": SIGMOID if config.get("scoring_func") == "sigmoid" else SOFTMAX,
-            **_group_metadata(config)}
+            **_group_metadata(config), **_yarn_metadata(config)}
+
+
+def _yarn_metadata(config: dict) -> dict:
+    """mscale_all_dim as llama.cpp's converter stores it: 0.1 x it, as yarn_log_multiplier."""
+    mscale_all_dim = (config.get("rope_scaling") or {}).get("mscale_all_dim")
+    return {"rope.scaling.yarn_log_multiplier": 0.1 * float(mscale_all_dim)} if mscale_all_dim else {}
 
 
 def _group_metadata(config: dict) -> dict:
-    """DeepSeek-V3's group-limited selection (topk_method noaux_tc): its groups and the groups kept."""
+    """Group-limited selection (topk_method group_limited_greedy: V2; noaux_tc: V3): the groups and the groups
+    kept, as llama.cpp's converter writes them (plain greedy ignores the groups)."""
     n_group = config.get("n_group") or 1
-    if config.get("topk_method") != "noaux_tc" or n_group == 1:
+    if config.get("topk_method") not in ("group_limited_greedy", "noaux_tc") or n_group == 1:
         return {}
     return {"expert_group_count": n_group, "expert_group_used_count": config["topk_group"]}
 

@@ -243,10 +243,15 @@ def metadata_from_config(spec: HFSpec, config: dict, where: str = "config.json")
     return out
 
 
+def rope_scaling_kind(scaling) -> str | None:
+    """A config's rope_scaling type (rope_type, or the older type), None without one."""
+    return scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+
+
 def _rope_scaling(arch: str, scaling, where: str) -> dict:
     if not scaling:
         return {}
-    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+    kind = rope_scaling_kind(scaling)
     if kind in ("default", "llama3"):  # llama3: frequency divisors in the rope_freqs tensor (generated_tensors)
         return {}
     if kind not in ("linear", "yarn"):
@@ -258,14 +263,22 @@ def _rope_scaling(arch: str, scaling, where: str) -> dict:
     original = scaling.get("original_max_position_embeddings")
     if kind == "yarn" and isinstance(original, int):
         out[f"{arch}.rope.scaling.original_context_length"] = original
+    if kind == "yarn":  # what llama.cpp's converter writes too (its llama, qwen2 and deepseek2 read the defaults)
+        out |= {f"{arch}.rope.scaling.{key}": float(scaling[hf]) for hf, key in YARN_KEYS.items()
+                if isinstance(scaling.get(hf), (int, float))}
     return out
+
+
+# YaRN's settings in a rope_scaling -> GGUF rope.scaling.* (attention_factor wins over attn_factor, as there)
+YARN_KEYS = {"extrapolation_factor": "yarn_ext_factor", "attn_factor": "yarn_attn_factor",
+             "attention_factor": "yarn_attn_factor", "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow"}
 
 
 def generated_tensors(config: dict, metadata: dict, arch: str) -> dict[str, np.ndarray]:
     """Tensors GGUF has and the checkpoint does not: Llama 3.1's per-frequency RoPE divisors (`rope_freqs`),
     computed from its rope_scaling as llama.cpp's converter does."""
     scaling = config.get("rope_scaling")
-    if not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "llama3":
+    if rope_scaling_kind(scaling) != "llama3":
         return {}
     n_rot = metadata[f"{arch}.rope.dimension_count"]
     base = metadata.get(f"{arch}.rope.freq_base", 10000.0)

@@ -13,9 +13,9 @@ as the uncompressed heads are. Q comes from the input directly (V2-Lite) or thro
 projection with a norm between (q_lora_rank). RoPE rotates the first n_rot dimensions of a head, so the
 rotary parts go first; the order of a dot product's terms is all that changes.
 
-The cache is the shared one (memory/), one key head wide kv_lora_rank + n_rot: values are the keys again, so
-each token's latent is held twice (2 x 576 values a token and layer for V2-Lite, against 2 x 16 x 192 for its
-uncompressed heads); a latent view that keeps it once belongs in memory/.
+The cache is the shared one (memory/), one key head wide kv_lora_rank + n_rot, whose values are its keys:
+it holds each token's vector once (576 values a token and layer for V2-Lite, against 2 x 16 x 192 for its
+uncompressed heads), quantized caches too.
 """
 
 from __future__ import annotations
