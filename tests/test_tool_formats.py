@@ -191,10 +191,10 @@ def test_required_and_named_calls_follow_the_schemas(models, name):
         _arguments_valid(call)
 
 
-def _lazy_answer(llm, written: str, max_tokens: int = 80) -> str:
+def _lazy_answer(llm, written: str, tools=(WEATHER,), max_tokens: int = 80) -> str:
     """The answer when the model has written `written` itself (under tool_choice auto, the free part before
     the trigger): the mask sees those tokens drawn, then the model goes on under it."""
-    plan = llm.chat_plan([WEATHER], "auto")
+    plan = llm.chat_plan(list(tools), "auto")
     prompt = llm.chat_prompt_ids([{"role": "user", "content": "What's the weather in Oslo?"}], plan=plan)
     forced = llm.tokenize(written, add_bos=False)
     sampler = llm.sampler(plan.constraint, plan.trigger, temperature=0)
