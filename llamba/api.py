@@ -33,7 +33,7 @@ from .text import openai
 from .text.chat_template import load_chat_template, turn_terminator
 from .text.stream import TextStream
 from .text.tool_formats import detect_format
-from .text.tools import ChatPlan, plan_chat, template_messages
+from .text.tools import ChatPlan, plan_chat
 from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -125,16 +125,13 @@ class Llama:
         return self.tokenizer.decode(ids, special=special)
 
     def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
-                        tools: list[dict] | None = None, plan: ChatPlan | None = None) -> list[int]:
-        """Render messages (and the tools offered, or a chat plan's tools and the messages as its tool format
-        wants them) with the chat template and tokenize, special tokens recognised."""
-        if plan is not None:
-            messages, tools = plan.prompt_messages(messages, self.template.source), plan.tools
-            extra = plan.template_variables
-        else:
-            messages, extra = template_messages(messages), {}
-        text = self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools or None,
-                                    **extra)
+                        plan: ChatPlan | None = None) -> list[int]:
+        """Render messages with the chat template (and a chat plan's tools, the messages as its tool format
+        wants them) and tokenize, special tokens recognised."""
+        plan = plan or ChatPlan()
+        text = self.template.render(plan.prompt_messages(messages, self.template.source),
+                                    add_generation_prompt=add_generation_prompt, tools=plan.tools,
+                                    **plan.template_variables)
         bos = self.template.bos_token
         add_bos = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
         return self.tokenizer.encode(text, add_special=add_bos, parse_special=True)

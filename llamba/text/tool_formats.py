@@ -29,6 +29,7 @@ from ..generation.constraints import JSON_OPTIONS, Constraint, Trigger
 
 NAME = r'"name"\s*:\s*"(?P<name>[^"]+)"\s*,\s*'
 ID = r'(?:\s*,\s*"id"\s*:\s*"[^"]*")?'
+TYPED = r'(?:"type"\s*:\s*"function"\s*,\s*)?'
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,19 @@ class CallSyntax:
 
 @dataclass(frozen=True)
 class ToolFormat:
+    """One family's tool calls. shape, how the grammar lays the calls out: "blocks" (each call between
+    opener_text and closer_text, as many as allowed), "object" (the answer is one JSON call, Llama's, which may
+    begin with "type": "function"), "array" (opener_text, then one JSON array of calls with ids, Mistral's) or
+    "answer" (the whole answer is JSON: the calls or a response; the tools are described in the prompt)."""
+
     name: str
     syntax: CallSyntax
+    shape: str
     arguments_key: str = "arguments"  # the key the call's arguments are under in the model's JSON
-    opener_text: str | None = None  # the literal that opens the calls, in the grammar (None: the JSON itself)
+    opener_text: str | None = None  # the literal that opens the calls in the grammar
     closer_text: str | None = None  # and that closes each call (Hermes' </tool_call>)
     trigger: Trigger | None = None  # None: the grammar runs from the first token, also under auto
-    in_array: bool = False  # the calls are one JSON array (Mistral)
+    variables: Callable[[], dict] = dict  # what else the template reads
     call_id: Callable[[], str] = lambda: f"call_{uuid.uuid4().hex[:24]}"
 
     def grammar(self, tools: list[dict], parallel: bool, required: bool, answer: dict | None,
@@ -65,39 +72,31 @@ class ToolFormat:
         """The calls' grammar: of these tools (parallel: more than one call), and beside them, unless a call is
         required, an answer following the schema `answer` (response_format with tools). special_id: the id of
         the special token a marker is in this vocabulary, or None (the marker is then text)."""
-        if self.name == "generic":
+        if self.shape == "answer":
             return Constraint("lark", f"start: %json {_dumps(_generic_schema(tools, parallel, required, answer))}")
-        calls = self._calls_rule(tools, parallel, special_id)
-        rules = [f"start: {'calls' if required or answer is None else 'calls | answer'}", *calls]
+        rules = [f"start: {'calls' if required or answer is None else 'calls | answer'}",
+                 *self._calls_rules(tools, parallel, special_id)]
         if answer is not None and not required:
             rules.append(f"answer: %json {_dumps(answer)}")
         return Constraint("lark", "\n".join(rules))
 
-    def _calls_rule(self, tools: list[dict], parallel: bool, special_id) -> list[str]:
-        open_ = _marker(self.opener_text, special_id) if self.opener_text else ""
-        if self.in_array:
-            items = _any_of([_call_object(t, self.arguments_key, {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"})
-                             for t in tools])
+    def _calls_rules(self, tools: list[dict], parallel: bool, special_id) -> list[str]:
+        if self.shape == "array":
+            nine = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
+            items = _any_of([_call_object(t, self.arguments_key, nine) for t in tools])
             array = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-            return [f"calls: {open_} %json {_dumps(array)}"]
-        schema = _any_of([_call_object(t, self.arguments_key) for t in tools], self.name == "llama3")
-        if self.closer_text is None:  # one bare JSON call (Llama 3 writes one call a turn)
+            return [f"calls: {_marker(self.opener_text, special_id)} %json {_dumps(array)}"]
+        schema = _any_of([_call_object(t, self.arguments_key) for t in tools], typed=self.shape == "object")
+        if self.shape == "object":  # Llama 3 writes one call a turn
             return [f"calls: %json {_dumps(schema)}"]
-        close = _marker(self.closer_text, special_id)
+        open_, close = _marker(self.opener_text, special_id), _marker(self.closer_text, special_id)
         return [f"calls: call {'more*' if parallel else ''}", 'more: "\\n" call',
                 f'call: {open_} "\\n" %json {_dumps(schema)} "\\n" {close}']
-
-    def template_variables(self) -> dict:
-        """What else the template reads (llama.cpp passes Llama 3.x today's date and the tools in the system
-        message)."""
-        if self.name == "llama3":
-            return {"date_string": datetime.date.today().strftime("%d %b %Y"), "tools_in_user_message": False}
-        return {}
 
     def prompt_messages(self, messages: list[dict], tools: list[dict] | None, template_source: str) -> list[dict]:
         """The messages as this format's template should see them: for the generic format, the tools and the
         answer's JSON shape in a system message, earlier calls and results written as that JSON."""
-        if self.name != "generic" or not tools:
+        if self.shape != "answer" or not tools:
             return messages
         return generic_messages(messages, tools, "tools" in template_source)
 
@@ -141,6 +140,11 @@ def _generic_schema(tools: list[dict], parallel: bool, required: bool, answer: d
     return {"anyOf": [calls, response]}
 
 
+def _llama3_variables() -> dict:
+    """What llama.cpp gives Llama 3.x's template: today's date, and the tools in the system message."""
+    return {"date_string": datetime.date.today().strftime("%d %b %Y"), "tools_in_user_message": False}
+
+
 def _nemo_id() -> str:
     """Mistral Nemo's template refuses any call id but 9 letters and digits."""
     return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
@@ -149,24 +153,23 @@ def _nemo_id() -> str:
 HERMES = ToolFormat(
     "hermes", CallSyntax(r"<tool_call>", r"\s*\{\s*" + NAME + r'"arguments"\s*:\s*', r"\s*\}\s*</tool_call>",
                          accepts_bare=True),
-    opener_text="<tool_call>", closer_text="</tool_call>", trigger=Trigger(r"(<tool_call>)"))
+    "blocks", opener_text="<tool_call>", closer_text="</tool_call>", trigger=Trigger(r"(<tool_call>)"))
 LLAMA3 = ToolFormat(
-    "llama3", CallSyntax(r"\A", r'\s*(?:<\|python_tag\|>)?\s*\{\s*(?:"type"\s*:\s*"function"\s*,\s*)?' + NAME +
-                         r'"parameters"\s*:\s*', r"\s*\}"),
-    arguments_key="parameters",
-    trigger=Trigger(r'\s*(?:<\|python_tag\|>\s*)?(\{\s*(?:"type"\s*:\s*"function"\s*,\s*)?"name"\s*:\s*")',
-                    at_start=True))
+    "llama3", CallSyntax(r"\A", r'\s*(?:<\|python_tag\|>)?\s*\{\s*' + TYPED + NAME + r'"parameters"\s*:\s*',
+                         r"\s*\}"),
+    "object", arguments_key="parameters", variables=_llama3_variables,
+    trigger=Trigger(r'\s*(?:<\|python_tag\|>\s*)?(\{\s*' + TYPED + r'"name"\s*:\s*")', at_start=True))
 # [TOOL_CALLS] is a control token in Nemo's vocabulary, which the answer's text leaves out: a bare array of
 # calls at the answer's start is taken too
 MISTRAL_NEMO = ToolFormat(
-    "mistral-nemo", CallSyntax(r'(?:\[TOOL_CALLS\]|\A(?=\s*\[\s*\{\s*"name"))\s*\[', r"\s*\{\s*" + NAME +
-                               r'"arguments"\s*:\s*', ID + r"\s*\}", r"\s*,", r"\s*\]"),
-    opener_text="[TOOL_CALLS]", trigger=Trigger(r"(\[TOOL_CALLS\])"), in_array=True, call_id=_nemo_id)
+    "mistral-nemo", CallSyntax(r'(?:\[TOOL_CALLS\]|\A(?=\s*\[\s*\{\s*"name"))\s*\[',
+                               r"\s*\{\s*" + NAME + r'"arguments"\s*:\s*', ID + r"\s*\}", r"\s*,", r"\s*\]"),
+    "array", opener_text="[TOOL_CALLS]", trigger=Trigger(r"(\[TOOL_CALLS\])"), call_id=_nemo_id)
 GENERIC = ToolFormat(
     "generic", CallSyntax(r'\A\s*\{\s*(?:"tool_call"\s*:|"tool_calls"\s*:\s*\[)',
                           r"\s*\{\s*" + NAME + r'"arguments"\s*:\s*', ID + r"\s*\}", r"\s*,", r"\s*\]?\s*\}",
-                          holds_content=True))
-FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL_NEMO, GENERIC)}
+                          holds_content=True),
+    "answer")
 
 
 def detect_format(template_source: str) -> ToolFormat:

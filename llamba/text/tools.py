@@ -66,7 +66,7 @@ class ChatPlan:
 
     @property
     def template_variables(self) -> dict:
-        return self.format.template_variables() if self.format and self.tools else {}
+        return self.format.variables() if self.format and self.tools else {}
 
 
 def plan_chat(tools: list | None = None, tool_choice: str | dict | None = None, response_format: dict | None = None,
