@@ -160,6 +160,22 @@ def test_text_that_is_no_call_stays_content():
     assert split_tool_calls('{"response": {"city": "Oslo"}}', None, GENERIC) == ('{"city": "Oslo"}', [])
 
 
+def test_a_generic_response_streams_as_decoded_content():
+    """A generic-format answer {"response": "..."} streams its string as content as it comes, decoded: never
+    half an escape or half a surrogate pair, whatever the cut."""
+    text = '{"response": "Caf\\u00e9 \\"ok\\"\\n\\ud83d\\ude00 done \\\\ end"}'
+    expected = json.loads(text)["response"]
+    assert split_tool_calls(text, None, GENERIC) == (expected, [])
+    for cut in range(len(text) + 1):
+        stream = ToolCallStream(None, GENERIC)
+        first = stream.feed(text[:cut])
+        pieces = first + stream.feed(text[cut:]) + stream.flush()
+        assert "".join(p["content"] for p in pieces) == expected
+        assert "".join(p["content"] for p in first) == expected[:len("".join(p["content"] for p in first))]
+    stream = ToolCallStream(None, GENERIC)
+    assert len([p for c in text for p in stream.feed(c)]) > 10  # piece by piece, not at the end
+
+
 # --------------------------------------------------------------------------- grammars on a real small model
 
 @pytest.fixture(scope="module")
@@ -219,6 +235,20 @@ def test_under_auto_the_trigger_starts_the_grammar(models, name, written):
     assert call["function"]["name"] == "get_weather"
     _arguments_valid(call)
     assert content == ("Let me look." if name == "mistral-nemo" else None)
+
+
+@pytest.mark.slow
+def test_a_generic_answer_streams_its_response(models):
+    """Under auto, SmolLM2's own template (no tools: the generic format) answers in JSON; a response's text
+    streams as content, piece by piece, and adds up to the whole answer's."""
+    llm, messages = models["generic"], [{"role": "user", "content": "Say hello to me."}]
+    kwargs = dict(tools=[WEATHER], max_tokens=60, temperature=0)
+    whole = llm.create_chat_completion(messages, **kwargs)["choices"][0]["message"]
+    assert whole["content"] and not whole.get("tool_calls") and not whole["content"].lstrip().startswith("{")
+    pieces = [c["choices"][0]["delta"].get("content") for c in llm.create_chat_completion(messages, stream=True,
+                                                                                          **kwargs)]
+    pieces = [p for p in pieces if p]
+    assert len(pieces) > 3 and "".join(pieces) == whole["content"]
 
 
 @pytest.mark.slow

@@ -39,7 +39,9 @@ class CallSyntax:
     head runs from a call's start to its arguments' JSON value (group "name"); tail from the end of that value
     to the call's end; separator between calls in one block (None: one call a block); closer ends the block.
     holds_content: the answer's text is not streamed but unwrapped whole (the generic format's
-    {"response": ...}); accepts_bare: an answer that is one bare or fenced JSON call counts too."""
+    {"response": ...}); response: where an answer that is a response reaches its value (a string value is then
+    streamed as the content, decoded); accepts_bare: an answer that is one bare or fenced JSON call counts
+    too."""
 
     opener: str
     head: str
@@ -47,6 +49,7 @@ class CallSyntax:
     separator: str | None = None
     closer: str = ""
     holds_content: bool = False
+    response: str | None = None
     accepts_bare: bool = False
 
 
@@ -168,7 +171,7 @@ MISTRAL_NEMO = ToolFormat(
 GENERIC = ToolFormat(
     "generic", CallSyntax(r'\A\s*\{\s*(?:"tool_call"\s*:|"tool_calls"\s*:\s*\[)',
                           r"\s*\{\s*" + NAME + r'"arguments"\s*:\s*', ID + r"\s*\}", r"\s*,", r"\s*\]?\s*\}",
-                          holds_content=True),
+                          holds_content=True, response=r'\A\s*\{\s*"response"\s*:\s*'),
     "answer")
 
 

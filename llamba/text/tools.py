@@ -185,6 +185,7 @@ class ToolCallStream:
         self._opener, self._head, self._tail = (regex.compile(p) for p in (syntax.opener, syntax.head, syntax.tail))
         self._separator = regex.compile(syntax.separator) if syntax.separator else None
         self._closer = regex.compile(syntax.closer)
+        self._response = regex.compile(syntax.response) if syntax.response else None
         self._text = ""  # the answer so far
         self._pos = 0  # how far it has been read
         self._state = "text"
@@ -232,6 +233,14 @@ class ToolCallStream:
             out += step
 
     def _read_text(self) -> list[dict] | None:
+        if self._response is not None and self._pos == 0:
+            m = self._response.match(self._text, 0, partial=True)
+            if m is not None and (m.partial or m.end() == len(self._text)):
+                return None  # wait: the answer may be a response, its value not yet begun
+            if m is not None and self._text[m.end()] == '"':
+                self._pos, self._state = m.end() + 1, "response"
+                return []
+            self._response = None  # not a response with a string value: read (and hold) as any other text
         m = self._opener.search(self._text, self._pos, partial=True)
         if m is not None and m.start() == self._failed:
             m = None
@@ -253,6 +262,18 @@ class ToolCallStream:
         call = ToolCall(m["name"], "", self._format.call_id())
         self._pos, self._state, self._value = m.end(), "arguments", _JsonValue()
         return self._head_delta(call)
+
+    def _read_response(self) -> list[dict] | None:
+        """A response's string value, streamed as content as far as it decodes (never half an escape)."""
+        end, done = _string_end(self._text, self._pos)
+        piece = _decoded(self._text[self._pos:end])
+        self._pos, self._state = end + done, "done" if done else "response"
+        return [{"content": piece}] if piece else ([] if done else None)
+
+    def _read_done(self) -> None:
+        """After a response: the rest closes its JSON."""
+        self._pos = len(self._text)
+        return None
 
     def _read_arguments(self) -> list[dict] | None:
         if not self._value.started:  # the whitespace before the value is not part of the arguments
@@ -306,6 +327,11 @@ class ToolCallStream:
         return [{"tool_calls": [{"index": len(self.calls) - 1, "function": {"arguments": fragment}}]}]
 
 
+def _decoded(escaped: str) -> str:
+    """A piece of a JSON string's inside, decoded."""
+    return json.loads(f'"{escaped}"') if escaped else ""
+
+
 class _JsonValue:
     """Where a JSON value written as text ends, found a piece of text at a time: strings (with their escapes)
     and nesting are followed; a bare scalar ends where its container goes on."""
@@ -340,6 +366,37 @@ class _JsonValue:
                 if self.depth == 0:
                     return i + 1, True
         return len(text), False
+
+
+def _string_end(text: str, pos: int) -> tuple[int, bool]:
+    """Inside a JSON string from pos: (where its text so far ends whole, never within an escape or between the
+    halves of a surrogate pair; whether its closing quote is there)."""
+    i = pos
+    while i < len(text):
+        if text[i] == '"':
+            return i, True
+        if text[i] == "\\":
+            end = _escape_end(text, i + 1)
+            if end < 0:
+                return i, False
+            i = end
+        else:
+            i += 1
+    return i, False
+
+
+def _escape_end(text: str, at: int) -> int:
+    """Where the escape whose letter is at text[at] ends, -1 while it is not whole (a \\u escape of a high
+    surrogate waits for its low half)."""
+    if at >= len(text):
+        return -1
+    if text[at] != "u":
+        return at + 1
+    if at + 5 > len(text):
+        return -1
+    if not 0xD800 <= int(text[at + 1:at + 5], 16) < 0xDC00:
+        return at + 5
+    return at + 11 if at + 11 <= len(text) else -1
 
 
 def _bare_call(text: str, tool_names: set[str]) -> ToolCall | None:
