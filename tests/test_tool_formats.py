@@ -303,6 +303,25 @@ def test_the_grammar_takes_a_call_or_an_answer_and_nothing_else(models):
         assert (ok and matcher.is_accepting()) == accepted, text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, one, two", [
+    ("mistral-nemo", '[TOOL_CALLS][{@, "id": "abcDEF123"}]',
+     '[TOOL_CALLS][{@, "id": "abcDEF123"}, {@, "id": "x1y2z3w4v"}]'),
+    ("generic", '{"tool_call": {@}}', '{"tool_calls": [{@}, {@}]}')])
+def test_parallel_tool_calls_allow_more_than_one_call(models, name, one, two):
+    """A call's grammar takes one call, and more with parallel_tool_calls; the parser reads them all. (The
+    generic format's parallel calls are always a "tool_calls" list, as llama.cpp's.)"""
+    llm, call = models[name], '"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}'
+    one, two = one.replace("@", call), two.replace("@", call)
+    for parallel, accepted in ((False, [one]), (True, [one, two] if name == "mistral-nemo" else [two])):
+        plan = llm.chat_plan([WEATHER], "required", parallel_tool_calls=parallel)
+        for text in (one, two):
+            matcher, tokens = llm.grammar_vocabulary.matcher(plan.constraint), llm.tokenize(text, add_bos=False)
+            ok = matcher.try_consume_tokens(tokens) == len(tokens) and matcher.is_accepting()
+            assert ok == (text in accepted), (parallel, text)
+        assert [c.name for c in split_tool_calls(two, None, plan.format)[1]] == ["get_weather"] * 2
+
+
 # ------------------------------------------------------------------------------------- streamed over HTTP
 
 @pytest.fixture(scope="module")
