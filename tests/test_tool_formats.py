@@ -158,6 +158,9 @@ def test_text_that_is_no_call_stays_content():
         expected = "Hi there" if tool_format is GENERIC else text
         assert split_tool_calls(text, None, tool_format) == (expected, [])
     assert split_tool_calls('{"response": {"city": "Oslo"}}', None, GENERIC) == ('{"city": "Oslo"}', [])
+    content, calls = split_tool_calls('<tool_call>no</tool_call> then <tool_call>\n{"name": "get_weather", '
+                                      '"arguments": {}}\n</tool_call>', None, HERMES)
+    assert content == "<tool_call>no</tool_call> then" and [c.name for c in calls] == ["get_weather"]
 
 
 def test_a_generic_response_streams_as_decoded_content():

@@ -172,7 +172,8 @@ class ToolCallStream:
 
     It reads the format's CallSyntax as a small machine over the answer's text: "text" (looking for the opener),
     "head" (a call's start, up to its arguments), "arguments" (a JSON value, streamed), "tail" (the call's end),
-    "after" (another call of the block, or its end).
+    "after" (another call of the block, or its end); and for the generic format "response" (a response's
+    string, streamed as content) and "done".
 
     tool_names: for formats that accept it, also take an answer that is nothing but one call of these tools as
     bare JSON, or in a ```json fence (how Qwen2.5-Coder often answers, unconstrained, under tool_choice auto;
@@ -242,8 +243,8 @@ class ToolCallStream:
                 return []
             self._response = None  # not a response with a string value: read (and hold) as any other text
         m = self._opener.search(self._text, self._pos, partial=True)
-        if m is not None and m.start() == self._failed:
-            m = None
+        if m is not None and m.start() == self._failed:  # that block was no call: look past its opener
+            m = self._opener.search(self._text, self._failed + 1, partial=True)
         if m is None or m.partial:
             end = len(self._text) if m is None else m.start()
             out, self._pos = self._content(self._text[self._pos:end]), end
