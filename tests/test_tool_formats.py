@@ -351,3 +351,20 @@ def test_a_call_streams_its_arguments_in_fragments(server, smollm2_path):
     assert arguments == whole.message.tool_calls[0].function.arguments
     jsonschema.validate(json.loads(arguments), NOTE["function"]["parameters"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls" and whole.finish_reason == "tool_calls"
+
+
+@pytest.mark.slow
+def test_response_format_with_tools_over_http(server, smollm2_path):
+    """The openai client's tools and response_format in one request: a call of the tool, or the schema's JSON."""
+    client = server.client(timeout=300)
+    for question in ("What's the weather in Oslo?", "Name a city and its country."):
+        choice = client.chat.completions.create(
+            model=smollm2_path.name, temperature=0, max_tokens=100, tools=[WEATHER],
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}},
+            messages=[{"role": "user", "content": question}]).choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls"
+            _arguments_valid(choice.message.tool_calls[0].model_dump())
+        else:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content), CITY)
