@@ -19,7 +19,7 @@ import numpy as np
 
 from .compiling import ensure_compiled, warm_up
 from .errors import BadRequestError, LlambaError
-from .generation.constraints import Constraint, GrammarMask, GrammarVocabulary, constraint_from
+from .generation.constraints import Constraint, GrammarMask, GrammarVocabulary, Trigger, constraint_from
 from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
 from .generation.generate import GenerationStats, Step, generate_steps
 from .generation.sampling import Sampler, SamplingParams
@@ -32,7 +32,8 @@ from .store import resolve_model
 from .text import openai
 from .text.chat_template import load_chat_template, turn_terminator
 from .text.stream import TextStream
-from .text.tools import ChatPlan, plan_chat, template_messages, trigger_is_token
+from .text.tool_formats import detect_format
+from .text.tools import ChatPlan, plan_chat
 from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -124,11 +125,13 @@ class Llama:
         return self.tokenizer.decode(ids, special=special)
 
     def chat_prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
-                        tools: list[dict] | None = None) -> list[int]:
-        """Render messages (and the tools offered) with the chat template and tokenize, special tokens
-        recognised."""
-        text = self.template.render(template_messages(messages), add_generation_prompt=add_generation_prompt,
-                                    tools=tools or None)
+                        plan: ChatPlan | None = None) -> list[int]:
+        """Render messages with the chat template (and a chat plan's tools, the messages as its tool format
+        wants them) and tokenize, special tokens recognised."""
+        plan = plan or ChatPlan()
+        text = self.template.render(plan.prompt_messages(messages, self.template.source),
+                                    add_generation_prompt=add_generation_prompt, tools=plan.tools,
+                                    **plan.template_variables)
         bos = self.template.bos_token
         add_bos = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
         return self.tokenizer.encode(text, add_special=add_bos, parse_special=True)
@@ -142,20 +145,24 @@ class Llama:
                 text, add_special=False), tok.eog_ids, self.model.hp.n_vocab)
         return self._grammar_vocabulary
 
-    def sampler(self, constraint: Constraint | None = None, trigger: str | None = None, **sampling: Any) -> Sampler:
+    def sampler(self, constraint: Constraint | None = None, trigger: Trigger | None = None,
+                **sampling: Any) -> Sampler:
         """A sampler for these options, with a grammar mask first in its chain when a constraint is given
-        (trigger: the special token after which it starts, for a lazy grammar)."""
-        mask = None
-        if constraint is not None:
-            trigger_id = self.tokenizer.token_to_id[trigger] if trigger is not None else None
-            mask = GrammarMask(self.grammar_vocabulary, constraint, trigger_id)
+        (trigger: where it starts, for a lazy grammar)."""
+        mask = GrammarMask(self.grammar_vocabulary, constraint, trigger) if constraint is not None else None
         return Sampler(constraint=mask, **_sampling_args(sampling))
 
     def chat_plan(self, tools: list | None = None, tool_choice=None, response_format: dict | None = None,
                   parallel_tool_calls: bool = False) -> ChatPlan:
-        """How a chat request's tools and response_format shape its prompt and answer (text/tools.py)."""
+        """How a chat request's tools and response_format shape its prompt and answer (text/tools.py), in the
+        tool-call format the chat template writes (text/tool_formats.py)."""
         return plan_chat(tools, tool_choice, response_format, parallel_tool_calls,
-                         has_trigger_token=trigger_is_token(self.tokenizer))
+                         detect_format(self.template.source), self._special_id)
+
+    def _special_id(self, text: str) -> int | None:
+        """The id of the special token that is this text, if the vocabulary has one."""
+        token = self.tokenizer.token_to_id.get(text)
+        return token if token is not None and self.tokenizer.is_special(token) else None
 
     # ------------------------------------------------------------------------------------- evaluation
 
@@ -236,7 +243,7 @@ class Llama:
         """An OpenAI-shaped chat completion (or an iterator of chunks with stream=True). response_format,
         tools and tool_choice as llama-cpp-python and OpenAI take them: see text/tools.py."""
         plan = self.chat_plan(tools, tool_choice, response_format, parallel_tool_calls)
-        ids = self.chat_prompt_ids(messages, tools=plan.tools)
+        ids = self.chat_prompt_ids(messages, plan=plan)
         stops = [stop] if isinstance(stop, str) else stop
         sampler = self.sampler(plan.constraint, plan.trigger, **sampling)
         steps = self.stream_tokens(ids, max_tokens=self.n_ctx if max_tokens is None else max_tokens, stop=stops,

@@ -16,6 +16,7 @@ from llamba.generation.constraints import Constraint, GrammarMask
 from llamba.generation.sampling import Candidates
 from llamba.text.tools import ToolCallStream, plan_chat, split_tool_calls
 from tests.test_cli import assert_one_line_error, llamba
+from tests.test_tool_formats import _lazy_answer
 
 pytestmark = pytest.mark.slow
 
@@ -157,8 +158,19 @@ def test_streamed_tool_calls_add_up_to_the_whole_answer(qwen):
     calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
     assert calls[0]["index"] == 0 and calls[0]["id"] and calls[0]["function"] == {"name": "get_weather",
                                                                                   "arguments": ""}
+    assert len(calls) > 2  # the arguments stream in fragments as they form
     assert "".join(c["function"]["arguments"] for c in calls) == whole["function"]["arguments"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_under_auto_the_tool_call_token_starts_the_grammar(qwen):
+    """Qwen's <tool_call> is one special token: once drawn it starts the grammar, fed to it as itself."""
+    assert qwen.tokenize("<tool_call>", add_bos=False) == [qwen.tokenizer.token_to_id["<tool_call>"]]
+    content, calls = qwen.chat_plan([WEATHER_TOOL], "auto").split(
+        _lazy_answer(qwen, "I will check.<tool_call>", tools=[WEATHER_TOOL]))
+    (call,) = calls
+    assert content == "I will check." and call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
 
 
 def test_tool_choice_and_tools_are_checked():

@@ -16,7 +16,9 @@ positions ahead of the matcher (a draft model) get unmasked distributions (see G
 
 from __future__ import annotations
 
+import bisect
 import json
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -101,7 +103,8 @@ class GrammarVocabulary:
                  n_vocab: int):
         self.n_vocab = n_vocab
         self.eog_ids = sorted(eog_ids)
-        wrapper = _Wrapper(token_bytes + [b""] * (n_vocab - len(token_bytes)), encode, self.eog_ids[0])
+        self.token_bytes = token_bytes + [b""] * (n_vocab - len(token_bytes))
+        wrapper = _Wrapper(self.token_bytes, encode, self.eog_ids[0])
         self.lltokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper), n_vocab=n_vocab,
                                                   eos_token=self.eog_ids)
 
@@ -115,6 +118,29 @@ class GrammarVocabulary:
         if matcher.is_error():
             raise BadRequestError(f"invalid {constraint.label}: {_one_line(matcher.get_error())}")
         return matcher
+
+    def token_text(self, token: int) -> bytes:
+        """A token's bytes as the output shows them: a special token as its name (b"<tool_call>")."""
+        piece = self.token_bytes[token]
+        return piece[1:] if piece[:1] == b"\xff" else piece
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Where a lazy grammar starts (llama.cpp's grammar triggers): the output is free until `pattern` (a
+    regular expression) matches the text so far, and the grammar then constrains the text from the start of
+    its first group on (which the grammar itself begins with: `<tool_call>`, `[TOOL_CALLS]`, the `{` of a
+    JSON call). at_start: the pattern must match from the output's first character (a call that is the
+    whole answer), else anywhere."""
+
+    pattern: str
+    at_start: bool = False
+
+    def find(self, text: bytes) -> int | None:
+        """Where the grammar's part of text starts, or None while the trigger has not appeared."""
+        pattern = self.pattern.encode("utf-8")
+        match = (re.match if self.at_start else re.search)(pattern, text)
+        return match.start(1) if match else None
 
 
 @dataclass
@@ -137,16 +163,19 @@ class GrammarMask:
     matcher stands at, so a call about any other position (a draft model drafting several tokens ahead through
     the same sampler) passes unmasked: its guesses are checked at verification, where the position is right.
 
-    trigger: a lazy grammar (llama.cpp's term): the output is free until this token is drawn, and the grammar
-    constrains what follows it (a tool call after `<tool_call>`).
+    trigger: a lazy grammar (llama.cpp's term): the output is free until the trigger appears in it, and the
+    grammar then constrains it from the trigger's start (a tool call from its `<tool_call>`).
     """
 
-    def __init__(self, vocabulary: GrammarVocabulary, constraint: Constraint, trigger: int | None = None):
+    def __init__(self, vocabulary: GrammarVocabulary, constraint: Constraint, trigger: Trigger | None = None):
         self.vocabulary = vocabulary
         self.matcher = vocabulary.matcher(constraint)
         self.bitmask = np.zeros((vocabulary.n_vocab + 31) // 32, np.int32)
         self.trigger = trigger
         self.active = trigger is None
+        self._free: list[int] = []  # the tokens drawn before the trigger appeared,
+        self._text = b""  # their text,
+        self._starts: list[int] = []  # and where each one starts in it
         self._at: int | None = None  # the history length the matcher stands at (set by the first apply)
         self._mask_for = -1  # the history length self.bitmask was computed for
 
@@ -170,9 +199,27 @@ class GrammarMask:
             return
         self._at += 1
         if not self.active:
-            self.active = token == self.trigger
+            self._free.append(token)
+            self._look_for_trigger()
         elif not self.matcher.is_stopped():  # past the end (an end-of-generation token) there is nothing to feed
             self.matcher.consume_token(token)
+
+    def _look_for_trigger(self) -> None:
+        """Start the grammar once the trigger is in the output, feeding it the output from the trigger on: the
+        tokens themselves when the trigger starts at a token's start (a special token stays itself), else
+        that text's own tokens (the token the trigger begins inside was drawn free)."""
+        self._starts.append(len(self._text))
+        self._text += self.vocabulary.token_text(self._free[-1])
+        start = self.trigger.find(self._text)
+        if start is None:
+            return
+        self.active = True
+        at = bisect.bisect_left(self._starts, start)
+        if at < len(self._free) and self._starts[at] == start:
+            tokens = self._free[at:]
+        else:
+            tokens = self.vocabulary.lltokenizer.tokenize_bytes(self._text[start:])
+        self.matcher.consume_tokens(tokens)
 
     @property
     def finished(self) -> bool:

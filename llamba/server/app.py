@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadError
-from ..generation.constraints import Constraint, constraint_from
+from ..generation.constraints import Constraint, Trigger, constraint_from
 from ..generation.sampling import OPTIONS, Sampler, option_type
 from ..text import openai
 from ..text.tools import ChatPlan
@@ -53,7 +53,7 @@ class _Sampling(_SamplingFields):
     json_schema: dict | None = None  # llama-server's: the output follows this schema
     grammar: str | None = None  # llama-server's: the output follows this GBNF grammar
 
-    def sampler(self, llm, constraint: Constraint | None = None, trigger: str | None = None) -> Sampler:
+    def sampler(self, llm, constraint: Constraint | None = None, trigger: Trigger | None = None) -> Sampler:
         """The request's sampler; constraint (else the request's own json_schema or grammar) masks its chain."""
         constraint = constraint or constraint_from(json_schema=self.json_schema, grammar=self.grammar)
         return llm.sampler(constraint, trigger, **{o.name: getattr(self, o.name) for o in OPTIONS})
@@ -271,7 +271,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         except LlambaError as e:
             return _error_for(e)
         try:
-            prompt_ids = llm.chat_prompt_ids([m.plain() for m in body.messages], tools=plan.tools)
+            prompt_ids = llm.chat_prompt_ids([m.plain() for m in body.messages], plan=plan)
         except LlambaError as e:
             return _error(400, str(e), param="messages")
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -4,6 +4,7 @@ request shape both read the same way, response_format."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -67,20 +68,27 @@ def usage_chunk(meta: dict, object_name: str, usage: dict) -> dict:
 
 
 
-def response_format_constraint(response_format: dict | None):
-    """The Constraint a request's response_format asks for: {"type": "json_object"} (any object; llama-cpp-python's
-    optional "schema" beside it), {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}, or
-    {"type": "text"} / None (free text). Anything else is a BadRequestError."""
+def response_format_schema(response_format: dict | None) -> dict | None:
+    """The JSON schema a request's response_format asks for: {"type": "json_object"} (any object;
+    llama-cpp-python's optional "schema" beside it), {"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}}, or {"type": "text"} / None (free text: None). Anything else is a BadRequestError."""
     if response_format is None:
         return None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "text":
         return None
     if kind == "json_object":
-        return Constraint.json_schema(response_format.get("schema") or {"type": "object"})
+        return _schema_object(response_format.get("schema"))
     if kind == "json_schema":
         spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, str)):
             raise BadRequestError('response_format.json_schema must be {"name": ..., "schema": {...}}')
-        return Constraint.json_schema(spec.get("schema") or {"type": "object"})
+        return _schema_object(spec.get("schema"))
     raise BadRequestError(f"response_format.type must be text, json_object or json_schema (got {kind!r})")
+
+
+def _schema_object(schema) -> dict:
+    """A schema given as a dict or as JSON text, checked as Constraint.json_schema checks it ({} or none: any
+    object)."""
+    return json.loads(Constraint.json_schema(schema or {"type": "object"}).source)
+

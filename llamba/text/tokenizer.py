@@ -137,7 +137,7 @@ class Tokenizer:
     def _end_of_generation_ids(self) -> set[int]:
         """EOS, EOT, and the usual turn terminators present in the vocabulary (llama.cpp's EOG set)."""
         ids = {i for i in (self.eos_id, self.eot_id) if i is not None}
-        for text in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
+        for text in ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
                      "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>"):
             i = self.token_to_id.get(text)
             if i is not None and self.token_type[i] in (CONTROL, USER_DEFINED):
