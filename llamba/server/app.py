@@ -7,6 +7,7 @@ including malformed JSON and out-of-range values; a full server answers 503 with
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from typing import Literal
@@ -111,20 +112,26 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class EmbeddingRequest(_Body):
+    input: str | list[str] | list[int] | list[list[int]]  # checked further by Llama.embed_input_ids
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
            code: str | None = None, headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _error_for(e: LlambaError) -> JSONResponse:
+def _error_for(e: LlambaError, param: str | None = None) -> JSONResponse:
     """The OpenAI error a LlambaError becomes, chosen by its type (any other kind is the client's bad request)."""
     if isinstance(e, OverloadError):
         return _error(503, str(e), kind="server_busy", headers={"Retry-After": "1"})
     if isinstance(e, NotFoundError):
         return _error(404, str(e), code="not_found")
     code = "context_length_exceeded" if isinstance(e, ContextOverflowError) else None
-    return _error(400, str(e), code=code)
+    return _error(400, str(e), param=param, code=code)
 
 
 class _HTTPError(Exception):
@@ -262,6 +269,39 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         if bad:
             return bad
         return {"content": llm.detokenize(body.tokens)}
+
+    async def on_engine(work):
+        """work() run on the engine's thread between its steps (the only thread that drives the model)."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+
+        def settle(result, error):
+            if not answer.done():  # the client may have left
+                answer.set_exception(error) if error else answer.set_result(result)
+
+        def job():
+            try:
+                result, error = work(), None
+            except Exception as e:  # noqa: BLE001 - handed to the request, never raised in the engine
+                result, error = None, e
+            loop.call_soon_threadsafe(settle, result, error)
+
+        engine.call(job)
+        return await answer
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        check_model(body.model)
+        try:
+            texts = llm.embed_input_ids(body.input)
+            vectors = await on_engine(lambda: llm.embed_ids(texts))
+        except LlambaError as e:
+            return _error_for(e, param="input")
+        if body.encoding_format == "base64":  # little-endian float32 bytes, as OpenAI's client decodes them
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            data = vectors.tolist()
+        return openai.embeddings(model_id, data, sum(map(len, texts)))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
