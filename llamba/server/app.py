@@ -15,7 +15,8 @@ from typing import Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadError
 from ..generation.constraints import Constraint, constraint_from
@@ -25,8 +26,33 @@ from ..text.tools import ChatPlan
 from .engine import Engine, Event, Request
 
 
+MAX_TOKENS = 2**31 - 1  # llama-server's n_predict is an int32: a larger budget is a mistake, not a wish
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data):
+        """JSON's \\ud800 escapes decode to lone surrogates, which no UTF-8 tokenizer can take."""
+        if _has_lone_surrogate(data):
+            raise ValueError("the body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")
+        return data
+
+
+def _has_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 class StreamOptions(_Body):
@@ -84,8 +110,8 @@ class Message(_Body):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict | None = None
@@ -99,7 +125,7 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
-    max_tokens: int = Field(16, ge=0)
+    max_tokens: int = Field(16, ge=0, le=MAX_TOKENS)
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
@@ -155,9 +181,22 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return _error(400, message, param=where or None)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_status(_, exc: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind=kind, headers=getattr(exc, "headers", None))
+
     @app.exception_handler(_HTTPError)
     async def http_error(_, exc: _HTTPError):
         return exc.response
+
+    @app.middleware("http")
+    async def refuse_when_stopping(request: HTTPRequest, call_next):
+        """After SIGTERM (server/__init__.py): new work is refused, so a balancer sends it elsewhere."""
+        if getattr(request.app.state, "stopping", False) and request.url.path != "/metrics":
+            return _error(503, "the server is shutting down", kind="server_shutting_down", code="shutting_down",
+                          headers={"Connection": "close"})
+        return await call_next(request)
 
     @app.middleware("http")
     async def check_key(request: HTTPRequest, call_next):
