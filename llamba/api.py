@@ -235,7 +235,7 @@ class Llama:
 
     def embed(self, input: str | list, normalize: bool = True) -> list[float] | list[list[float]]:
         """llama-cpp-python's embed: a text's vector, or a list of vectors for a list of texts (or token
-        lists). Unit length by default, as llama-server's; llama-cpp-python's own default is normalize=False."""
+        lists). Unit length unless normalize=False, as llama-server's."""
         vectors = self.embed_ids(self.embed_input_ids(input), normalize).tolist()
         return vectors[0] if isinstance(input, str) or _is_token_list(input) else vectors
 

@@ -127,3 +127,19 @@ def test_server_embeddings_bad_input_is_400(server):
     assert httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL}).status_code == 400  # no input
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="text-embedding-3-small", input="hi")
+
+
+def test_embeddings_agree_with_llama_cpp(llm, smollm2_path):
+    """llama-cpp-python's embedding mode on the same file: it pools none for a generation model unless told,
+    so it is told mean, and to normalize (its embed's default is not to). Both round activations their own way:
+    the vectors agree in direction, not in bits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    peer = llama_cpp.Llama(str(smollm2_path), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                           n_ctx=512, n_batch=512, verbose=False)
+    assert [len(peer.tokenize(t.encode())) for t in TEXTS] == [len(llm.tokenize(t)) for t in TEXTS]
+    theirs = np.array(peer.embed(TEXTS, normalize=True))
+    ours = np.array(llm.embed(TEXTS))
+    cosines = (theirs * ours).sum(axis=1)
+    assert cosines.min() >= 0.999, cosines  # measured 0.99974 .. 0.99997
+    others = theirs @ ours.T - np.diag(cosines)
+    assert others.max() < cosines.min() - 0.01  # each text nearest its own vector, not just all alike
