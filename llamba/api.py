@@ -21,7 +21,7 @@ from .compiling import ensure_compiled, warm_up
 from .errors import BadRequestError, LlambaError
 from .generation.constraints import Constraint, GrammarMask, GrammarVocabulary, constraint_from
 from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
-from .generation.embedding import embed_tokens, pooling_of
+from .generation.embedding import EmbeddingJob, embed_tokens, pooling_of
 from .generation.generate import GenerationStats, Step, generate_steps
 from .generation.sampling import Sampler, SamplingParams
 from .memory.kv_cache import QUANTIZED, check_kv_type
@@ -209,6 +209,10 @@ class Llama:
         """The pooled vectors [n_texts, n_embd] of token lists (each evaluated in a cache of its own: the
         chat's cache is left as it was)."""
         return embed_tokens(self.model, texts, self.pooling, self.n_ctx, normalize)
+
+    def embedding_job(self, texts: list[list[int]], normalize: bool = True) -> EmbeddingJob:
+        """embed_ids a forward at a time (EmbeddingJob.step), for a caller with other work between them."""
+        return EmbeddingJob(self.model, texts, self.pooling, self.n_ctx, normalize)
 
     def embed_input_ids(self, input: str | list) -> list[list[int]]:
         """An embeddings input as OpenAI takes it (a text, a list of texts, a token list or a list of token

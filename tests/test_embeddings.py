@@ -143,3 +143,20 @@ def test_embeddings_agree_with_llama_cpp(llm, smollm2_path):
     assert cosines.min() >= 0.999, cosines  # measured 0.99974 .. 0.99997
     others = theirs @ ours.T - np.diag(cosines)
     assert others.max() < cosines.min() - 0.01  # each text nearest its own vector, not just all alike
+
+
+def test_server_embeddings_beside_a_stream(server, llm):
+    """An embeddings request runs a forward at a time between the slots' steps: a stream decoded meanwhile
+    gives its lone answer, and the vectors are the lone ones."""
+    import concurrent.futures
+
+    client = server.client(timeout=300)
+    ask = dict(model=MODEL, prompt="Count from 1 to 100: 1, 2, 3,", max_tokens=48, temperature=0)
+    alone = client.completions.create(**ask).choices[0].text
+    many = TEXTS * 8  # several forwards' worth
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(lambda: "".join(c.choices[0].text for c in client.completions.create(**ask, stream=True)))
+        vectors = pool.submit(lambda: client.embeddings.create(model=MODEL, input=many))
+        assert stream.result() == alone
+        got = np.array([d.embedding for d in vectors.result().data], np.float32)
+    assert np.array_equal(got, np.array(llm.embed(many), np.float32))

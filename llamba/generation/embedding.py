@@ -52,21 +52,42 @@ def unit_length(vectors: np.ndarray) -> np.ndarray:
 
 def embed_tokens(model, texts: list[list[int]], how: str, n_ctx: int, normalize: bool = True) -> np.ndarray:
     """The pooled vectors [n_texts, n_embd] of token lists, each at most n_ctx tokens."""
-    for i, tokens in enumerate(texts):
-        if not tokens:
-            raise BadRequestError(f"input {i} is empty")
-        if len(tokens) > n_ctx:
-            raise ContextOverflowError(f"input {i} has {len(tokens)} tokens; the context holds {n_ctx}")
-    out = np.empty((len(texts), model.hp.n_embd), np.float32)
-    for group in _groups(texts):
-        for i, hidden in zip(group, hidden_states(model, [texts[i] for i in group])):
-            out[i] = pool(hidden, how)
-    return unit_length(out) if normalize else out
+    job = EmbeddingJob(model, texts, how, n_ctx, normalize)
+    while not job.step():
+        pass
+    return job.vectors
 
 
-def hidden_states(model, texts: list[list[int]]) -> list[np.ndarray]:
-    """Each text's final hidden states [n_tokens, n_embd], the texts side by side as sequences of one fresh
-    cache, CHUNK tokens a forward (the next texts' first pieces join once the earlier ones are done)."""
+class EmbeddingJob:
+    """Token lists to embed, a forward at a time: `step()` runs one and says whether the vectors are done, so
+    a server can decode its streams between the forwards of a large request instead of stalling them."""
+
+    def __init__(self, model, texts: list[list[int]], how: str, n_ctx: int, normalize: bool = True):
+        for i, tokens in enumerate(texts):
+            if not tokens:
+                raise BadRequestError(f"input {i} is empty")
+            if len(tokens) > n_ctx:
+                raise ContextOverflowError(f"input {i} has {len(tokens)} tokens; the context holds {n_ctx}")
+        self.vectors: np.ndarray | None = None  # [n_texts, n_embd] once done
+        self._forwards = self._run(model, texts, how, normalize)
+
+    def step(self) -> bool:
+        next(self._forwards, None)
+        return self.vectors is not None
+
+    def _run(self, model, texts: list[list[int]], how: str, normalize: bool):
+        out = np.empty((len(texts), model.hp.n_embd), np.float32)
+        for group in _groups(texts):
+            hidden = yield from _hidden_states(model, [texts[i] for i in group])
+            for i, rows in zip(group, hidden):
+                out[i] = pool(rows, how)
+        self.vectors = unit_length(out) if normalize else out
+
+
+def _hidden_states(model, texts: list[list[int]]):
+    """Each text's final hidden states [n_tokens, n_embd] (the generator's return value, a forward per step),
+    the texts side by side as sequences of one fresh cache, CHUNK tokens a forward (the next texts' first
+    pieces join once the earlier ones are done)."""
     cache = KVCache.for_model(model.hp, max(map(len, texts)), "f32", sum(map(len, texts)) + SPARE_CELLS)
     done = [0] * len(texts)
     rows: list[list[np.ndarray]] = [[] for _ in texts]
@@ -84,6 +105,7 @@ def hidden_states(model, texts: list[list[int]]) -> list[np.ndarray]:
         for seq, n in owners:
             rows[seq].append(h[at : at + n])
             at += n
+        yield
     return [np.concatenate(r) for r in rows]
 
 

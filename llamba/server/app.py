@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 import time
 from typing import Literal
 
@@ -309,31 +310,43 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             return bad
         return {"content": llm.detokenize(body.tokens)}
 
-    async def on_engine(work):
-        """work() run on the engine's thread between its steps (the only thread that drives the model)."""
+    async def on_engine(step):
+        """step() run on the engine's thread (the only one that drives the model), once between each of its
+        steps until it returns True (done); returns what step returned last, or raises what it raised."""
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
+        gone = threading.Event()  # the client left: the engine drops the work
 
-        def settle(result, error):
-            if not answer.done():  # the client may have left
-                answer.set_exception(error) if error else answer.set_result(result)
+        def settle(error):
+            if not answer.done():
+                answer.set_exception(error) if error else answer.set_result(None)
 
-        def job():
+        def job() -> bool:
+            if gone.is_set():
+                return False
             try:
-                result, error = work(), None
+                if not step():
+                    return True  # again, after the next step of the slots
+                error = None
             except Exception as e:  # noqa: BLE001 - handed to the request, never raised in the engine
-                result, error = None, e
-            loop.call_soon_threadsafe(settle, result, error)
+                error = e
+            loop.call_soon_threadsafe(settle, error)
+            return False
 
         engine.call(job)
-        return await answer
+        try:
+            await answer
+        finally:
+            gone.set()
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         check_model(body.model)
         try:
             texts = llm.embed_input_ids(body.input)
-            vectors = await on_engine(lambda: llm.embed_ids(texts))
+            job = llm.embedding_job(texts)
+            await on_engine(job.step)
+            vectors = job.vectors
         except LlambaError as e:
             return _error_for(e, param="input")
         if body.encoding_format == "base64":  # little-endian float32 bytes, as OpenAI's client decodes them

@@ -102,7 +102,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.jobs: deque[Callable[[], None]] = deque()  # work besides the slots (embeddings), run between steps
+        self.jobs: deque[Callable[[], bool]] = deque()  # work besides the slots (embeddings), run between steps
 
     # ------------------------------------------------------------------------------------- outside
 
@@ -131,9 +131,10 @@ class Engine:
             self._wake.notify()
         return request
 
-    def call(self, job: Callable[[], None]) -> None:
-        """Run job on the engine's thread before its next step: the model is driven from that thread only.
-        The job delivers its own result; a full queue is an OverloadError, as for requests."""
+    def call(self, job: Callable[[], bool]) -> None:
+        """Run job on the engine's thread before its next step (the model is driven from that thread only),
+        and again before each following step while it returns True. The job delivers its own result; a full
+        queue is an OverloadError, as for requests."""
         with self._wake:
             if len(self.jobs) >= self.max_queue + len(self.slots):
                 raise OverloadError("the server is busy: too much work is waiting")
@@ -191,8 +192,9 @@ class Engine:
                     return
                 self._admit()
                 jobs, self.jobs = list(self.jobs), deque()
-            for job in jobs:
-                job()
+            again = [job for job in jobs if job()]
+            with self._wake:
+                self.jobs.extendleft(reversed(again))
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a failed step ends its requests, never the server
