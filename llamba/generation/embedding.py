@@ -3,9 +3,9 @@
 llama.cpp pools t_embd, the residual stream after the output norm (the row the output matrix would read), the
 way the GGUF's `<arch>.pooling_type` says: 1 mean over the tokens, 2 the first token (cls), 3 the last token;
 then llama-server scales it to unit length (its --embd-normalize default, 2: Euclidean). A generation model's
-file names no pooling, which llama.cpp reads as none, and llama-server then refuses /v1/embeddings ("Pooling
-type 'none' is not OAI compatible", tools/server/server-context.cpp) until it is started with `--pooling mean`:
-we take mean for such a file, what that flag gives and what every client of a decoder model then uses.
+file names no pooling, which llama.cpp reads as none (llama-cpp-python's pooling_type() on SmolLM2: 0), and
+llama-server then refuses /v1/embeddings ("Pooling type 'none' is not OAI compatible", its
+handle_embeddings_impl) until started with `--pooling mean`: we take mean for such a file, what that flag gives.
 
 The texts are evaluated in a KV cache of their own (so serving or chatting keeps its cache), several texts
 side by side in one batch, each its own sequence. The forward is exact, so a text's vector is bit-identical
