@@ -160,3 +160,19 @@ def test_server_embeddings_beside_a_stream(server, llm):
         assert stream.result() == alone
         got = np.array([d.embedding for d in vectors.result().data], np.float32)
     assert np.array_equal(got, np.array(llm.embed(many), np.float32))
+
+
+def test_pooling_follows_the_file():
+    from llamba.errors import UnsupportedError
+    from llamba.generation.embedding import pool, pooling_of, unit_length
+
+    assert pooling_of({}, "llama") == "mean"  # a generation model names none
+    assert pooling_of({"qwen3.pooling_type": 3}, "qwen3") == "last"  # Qwen3-Embedding's files
+    assert pooling_of({"bert.pooling_type": 2}, "bert") == "cls"
+    assert pooling_of({"llama.pooling_type": 0}, "llama") == "mean"  # none: what llama-server asks --pooling for
+    with pytest.raises(UnsupportedError, match="rank"):
+        pooling_of({"llama.pooling_type": 4}, "llama")
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert np.array_equal(pool(rows, "mean"), [4, 5, 6, 7])
+    assert np.array_equal(pool(rows, "cls"), rows[0]) and np.array_equal(pool(rows, "last"), rows[2])
+    assert np.allclose(unit_length(np.array([[3, 4], [0, 0]], np.float32)), [[0.6, 0.8], [0, 0]], atol=1e-7)
