@@ -21,7 +21,7 @@ from .compiling import ensure_compiled, warm_up
 from .errors import BadRequestError, LlambaError
 from .generation.constraints import Constraint, GrammarMask, GrammarVocabulary, constraint_from
 from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
-from .generation.embedding import EmbeddingJob, embed_tokens, pooling_of
+from .generation.embedding import EmbeddingJob, embed_tokens, pooling_named
 from .generation.generate import GenerationStats, Step, generate_steps
 from .generation.sampling import Sampler, SamplingParams
 from .memory.kv_cache import QUANTIZED, check_kv_type
@@ -203,7 +203,7 @@ class Llama:
     @property
     def pooling(self) -> str:
         """How embed pools a text's hidden states: the file's pooling type, else mean (generation/embedding.py)."""
-        return pooling_of(self.model.gguf.metadata, self.model.hp.arch)
+        return pooling_named(self.model.gguf.arch_value("pooling_type"), self.model.hp.arch)
 
     def embed_ids(self, texts: list[list[int]], normalize: bool = True) -> np.ndarray:
         """The pooled vectors [n_texts, n_embd] of token lists (each evaluated in a cache of its own: the

@@ -164,14 +164,14 @@ def test_server_embeddings_beside_a_stream(server, llm):
 
 def test_pooling_follows_the_file():
     from llamba.errors import UnsupportedError
-    from llamba.generation.embedding import pool, pooling_of, unit_length
+    from llamba.generation.embedding import pool, pooling_named, unit_length
 
-    assert pooling_of({}, "llama") == "mean"  # a generation model names none
-    assert pooling_of({"qwen3.pooling_type": 3}, "qwen3") == "last"  # Qwen3-Embedding's files
-    assert pooling_of({"bert.pooling_type": 2}, "bert") == "cls"
-    assert pooling_of({"llama.pooling_type": 0}, "llama") == "mean"  # none: what llama-server asks --pooling for
-    with pytest.raises(UnsupportedError, match="rank"):
-        pooling_of({"llama.pooling_type": 4}, "llama")
+    assert pooling_named(None) == "mean"  # a generation model names none
+    assert pooling_named(3) == "last"  # Qwen3-Embedding's files
+    assert pooling_named(2) == "cls"
+    assert pooling_named(0) == "mean"  # none: what llama-server asks --pooling for
+    with pytest.raises(UnsupportedError, match="llama.pooling_type = 4 .rank."):
+        pooling_named(4, "llama")
     rows = np.arange(12, dtype=np.float32).reshape(3, 4)
     assert np.array_equal(pool(rows, "mean"), [4, 5, 6, 7])
     assert np.array_equal(pool(rows, "cls"), rows[0]) and np.array_equal(pool(rows, "last"), rows[2])

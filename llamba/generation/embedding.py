@@ -26,9 +26,9 @@ CHUNK = 256  # tokens per forward, as the server's prefill: a long text never ne
 GROUP_TOKENS = 4096  # texts evaluated in one cache: bounds its memory (SmolLM2: 46 KB of f32 K/V a token)
 
 
-def pooling_of(metadata: dict, arch: str) -> str:
-    """How this model's file says to pool; mean when it says nothing or none (see the module's docstring)."""
-    value = metadata.get(f"{arch}.pooling_type")
+def pooling_named(value, arch: str = "this model") -> str:
+    """How to pool, from the file's `<arch>.pooling_type` value (None when absent): mean when it says nothing or
+    none (see the module's docstring)."""
     name = POOLING_TYPES.get(int(value), "unknown") if isinstance(value, (int, np.integer)) else DEFAULT_POOLING
     if name == "none":
         return DEFAULT_POOLING
