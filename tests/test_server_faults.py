@@ -206,17 +206,29 @@ def test_sigterm_lets_the_running_stream_finish_then_exits_0(smollm2_path):
 
 
 def test_sigterm_cuts_what_runs_past_the_timeout(smollm2_path):
+    """--shutdown-timeout 1 with a long stream in the one slot, a request queued behind it and a large
+    embeddings request: after a second the stream ends with finish_reason error, the other two get 503, and
+    the process exits 0."""
     s = Server(smollm2_path, "-np", "1", "--shutdown-timeout", "1", "-c", "4096")
     seen, first = [], threading.Event()
     body = {"prompt": COUNTING, "max_tokens": 4000, "temperature": 0, "stream": True}
     streaming = threading.Thread(target=_stream_lines, args=(s.url, body, seen, first))
     streaming.start()
     assert first.wait(120)
-    signalled = time.monotonic()
-    s.process.send_signal(signal.SIGTERM)
-    assert s.process.wait(timeout=30) == 0
-    waited = time.monotonic() - signalled
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        queued = pool.submit(httpx.post, f"{s.url}/v1/completions", json={"prompt": "hi", "max_tokens": 4},
+                             timeout=60)
+        many = [f"Text number {i}: " + "words to embed " * 30 for i in range(200)]  # 20,000 tokens
+        embedding = pool.submit(httpx.post, f"{s.url}/v1/embeddings", json={"input": many}, timeout=60)
+        time.sleep(1)
+        signalled = time.monotonic()
+        s.process.send_signal(signal.SIGTERM)
+        assert s.process.wait(timeout=30) == 0
+        waited = time.monotonic() - signalled
+        for reply in (queued.result(), embedding.result()):
+            assert reply.status_code == 503, reply.text
+            assert "stopped" in reply.json()["error"]["message"]
     streaming.join(timeout=30)
-    assert waited < 10, waited  # 1 s to finish, then the stream is cut and HTTP closes
+    assert waited < 10, waited  # 1 s to finish, then the rest is cut and HTTP closes
     assert seen[-1] == "[DONE]"
     assert json.loads(seen[-2])["choices"][0]["finish_reason"] == "error"

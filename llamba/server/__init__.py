@@ -13,9 +13,9 @@ import time
 
 from ..errors import LlambaError
 from .app import create_app
-from .engine import GUESSING, Engine, Event, Request
+from .engine import GUESSING, Engine, Event, Job, Request
 
-__all__ = ["Engine", "Event", "Request", "create_app", "run"]
+__all__ = ["Engine", "Event", "Job", "Request", "create_app", "run"]
 
 
 def run(llm, host: str, port: int, parallel: int, max_queue: int, api_key: str | None, aliases=(),
@@ -61,7 +61,6 @@ class _GracefulStop:
 
     def __init__(self, app, timeout: float):
         self.app, self.timeout, self.deadline = app, timeout, None
-        app.state.stopping = False
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:

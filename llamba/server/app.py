@@ -24,7 +24,7 @@ from ..generation.constraints import Constraint, constraint_from
 from ..generation.sampling import OPTIONS, Sampler, option_type
 from ..text import openai
 from ..text.tools import ChatPlan
-from .engine import Engine, Event, Request
+from .engine import Engine, Event, Job, Request
 
 
 MAX_TOKENS = 2**31 - 1  # llama-server's n_predict is an int32: a larger budget is a mistake, not a wish
@@ -169,6 +169,7 @@ class _HTTPError(Exception):
 def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliases: tuple[str, ...] = (),
                default_decoding: str = "greedy") -> FastAPI:
     app = FastAPI(title="llamba", docs_url=None, redoc_url=None)
+    app.state.stopping = False  # set on SIGTERM (server/__init__.py): new work is refused
     llm, tokenizer = engine.llm, engine.tokenizer
     known_models = {model_id, *aliases}
     started = int(time.time())
@@ -194,7 +195,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
     @app.middleware("http")
     async def refuse_when_stopping(request: HTTPRequest, call_next):
         """After SIGTERM (server/__init__.py): new work is refused, so a balancer sends it elsewhere."""
-        if getattr(request.app.state, "stopping", False) and request.url.path != "/metrics":
+        if app.state.stopping and request.url.path != "/metrics":
             return _error(503, "the server is shutting down", kind="server_shutting_down", code="shutting_down",
                           headers={"Connection": "close"})
         return await call_next(request)
@@ -253,6 +254,12 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             return _error(400, f"token ids must be in 0..{len(tokenizer.tokens) - 1}", param=param)
         return None
 
+    def failed(last: Event) -> JSONResponse:
+        """An answer that ended in an error: cut by a stop whose time ran out (503), or a failed step (500)."""
+        if app.state.stopping:
+            return _error(503, last.error, kind="server_shutting_down", code="shutting_down")
+        return _error(500, last.error, kind="server_error")
+
     def meta(kind: str) -> dict:
         return openai.response_meta(kind, model_id)
 
@@ -310,9 +317,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             return bad
         return {"content": llm.detokenize(body.tokens)}
 
-    async def on_engine(step):
-        """step() run on the engine's thread (the only one that drives the model), once between each of its
-        steps until it returns True (done); returns what step returned last, or raises what it raised."""
+    async def on_engine(work):
+        """work() run on the engine's thread (the only one that drives the model), once before each of its
+        steps until it returns True (done); raises what it raised, or an OverloadError if the server stopped."""
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         gone = threading.Event()  # the client left: the engine drops the work
@@ -321,19 +328,19 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             if not answer.done():
                 answer.set_exception(error) if error else answer.set_result(None)
 
-        def job() -> bool:
+        def step() -> bool:
             if gone.is_set():
-                return False
+                return True
             try:
-                if not step():
-                    return True  # again, after the next step of the slots
+                if not work():
+                    return False
                 error = None
             except Exception as e:  # noqa: BLE001 - handed to the request, never raised in the engine
                 error = e
             loop.call_soon_threadsafe(settle, error)
-            return False
+            return True
 
-        engine.call(job)
+        engine.call(Job(step, end=lambda message: loop.call_soon_threadsafe(settle, OverloadError(message))))
         try:
             await answer
         finally:
@@ -373,7 +380,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             return _sse(chat_chunks(request, inbox, meta("chatcmpl"), body, plan))
         text, entries, last = await collect(request, inbox)
         if last.error:
-            return _error(500, last.error, kind="server_error")
+            return failed(last)
         logprobs = chat_logprobs(entries) if n_top is not None else None
         content, calls = plan.split(text)
         return openai.chat_completion(meta("chatcmpl"), content, finish(last), usage(request), logprobs, calls)
@@ -408,7 +415,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             return _sse(completion_chunks(request, inbox, meta("cmpl"), body))
         text, entries, last = await collect(request, inbox)
         if last.error:
-            return _error(500, last.error, kind="server_error")
+            return failed(last)
         logprobs = completion_logprobs(entries) if body.logprobs is not None else None
         return openai.completion(meta("cmpl"), text, finish(last), usage(request), logprobs)
 

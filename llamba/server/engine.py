@@ -69,6 +69,15 @@ class Request:
 
 
 @dataclass
+class Job:
+    """Work besides the slots (an embeddings request): step() runs on the engine's thread before each of the
+    slots' steps until it returns True (done; it delivers its own result); end(error) if the engine stops first."""
+
+    step: Callable[[], bool]
+    end: Callable[[str], None]
+
+
+@dataclass
 class _Slot:
     sequence: Sequence  # the tokens the cache holds for this slot's sequence
     request: Request | None = None
@@ -102,7 +111,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.jobs: deque[Callable[[], bool]] = deque()  # work besides the slots (embeddings), run between steps
+        self.jobs: deque[Job] = deque()  # work besides the slots (embeddings), run between steps
 
     # ------------------------------------------------------------------------------------- outside
 
@@ -131,10 +140,9 @@ class Engine:
             self._wake.notify()
         return request
 
-    def call(self, job: Callable[[], bool]) -> None:
-        """Run job on the engine's thread before its next step (the model is driven from that thread only),
-        and again before each following step while it returns True. The job delivers its own result; a full
-        queue is an OverloadError, as for requests."""
+    def call(self, job: Job) -> None:
+        """Run job's steps on the engine's thread (the model is driven from that thread only), one before each
+        of the slots' steps until it is done; a full queue is an OverloadError, as for requests."""
         with self._wake:
             if len(self.jobs) >= self.max_queue + len(self.slots):
                 raise OverloadError("the server is busy: too much work is waiting")
@@ -153,6 +161,8 @@ class Engine:
                 self._finish(slot, error=error)
         while self.waiting:
             self.waiting.popleft().send(Event(finish_reason="error", error=error))
+        while self.jobs:
+            self.jobs.popleft().end(error)
 
     def _load_draft(self, decoding: str):
         from ..models import load_transformer
@@ -192,7 +202,7 @@ class Engine:
                     return
                 self._admit()
                 jobs, self.jobs = list(self.jobs), deque()
-            again = [job for job in jobs if job()]
+            again = [job for job in jobs if not job.step()]
             with self._wake:
                 self.jobs.extendleft(reversed(again))
             try:
