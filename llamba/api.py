@@ -247,7 +247,7 @@ class Llama:
         """An OpenAI-shaped embeddings response (llama-cpp-python's create_embedding)."""
         texts = self.embed_input_ids(input)
         vectors = self.embed_ids(texts, normalize)
-        return openai.embeddings(model or str(self.model_path), list(vectors.tolist()), sum(map(len, texts)))
+        return openai.embeddings(model or str(self.model_path), vectors.tolist(), sum(map(len, texts)))
 
     # ------------------------------------------------------------------------------------- text API
 

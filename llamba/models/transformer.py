@@ -37,6 +37,9 @@ from .latent import LatentAttention, load_latent
 from .metadata import HParams
 
 
+HIDDEN_ONLY = -1  # the thread governor's variant for forwards without the output projection (measured apart)
+
+
 class FileRows:
     """An embedding table left in the file, its rows dequantized as tokens need them. A model with its own
     output matrix only ever gathers a few rows of it: repacking it would cost memory (131 MB for
@@ -243,7 +246,7 @@ class Transformer:
         matrix would read (llama.cpp's t_embd, what its embeddings pool). Exact, as forward(exact=True): a
         token's row is bit-identical however the batches were cut and whatever else they hold."""
         batch.validate(self.hp.n_vocab)
-        with self.threads.run(len(batch)):
+        with self.threads.run(len(batch), variant=HIDDEN_ONLY):
             return self._normed_stream(batch, cache, exact=True, skip=frozenset())
 
     def _normed_stream(self, batch: Batch, cache, exact: bool, skip: frozenset[int]) -> np.ndarray:
