@@ -21,6 +21,7 @@ from .compiling import ensure_compiled, warm_up
 from .errors import BadRequestError, LlambaError
 from .generation.constraints import Constraint, GrammarMask, GrammarVocabulary, Trigger, constraint_from
 from .generation.decoding import DEFAULT_DECODING, Speculation, make_speculation
+from .generation.embedding import EmbeddingJob, embed_tokens, pooling_named
 from .generation.generate import GenerationStats, Step, generate_steps
 from .generation.sampling import Sampler, SamplingParams
 from .memory.kv_cache import QUANTIZED, check_kv_type
@@ -204,6 +205,57 @@ class Llama:
         finally:
             self.sequence.evaluated(list(prompt_ids) + generated)
 
+    # ------------------------------------------------------------------------------------- embeddings
+
+    @property
+    def pooling(self) -> str:
+        """How embed pools a text's hidden states: the file's pooling type, else mean (generation/embedding.py)."""
+        return pooling_named(self.model.gguf.arch_value("pooling_type"), self.model.hp.arch)
+
+    def embed_ids(self, texts: list[list[int]], normalize: bool = True) -> np.ndarray:
+        """The pooled vectors [n_texts, n_embd] of token lists (each evaluated in a cache of its own: the
+        chat's cache is left as it was)."""
+        return embed_tokens(self.model, texts, self.pooling, self.n_ctx, normalize)
+
+    def embedding_job(self, texts: list[list[int]], normalize: bool = True) -> EmbeddingJob:
+        """embed_ids a forward at a time (EmbeddingJob.step), for a caller with other work between them."""
+        return EmbeddingJob(self.model, texts, self.pooling, self.n_ctx, normalize)
+
+    def embed_input_ids(self, input: str | list) -> list[list[int]]:
+        """An embeddings input as OpenAI takes it (a text, a list of texts, a token list or a list of token
+        lists) -> the token lists; texts get the BOS token as llama.cpp's embedding mode adds it."""
+        if isinstance(input, str):
+            input = [input]
+        if not isinstance(input, list) or not input:
+            raise BadRequestError("input must be a non-empty string, list of strings or list of token ids")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in input):
+            input = [input]
+        texts = []
+        for i, item in enumerate(input):
+            if isinstance(item, str):
+                if not item:
+                    raise BadRequestError(f"input {i} is an empty string")
+                texts.append(self.tokenize(item))
+            elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+                if any(not 0 <= t < self.model.hp.n_vocab for t in item):
+                    raise BadRequestError(f"input {i}: token ids must be in 0..{self.model.hp.n_vocab - 1}")
+                texts.append(list(item))
+            else:
+                raise BadRequestError(f"input {i} is neither a string nor a list of token ids")
+        return texts
+
+    def embed(self, input: str | list, normalize: bool = True) -> list[float] | list[list[float]]:
+        """llama-cpp-python's embed: a text's vector, or a list of vectors for a list of texts (or token
+        lists). Unit length unless normalize=False, as llama-server's."""
+        vectors = self.embed_ids(self.embed_input_ids(input), normalize).tolist()
+        return vectors[0] if isinstance(input, str) or _is_token_list(input) else vectors
+
+    def create_embedding(self, input: str | list, model: str | None = None, normalize: bool = True) -> dict:
+        """An OpenAI-shaped embeddings response (llama-cpp-python's create_embedding)."""
+        texts = self.embed_input_ids(input)
+        vectors = self.embed_ids(texts, normalize)
+        return openai.embeddings(model or str(self.model_path), vectors.tolist(), sum(map(len, texts)))
+
     # ------------------------------------------------------------------------------------- text API
 
     def generate(self, prompt: str, max_tokens: int = 256, stop: list[str] | None = None,
@@ -273,6 +325,10 @@ class Llama:
 
     def _usage(self) -> dict:
         return openai.usage(self.last_stats.prompt_tokens, self.last_stats.generated_tokens)
+
+
+def _is_token_list(input) -> bool:
+    return isinstance(input, list) and bool(input) and all(isinstance(t, int) for t in input)
 
 
 def _no_none(name):

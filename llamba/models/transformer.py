@@ -37,6 +37,9 @@ from .latent import LatentAttention, load_latent
 from .metadata import HParams
 
 
+HIDDEN_ONLY = -1  # the thread governor's variant for forwards without the output projection (measured apart)
+
+
 class FileRows:
     """An embedding table left in the file, its rows dequantized as tokens need them. A model with its own
     output matrix only ever gathers a few rows of it: repacking it would cost memory (131 MB for
@@ -238,14 +241,25 @@ class Transformer:
         with self.threads.run(len(batch), variant=len(skip)):
             return self._forward(batch, cache, exact, skip, vocab)
 
-    def _forward(self, batch: Batch, cache, exact: bool, skip: frozenset[int], vocab: int | None) -> np.ndarray:
-        hp = self.hp
+    def hidden_states(self, batch: Batch, cache) -> np.ndarray:
+        """Every batch token's final hidden state [n_tokens, n_embd], after the output norm: the row the output
+        matrix would read (llama.cpp's t_embd, what its embeddings pool). Exact, as forward(exact=True): a
+        token's row is bit-identical however the batches were cut and whatever else they hold."""
+        batch.validate(self.hp.n_vocab)
+        with self.threads.run(len(batch), variant=HIDDEN_ONLY):
+            return self._normed_stream(batch, cache, exact=True, skip=frozenset())
+
+    def _normed_stream(self, batch: Batch, cache, exact: bool, skip: frozenset[int]) -> np.ndarray:
         placement = cache.place(batch)
         try:
-            h = self._layers(batch, placement, cache, exact, skip)
+            return self._layers(batch, placement, cache, exact, skip)
         except BaseException:
             cache.remove_cells(placement.cells)  # a failed pass leaves nothing behind
             raise
+
+    def _forward(self, batch: Batch, cache, exact: bool, skip: frozenset[int], vocab: int | None) -> np.ndarray:
+        hp = self.hp
+        h = self._normed_stream(batch, cache, exact, skip)
         logits = matmul(h[batch.want_logits], self.output if vocab is None else leading_rows(self.output, vocab))
         if hp.final_softcap:
             softcap(logits, hp.final_softcap)

@@ -7,25 +7,53 @@ including malformed JSON and out-of-range values; a full server answers 503 with
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import threading
 import time
 from typing import Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextOverflowError, LlambaError, NotFoundError, OverloadError
 from ..generation.constraints import Constraint, Trigger, constraint_from
 from ..generation.sampling import OPTIONS, Sampler, option_type
 from ..text import openai
 from ..text.tools import ChatPlan
-from .engine import Engine, Event, Request
+from .engine import Engine, Event, Job, Request
+
+
+MAX_TOKENS = 2**31 - 1  # llama-server's n_predict is an int32: a larger budget is a mistake, not a wish
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data):
+        """JSON's \\ud800 escapes decode to lone surrogates, which no UTF-8 tokenizer can take."""
+        if _has_lone_surrogate(data):
+            raise ValueError("the body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")
+        return data
+
+
+def _has_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 class StreamOptions(_Body):
@@ -83,8 +111,8 @@ class Message(_Body):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict | None = None
@@ -98,7 +126,7 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
-    max_tokens: int = Field(16, ge=0)
+    max_tokens: int = Field(16, ge=0, le=MAX_TOKENS)
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
@@ -111,20 +139,26 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class EmbeddingRequest(_Body):
+    input: str | list[str] | list[int] | list[list[int]]  # checked further by Llama.embed_input_ids
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
            code: str | None = None, headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _error_for(e: LlambaError) -> JSONResponse:
+def _error_for(e: LlambaError, param: str | None = None) -> JSONResponse:
     """The OpenAI error a LlambaError becomes, chosen by its type (any other kind is the client's bad request)."""
     if isinstance(e, OverloadError):
         return _error(503, str(e), kind="server_busy", headers={"Retry-After": "1"})
     if isinstance(e, NotFoundError):
         return _error(404, str(e), code="not_found")
     code = "context_length_exceeded" if isinstance(e, ContextOverflowError) else None
-    return _error(400, str(e), code=code)
+    return _error(400, str(e), param=param, code=code)
 
 
 class _HTTPError(Exception):
@@ -135,6 +169,7 @@ class _HTTPError(Exception):
 def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliases: tuple[str, ...] = (),
                default_decoding: str = "greedy") -> FastAPI:
     app = FastAPI(title="llamba", docs_url=None, redoc_url=None)
+    app.state.stopping = False  # set on SIGTERM (server/__init__.py): new work is refused
     llm, tokenizer = engine.llm, engine.tokenizer
     known_models = {model_id, *aliases}
     started = int(time.time())
@@ -148,9 +183,22 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return _error(400, message, param=where or None)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_status(_, exc: StarletteHTTPException):  # unknown routes (404), wrong methods (405)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind=kind, headers=getattr(exc, "headers", None))
+
     @app.exception_handler(_HTTPError)
     async def http_error(_, exc: _HTTPError):
         return exc.response
+
+    @app.middleware("http")
+    async def refuse_when_stopping(request: HTTPRequest, call_next):
+        """After SIGTERM (server/__init__.py): new work is refused, so a balancer sends it elsewhere."""
+        if app.state.stopping and request.url.path != "/metrics":
+            return _error(503, "the server is shutting down", kind="server_shutting_down", code="shutting_down",
+                          headers={"Connection": "close"})
+        return await call_next(request)
 
     @app.middleware("http")
     async def check_key(request: HTTPRequest, call_next):
@@ -205,6 +253,12 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         if any(not 0 <= t < len(tokenizer.tokens) for t in ids):
             return _error(400, f"token ids must be in 0..{len(tokenizer.tokens) - 1}", param=param)
         return None
+
+    def failed(last: Event) -> JSONResponse:
+        """An answer that ended in an error: cut by a stop whose time ran out (503), or a failed step (500)."""
+        if app.state.stopping:
+            return _error(503, last.error, kind="server_shutting_down", code="shutting_down")
+        return _error(500, last.error, kind="server_error")
 
     def meta(kind: str) -> dict:
         return openai.response_meta(kind, model_id)
@@ -263,6 +317,51 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             return bad
         return {"content": llm.detokenize(body.tokens)}
 
+    async def on_engine(work):
+        """work() run on the engine's thread (the only one that drives the model), once before each of its
+        steps until it returns True (done); raises what it raised, or an OverloadError if the server stopped."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        gone = threading.Event()  # the client left: the engine drops the work
+
+        def settle(error):
+            if not answer.done():
+                answer.set_exception(error) if error else answer.set_result(None)
+
+        def step() -> bool:
+            if gone.is_set():
+                return True
+            try:
+                if not work():
+                    return False
+                error = None
+            except Exception as e:  # noqa: BLE001 - handed to the request, never raised in the engine
+                error = e
+            loop.call_soon_threadsafe(settle, error)
+            return True
+
+        engine.call(Job(step, end=lambda message: loop.call_soon_threadsafe(settle, OverloadError(message))))
+        try:
+            await answer
+        finally:
+            gone.set()
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        check_model(body.model)
+        try:
+            texts = llm.embed_input_ids(body.input)
+            job = llm.embedding_job(texts)
+            await on_engine(job.step)
+            vectors = job.vectors
+        except LlambaError as e:
+            return _error_for(e, param="input")
+        if body.encoding_format == "base64":  # little-endian float32 bytes, as OpenAI's client decodes them
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            data = vectors.tolist()
+        return openai.embeddings(model_id, data, sum(map(len, texts)))
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
         check_model(body.model)
@@ -281,7 +380,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             return _sse(chat_chunks(request, inbox, meta("chatcmpl"), body, plan))
         text, entries, last = await collect(request, inbox)
         if last.error:
-            return _error(500, last.error, kind="server_error")
+            return failed(last)
         logprobs = chat_logprobs(entries) if n_top is not None else None
         content, calls = plan.split(text)
         return openai.chat_completion(meta("chatcmpl"), content, finish(last), usage(request), logprobs, calls)
@@ -316,7 +415,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             return _sse(completion_chunks(request, inbox, meta("cmpl"), body))
         text, entries, last = await collect(request, inbox)
         if last.error:
-            return _error(500, last.error, kind="server_error")
+            return failed(last)
         logprobs = completion_logprobs(entries) if body.logprobs is not None else None
         return openai.completion(meta("cmpl"), text, finish(last), usage(request), logprobs)
 

@@ -69,6 +69,15 @@ class Request:
 
 
 @dataclass
+class Job:
+    """Work besides the slots (an embeddings request): step() runs on the engine's thread before each of the
+    slots' steps until it returns True (done; it delivers its own result); end(error) if the engine stops first."""
+
+    step: Callable[[], bool]
+    end: Callable[[str], None]
+
+
+@dataclass
 class _Slot:
     sequence: Sequence  # the tokens the cache holds for this slot's sequence
     request: Request | None = None
@@ -102,6 +111,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.jobs: deque[Job] = deque()  # work besides the slots (embeddings), run between steps
 
     # ------------------------------------------------------------------------------------- outside
 
@@ -129,6 +139,30 @@ class Engine:
             self.counters["requests"] += 1
             self._wake.notify()
         return request
+
+    def call(self, job: Job) -> None:
+        """Run job's steps on the engine's thread (the model is driven from that thread only), one before each
+        of the slots' steps until it is done; a full queue is an OverloadError, as for requests."""
+        with self._wake:
+            if len(self.jobs) >= self.max_queue + len(self.slots):
+                raise OverloadError("the server is busy: too much work is waiting")
+            self.jobs.append(job)
+            self._wake.notify()
+
+    def idle(self) -> bool:
+        """Nothing running, waiting or asked: what a graceful stop waits for."""
+        return not self.busy_slots and not self.waiting and not self.jobs
+
+    def end_all(self, error: str) -> None:
+        """End every request still running or waiting with this error (a stop whose time ran out); call it
+        from the engine's thread once `run` has returned."""
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, error=error)
+        while self.waiting:
+            self.waiting.popleft().send(Event(finish_reason="error", error=error))
+        while self.jobs:
+            self.jobs.popleft().end(error)
 
     def _load_draft(self, decoding: str):
         from ..models import load_transformer
@@ -162,11 +196,15 @@ class Engine:
         sleeps and is woken for each of the hundreds of regions a token takes; decoding measured 2x slower."""
         while True:
             with self._wake:
-                while not self._stopping and not self.waiting and not self.busy_slots and keep_running():
+                while not self._stopping and self.idle() and keep_running():
                     self._wake.wait(timeout=0.5)
                 if self._stopping or not keep_running():
                     return
                 self._admit()
+                jobs, self.jobs = list(self.jobs), deque()
+            again = [job for job in jobs if not job.step()]
+            with self._wake:
+                self.jobs.extendleft(reversed(again))
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a failed step ends its requests, never the server

@@ -22,6 +22,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def embeddings(model: str, vectors: list, prompt_tokens: int) -> dict:
+    """An embeddings response: vectors as lists of floats, or base64 strings of their float32 bytes."""
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
 def openai_finish_reason(reason: str | None) -> str:
     """OpenAI's word for why an answer ended: running out of context is "length" there too."""
     return "length" if reason in ("length", "context") else reason or "stop"
