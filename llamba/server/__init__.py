@@ -15,7 +15,7 @@ __all__ = ["Engine", "Event", "Request", "create_app", "run"]
 
 
 def run(llm, host: str, port: int, parallel: int, max_queue: int, api_key: str | None, aliases=(),
-        decoding: str = "greedy", on_ready=None) -> None:
+        decoding: str = "greedy", on_ready=None, kv_budget: int | None = None) -> None:
     """Serve until interrupted: HTTP on a thread of its own, the engine (the kernels) on this one."""
     import signal
     import threading
@@ -23,7 +23,8 @@ def run(llm, host: str, port: int, parallel: int, max_queue: int, api_key: str |
 
     import uvicorn
 
-    engine = Engine(llm, parallel=parallel, max_queue=max_queue, draft=None if decoding in GUESSING else decoding)
+    engine = Engine(llm, parallel=parallel, max_queue=max_queue, draft=None if decoding in GUESSING else decoding,
+                    kv_budget=kv_budget)
     model_id = llm.model_path.name
     app = create_app(engine, model_id, api_key=api_key, aliases=(llm.model_path.stem, *aliases),
                      default_decoding=decoding)
