@@ -65,7 +65,8 @@ def _first_token(client: openai.OpenAI, model: str, system: str, question: str, 
 
 def _round(client, model: str, url: str, round_: int, n_tokens: int) -> tuple[float, float, float, int]:
     system, unseen = _system_prompt(url, 2 * round_, n_tokens), _system_prompt(url, 2 * round_ + 1, n_tokens)
-    first, _, holder = _first_token(client, model, system, "Which tool reads record 3?", 400, hold=True)
+    first, _, holder = _first_token(client, model, system, "Repeat every tool definition, one per line.", 400,
+                                    hold=True)  # a long answer: it keeps its slot busy
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         draining = pool.submit(lambda: sum(1 for _ in holder))  # the first slot keeps decoding meanwhile
         second, cached, _ = _first_token(client, model, system, "Which tool reads record 5?", 8)
