@@ -164,3 +164,44 @@ def test_a_budget_that_cannot_be_had_is_one_line_at_start(smollm2_path, budget, 
                            "--kv-budget", budget], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and message in done.stderr
+
+
+def test_the_engine_shares_cells_and_trims_idle_caches_only_when_that_makes_room(smollm2_path):
+    """In process, step by step: a prompt extending a busy slot's holds the very same cells; a request that
+    cannot get memory waits without emptying idle caches it could not use; everything finishes."""
+    from llamba import Llama
+    from llamba.memory.kv_cache import SPARE_CELLS
+    from llamba.server.engine import Engine, Request
+
+    llm = Llama(str(smollm2_path), n_ctx=256)
+    per_cell = llm.model.new_cache(256, "f32", n_cells=1).bytes_per_cell
+    engine = Engine(llm, parallel=3, kv_budget=per_cell * (300 + 3 * SPARE_CELLS))  # 300 cells to reserve
+    prompt = llm.tokenize(COUNTING)
+
+    def submit(ids, max_tokens):
+        request = Request(ids, max_tokens, llm.sampler(None, None, temperature=0))
+        engine.submit(request)
+        engine._admit()
+        return request
+
+    def slot_of(request):
+        return next(s for s in engine.slots if s.request is request)
+
+    first = submit(prompt, 150)
+    engine._step()
+    second = submit(prompt + prompt[-3:], 20)
+    assert second.cached_tokens == len(prompt)
+    a, b = engine.cache.seq_cells(slot_of(first).sequence.seq), engine.cache.seq_cells(slot_of(second).sequence.seq)
+    assert list(b) == list(a[: len(prompt)])  # shared, not copied
+    while second in [s.request for s in engine.slots]:
+        engine._step()
+    idle = next(s for s in engine.slots if s.request is None and len(s.sequence))
+    held = len(idle.sequence)
+    unrelated = llm.tokenize("Tell me about the sea.")
+    assert unrelated[0] != prompt[0]  # it goes to the empty slot, the least recently used
+    third = submit(unrelated, 240)  # beside the first's reservation of prompt + 150, more than the 300 cells
+    assert list(engine.waiting) == [third] and len(idle.sequence) == held  # trimming it could not make room
+    while engine.waiting or any(s.request is not None for s in engine.slots):
+        engine._admit()
+        engine._step()
+    assert first.generated == 150 and third.generated > 0

@@ -141,20 +141,20 @@ class Engine:
         met as an out-of-memory kill when the cache fills."""
         per_cell = self.model.new_cache(self.n_ctx, kv_type, n_cells=1).bytes_per_cell
         n_cells = kv_budget // per_cell if kv_budget else parallel * self.n_ctx + self.guess_cells
-        figure = f"--kv-budget {_gib(kv_budget)}" if kv_budget else f"-c {self.n_ctx} x --parallel {parallel}"
+        figure = f"--kv-budget {_size(kv_budget)}" if kv_budget else f"-c {self.n_ctx} x --parallel {parallel}"
         if n_cells - self.guess_cells < self.n_ctx:
             raise LlambaError(f"{figure} holds {max(0, n_cells - self.guess_cells)} tokens of {kv_type} KV cache "
                               f"beside {self.guess_cells} for guesses, fewer than one context of {self.n_ctx} "
                               "tokens: raise it or lower -c")
         available = available_memory()
         if available is not None and n_cells * per_cell > available:
-            raise LlambaError(f"{figure} needs {_gib(n_cells * per_cell)} of {kv_type} KV cache; this machine has "
-                              f"{_gib(available)} available (lower it, or choose a smaller --kv-type)")
+            raise LlambaError(f"{figure} needs {_size(n_cells * per_cell)} of {kv_type} KV cache; this machine has "
+                              f"{_size(available)} available (lower it, or choose a smaller --kv-type)")
         try:
             cache = self.model.new_cache(self.n_ctx, kv_type, n_cells=n_cells)
             cache.commit()
         except MemoryError:
-            raise LlambaError(f"{figure}: {_gib(n_cells * per_cell)} of KV cache could not be allocated") from None
+            raise LlambaError(f"{figure}: {_size(n_cells * per_cell)} of KV cache could not be allocated") from None
         return cache
 
     def submit(self, request: Request) -> Request:
@@ -257,10 +257,14 @@ class Engine:
 
     def _make_room(self, cells: int, keep: _Slot) -> bool:
         """Whether `cells` cells are free beyond what running requests and guesses have set aside, after
-        trimming idle slots' caches (least recently used first, from their ends; never `keep`'s)."""
+        trimming idle slots' caches (least recently used first, from their ends; never `keep`'s). Nothing is
+        trimmed when even all of them could not make the room: a request waiting on running ones spares them."""
+        idle = [s for s in self.slots if s.request is None and s is not keep]
+        if cells - self._unclaimed_cells() > sum(len(s.sequence) for s in idle):
+            return False
         while (short := cells - self._unclaimed_cells()) > 0:
-            idle = [s for s in self.slots if s.request is None and s is not keep and len(s.sequence)]
-            if not idle:
+            idle = [s for s in idle if len(s.sequence)]
+            if not idle:  # what is left of them is shared with running requests
                 return False
             oldest = min(idle, key=lambda s: s.last_used)
             oldest.sequence.keep(len(oldest.sequence) - short)  # shared cells stay: the loop trims on if so
@@ -390,5 +394,8 @@ def _logprobs(logits: np.ndarray, token: int, n_top: int) -> dict:
     return {"logprob": float(z[token] - log_total), "top": [(int(t), float(z[t] - log_total)) for t in top]}
 
 
-def _gib(n_bytes: int) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes / 2**20:.1f} MiB"
