@@ -146,11 +146,16 @@ def _waiting_beside_a_free_slot(gauges: dict[str, float]) -> bool:
     return gauges["queue_length"] == 1 and gauges["slots_idle"] == 1
 
 
-def test_prompt_and_max_tokens_over_the_context_is_a_400(budgeted):
-    client = budgeted.client()
-    with pytest.raises(openai.BadRequestError, match="max_tokens 300 do not fit the context of 256") as error:
-        _count(client, 300)
-    assert error.value.code == "context_length_exceeded"
+def test_max_tokens_past_the_context_stops_there_and_reserves_only_that(budgeted):
+    """As llama-server: a budget larger than what the context leaves is cut to it, not refused; so two such
+    requests on this budget still run one after the other, each to the end of its context."""
+    client = budgeted.client(timeout=300)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(lambda _: _count(client, 5000), range(2)))
+    for reply in replies:
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 256
+    assert replies[0].choices[0].text == replies[1].choices[0].text
     unbounded = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
                                                temperature=0)  # no max_tokens: the rest of the context
     assert unbounded.choices[0].finish_reason in ("stop", "length")

@@ -169,17 +169,6 @@ class Engine:
             self._wake.notify()
         return request
 
-    def _check_length(self, request: Request) -> None:
-        """The prompt and max_tokens must fit one slot's context (no max_tokens: whatever remains of it)."""
-        prompt = len(request.prompt_ids)
-        if prompt >= self.n_ctx:
-            raise ContextOverflowError(f"the prompt has {prompt} tokens; the context holds {self.n_ctx}")
-        if request.max_tokens is None:
-            request.max_tokens = self.n_ctx - prompt
-        elif prompt + request.max_tokens > self.n_ctx:
-            raise ContextOverflowError(f"the prompt's {prompt} tokens and max_tokens {request.max_tokens} do not fit "
-                                       f"the context of {self.n_ctx} (at most {self.n_ctx - prompt} new tokens)")
-
     def _load_draft(self, decoding: str):
         from ..models import load_transformer
         from ..store import resolve_model
@@ -201,6 +190,15 @@ class Engine:
     @property
     def busy_slots(self) -> int:
         return len(self.slots) - self.free_slots()
+
+    def _check_length(self, request: Request) -> None:
+        """The prompt must fit one slot's context; max_tokens past what is left of it (or none) stops there, as
+        llama-server's does (agents send budgets larger than a local context), and only that much is reserved."""
+        prompt = len(request.prompt_ids)
+        if prompt >= self.n_ctx:
+            raise ContextOverflowError(f"the prompt has {prompt} tokens; the context holds {self.n_ctx}")
+        room = self.n_ctx - prompt
+        request.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
 
     # ------------------------------------------------------------------------------------- the loop
 
