@@ -35,9 +35,8 @@ def _answer_and_logprobs(reply) -> tuple[str, list]:
                                     for e in choice.logprobs.content]
 
 
-def _count(client, max_tokens: int, stream: bool = False):
-    return client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=max_tokens, temperature=0,
-                                     stream=stream)
+def _count(client, max_tokens: int):
+    return client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=max_tokens, temperature=0)
 
 
 def _gauges(server: Server) -> dict[str, float]:
