@@ -311,8 +311,22 @@ class KVCache:
 
     @property
     def nbytes_used(self) -> int:
-        per_cell = sum(a.shape[0] * a.shape[2] * a.itemsize for a in self._arrays)
-        return per_cell * int((self.cell_seqs != 0).sum())
+        return self.bytes_per_cell * int((self.cell_seqs != 0).sum())
+
+    @property
+    def bytes_per_cell(self) -> int:
+        """Keys and values of one token, every layer (a latent cache's one array counted once)."""
+        return sum(a.shape[0] * a.shape[2] * a.itemsize for a in self._arrays)
+
+    @property
+    def free_cells(self) -> int:
+        return int((self.cell_seqs == 0).sum())
+
+    def commit(self) -> None:
+        """Touch every page now: np.zeros maps them lazily, so a cache that is to be the process's from the
+        start (a server's budget) is written once here rather than found missing when it fills."""
+        for a in self._arrays:
+            a.fill(0)
 
 
 @dataclass
@@ -381,6 +395,18 @@ def _fill_visible(visible, counts, flat, starts, lengths, seq_index, parents, ce
             visible[t, m + d] = cells[a]
             a = parents[a]
         counts[t] = m + depth
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _check_fits(n_bytes: int, n_ctx: int, kv_type: str) -> None:

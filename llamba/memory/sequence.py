@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import LlambaError
 from .kv_cache import KVCache
 
 
@@ -39,6 +40,16 @@ class Sequence:
         """Forget every position from n on, in the cache too (0: the whole sequence)."""
         self.cache.remove(self.seq, max(0, n))
         del self._tokens[max(0, n) :]
+
+    def share(self, other: "Sequence", n: int) -> None:
+        """Hold other's first n positions instead of what this sequence held: the same cells, no copy and no
+        evaluation (a prompt prefix another sequence computed). Either may later go its own way; a cell is
+        freed when neither holds it."""
+        if other.cache is not self.cache:
+            raise LlambaError("a sequence can share positions only with another sequence of its own cache")
+        self.keep(0)
+        self.cache.copy_seq(other.seq, self.seq, 0, n)
+        self._tokens = other._tokens[:n]
 
     def extend(self, tokens) -> None:
         """Record tokens the model has just evaluated at the next positions."""

@@ -19,7 +19,8 @@ __all__ = ["Engine", "Event", "Job", "Request", "create_app", "run"]
 
 
 def run(llm, host: str, port: int, parallel: int, max_queue: int, api_key: str | None, aliases=(),
-        decoding: str = "greedy", on_ready=None, shutdown_timeout: float = 30.0) -> None:
+        decoding: str = "greedy", on_ready=None, shutdown_timeout: float = 30.0,
+        kv_budget: int | None = None) -> None:
     """Serve until interrupted: HTTP on a thread of its own, the engine (the kernels) on this one.
 
     SIGTERM stops gracefully: new requests get 503, running and queued ones finish (for at most
@@ -27,7 +28,8 @@ def run(llm, host: str, port: int, parallel: int, max_queue: int, api_key: str |
     or Ctrl-C, stops at once."""
     import uvicorn
 
-    engine = Engine(llm, parallel=parallel, max_queue=max_queue, draft=None if decoding in GUESSING else decoding)
+    engine = Engine(llm, parallel=parallel, max_queue=max_queue, draft=None if decoding in GUESSING else decoding,
+                    kv_budget=kv_budget)
     model_id = llm.model_path.name
     app = create_app(engine, model_id, api_key=api_key, aliases=(llm.model_path.stem, *aliases),
                      default_decoding=decoding)

@@ -264,7 +264,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
         return openai.response_meta(kind, model_id)
 
     def usage(request: Request) -> dict:
-        return openai.usage(len(request.prompt_ids), request.generated)
+        return openai.usage(len(request.prompt_ids), request.generated, request.cached_tokens)
 
     def finish(event: Event) -> str:
         if event.error:
@@ -375,7 +375,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, aliase
             return _error(400, str(e), param="messages")
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         n_top = (body.top_logprobs or 0) if body.logprobs else None
-        request, inbox = submit(prompt_ids, body, engine.n_ctx if limit is None else limit, n_top, plan)
+        request, inbox = submit(prompt_ids, body, limit, n_top, plan)  # no limit: the rest of the context
         if body.stream:
             return _sse(chat_chunks(request, inbox, meta("chatcmpl"), body, plan))
         text, entries, last = await collect(request, inbox)
@@ -449,12 +449,16 @@ def _prometheus(engine: Engine) -> str:
     registry = CollectorRegistry()
     for name, help_text in (("requests", "Requests accepted"), ("prompt_tokens", "Prompt tokens received"),
                             ("evaluated_prompt_tokens", "Prompt tokens evaluated (the rest came from the cache)"),
+                            ("cached_prompt_tokens", "Prompt tokens whose KV was reused from a slot's cache"),
                             ("generated_tokens", "Tokens generated")):
         Counter(f"llamba_{name}", help_text, registry=registry).inc(engine.counters[name])
     for name, help_text, value in (("queue_length", "Requests waiting for a slot", len(engine.waiting)),
                                    ("slots_processing", "Slots generating", engine.busy_slots),
                                    ("slots_idle", "Slots free", engine.free_slots()),
                                    ("tokens_per_second", "Tokens generated per second in the last step",
-                                    engine.tokens_per_second)):
+                                    engine.tokens_per_second),
+                                   ("kv_cache_budget_bytes", "KV cache of all slots, allocated at start",
+                                    engine.cache.nbytes),
+                                   ("kv_cache_used_bytes", "KV cache holding tokens", engine.cache.nbytes_used)):
         Gauge(f"llamba_{name}", help_text, registry=registry).set(value)
     return generate_latest(registry).decode()

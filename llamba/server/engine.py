@@ -6,9 +6,17 @@ weights are read once for all of them (the batch mechanism of memory/batch.py). 
 invariant, so a request's tokens are the same whether it was served alone or beside others.
 
 A request that arrives when every slot is busy waits in a bounded queue; the next step after a slot frees,
-it takes the slot whose cached tokens share the longest prefix with its prompt, and only the rest of the
-prompt is evaluated (a chat's next turn runs only its new message). The engine runs in one thread; requests
-talk to it through thread-safe queues, and cancelling one frees its slot at the next step.
+it takes the free slot whose cached tokens share the longest prefix with its prompt (then the least recently
+used), and only the rest of the prompt is evaluated (a chat's next turn runs only its new message). When
+another slot, busy or idle, holds a longer prefix of the prompt (agents resend one long system prompt and
+their tools), the new slot shares those cells: the cache's cells may belong to several sequences, and
+attention reads them in position order, so the reused keys and values are the bits the prompt would compute.
+
+The KV memory of all slots is one budget, allocated at start. Each request reserves the cells its prompt and
+max_tokens can fill beyond what it shares; one that does not fit yet waits at the head of the queue while
+idle slots' caches are trimmed, least recently used first, and running requests never run out. The engine
+runs in one thread; requests talk to it through thread-safe queues, and cancelling one frees its slot at the
+next step.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from ..generation.decoding import DECODERS, Speculation, make_speculation
 from ..generation.decoding.speculative import Draft, guess, settle
 from ..generation.sampling import Sampler
 from ..memory.batch import MAX_SEQUENCES, Batch
-from ..memory.kv_cache import SPARE_CELLS
+from ..memory.kv_cache import SPARE_CELLS, KVCache, available_memory
 from ..memory.sequence import Sequence
 from ..text.stream import TextStream
 
@@ -49,7 +57,7 @@ class Event:
 @dataclass
 class Request:
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int | None  # None: to the end of the context
     sampler: Sampler
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best
@@ -58,6 +66,7 @@ class Request:
     deliver: Callable[[Event], None] | None = None  # called from the engine thread; default: put in events
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the cache
     submitted: float = field(default_factory=time.perf_counter)
     first_token_seconds: float | None = None
 
@@ -87,26 +96,35 @@ class _Slot:
     speculation: Speculation | None = None
     decoders: dict = field(default_factory=dict)  # decoding name -> this slot's Speculation (a draft's cache)
     last_used: float = 0.0
+    reserved: int = 0  # positions the request may fill (prompt + max_tokens): its cells are set aside
+
+    @property
+    def outstanding(self) -> int:
+        """Cells the running request may still take."""
+        return max(0, self.reserved - len(self.sequence)) if self.request is not None else 0
 
 
 GUESSING = tuple(d for d in DECODERS if not d.startswith("draft:"))  # offered without loading a model
 
 
 class Engine:
-    def __init__(self, llm, parallel: int = 4, max_queue: int = 16, draft: str | None = None):
-        """draft: a `draft:MODEL` decoding the server offers (its model loaded once, a cache per slot)."""
+    def __init__(self, llm, parallel: int = 4, max_queue: int = 16, draft: str | None = None,
+                 kv_budget: int | None = None):
+        """draft: a `draft:MODEL` decoding the server offers (its model loaded once, a cache per slot).
+        kv_budget: bytes of KV cache for all slots together (None: a whole context per slot)."""
         if not 1 <= parallel <= MAX_SEQUENCES:
             raise LlambaError(f"--parallel must be in 1..{MAX_SEQUENCES} (got {parallel})")
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
         self.decoders = GUESSING + ((draft,) if draft else ())
         self._draft_model = self._load_draft(draft) if draft else None
         self.n_ctx = llm.n_ctx
-        self.cache = self.model.new_cache(self.n_ctx, llm.cache.kv_type,
-                                          n_cells=parallel * self.n_ctx + SPARE_CELLS)
+        self.guess_cells = SPARE_CELLS * parallel  # a step's guesses, held until the rejected are dropped
+        self.cache = self._allocate_cache(llm.cache.kv_type, parallel, kv_budget)
         self.slots = [_Slot(Sequence(self.cache, seq)) for seq in range(parallel)]
         self.max_queue = max_queue
         self.waiting: deque[Request] = deque()
-        self.counters = {"requests": 0, "prompt_tokens": 0, "evaluated_prompt_tokens": 0, "generated_tokens": 0}
+        self.counters = {"requests": 0, "prompt_tokens": 0, "evaluated_prompt_tokens": 0, "cached_prompt_tokens": 0,
+                         "generated_tokens": 0}
         self.tokens_per_second = 0.0
         self._wake = threading.Condition()
         self._stopping = False
@@ -127,11 +145,32 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
+    def _allocate_cache(self, kv_type: str, parallel: int, kv_budget: int | None) -> KVCache:
+        """The cache of every slot together, its pages committed once at start: kv_budget bytes, or a whole
+        context per slot. A budget this machine cannot give is refused here, naming the figure, rather than
+        met as an out-of-memory kill when the cache fills."""
+        per_cell = self.model.new_cache(self.n_ctx, kv_type, n_cells=1).bytes_per_cell
+        n_cells = kv_budget // per_cell if kv_budget else parallel * self.n_ctx + self.guess_cells
+        figure = f"--kv-budget {_size(kv_budget)}" if kv_budget else f"-c {self.n_ctx} x --parallel {parallel}"
+        if n_cells - self.guess_cells < self.n_ctx:
+            raise LlambaError(f"{figure} holds {max(0, n_cells - self.guess_cells)} tokens of {kv_type} KV cache "
+                              f"beside {self.guess_cells} for guesses, fewer than one context of {self.n_ctx} "
+                              "tokens: raise it or lower -c")
+        available = available_memory()
+        if available is not None and n_cells * per_cell > available:
+            raise LlambaError(f"{figure} needs {_size(n_cells * per_cell)} of {kv_type} KV cache; this machine has "
+                              f"{_size(available)} available (lower it, or choose a smaller --kv-type)")
+        try:
+            cache = self.model.new_cache(self.n_ctx, kv_type, n_cells=n_cells)
+            cache.commit()
+        except MemoryError:
+            raise LlambaError(f"{figure}: {_size(n_cells * per_cell)} of KV cache could not be allocated") from None
+        return cache
+
     def submit(self, request: Request) -> Request:
         if request.decoding not in self.decoders:
             raise BadRequestError(f"decoding {request.decoding!r} is not offered here (offered: {', '.join(self.decoders)})")
-        if len(request.prompt_ids) >= self.n_ctx:
-            raise ContextOverflowError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.n_ctx}")
+        self._check_length(request)
         with self._wake:
             if len(self.waiting) >= self.max_queue + self.free_slots():
                 raise OverloadError("the server is busy: every slot is taken and the queue is full")
@@ -186,6 +225,15 @@ class Engine:
     def busy_slots(self) -> int:
         return len(self.slots) - self.free_slots()
 
+    def _check_length(self, request: Request) -> None:
+        """The prompt must fit one slot's context; max_tokens past what is left of it (or none) stops there, as
+        llama-server's does (agents send budgets larger than a local context), and only that much is reserved."""
+        prompt = len(request.prompt_ids)
+        if prompt >= self.n_ctx:
+            raise ContextOverflowError(f"the prompt has {prompt} tokens; the context holds {self.n_ctx}")
+        room = self.n_ctx - prompt
+        request.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
+
     # ------------------------------------------------------------------------------------- the loop
 
     def run(self, keep_running: Callable[[], bool] = lambda: True) -> None:
@@ -213,7 +261,8 @@ class Engine:
                         self._finish(slot, error=f"{type(e).__name__}: {e}")
 
     def _admit(self) -> None:
-        """Give waiting requests free slots, each the one whose cache shares the longest prefix."""
+        """Give waiting requests, in order, free slots and the memory they reserve; the first that finds
+        neither waits (and those behind it)."""
         while self.waiting:
             request = self.waiting[0]
             if request.cancelled.is_set():
@@ -222,21 +271,56 @@ class Engine:
             free = [slot for slot in self.slots if slot.request is None]
             if not free:
                 return
-            self.waiting.popleft()
             slot = max(free, key=lambda s: (s.sequence.common_prefix(request.prompt_ids), -s.last_used))
-            self._assign(slot, request)
+            reused = self._reuse_prefix(slot, request.prompt_ids)
+            if not self._make_room(len(request.prompt_ids) + request.max_tokens - reused, keep=slot):
+                return
+            self.waiting.popleft()
+            self._assign(slot, request, reused)
 
-    def _assign(self, slot: _Slot, request: Request) -> None:
+    def _reuse_prefix(self, slot: _Slot, prompt: list[int]) -> int:
+        """Leave in the slot the longest prefix of the prompt any slot holds (its own, or another's cells
+        shared); returns its length. The prompt's last token is always evaluated: its logits are needed."""
+        limit = len(prompt) - 1
+        own = min(slot.sequence.common_prefix(prompt), limit)
+        donor = max(self.slots, key=lambda s: s.sequence.common_prefix(prompt))
+        shared = min(donor.sequence.common_prefix(prompt), limit)
+        if shared > own:
+            slot.sequence.share(donor.sequence, shared)
+            return shared
+        slot.sequence.keep(own)
+        return own
+
+    def _make_room(self, cells: int, keep: _Slot) -> bool:
+        """Whether `cells` cells are free beyond what running requests and guesses have set aside, after
+        trimming idle slots' caches (least recently used first, from their ends; never `keep`'s). Nothing is
+        trimmed when even all of them could not make the room: a request waiting on running ones spares them."""
+        idle = [s for s in self.slots if s.request is None and s is not keep]
+        if cells - self._unclaimed_cells() > sum(len(s.sequence) for s in idle):
+            return False
+        while (short := cells - self._unclaimed_cells()) > 0:
+            idle = [s for s in idle if len(s.sequence)]
+            if not idle:  # what is left of them is shared with running requests
+                return False
+            oldest = min(idle, key=lambda s: s.last_used)
+            oldest.sequence.keep(len(oldest.sequence) - short)  # shared cells stay: the loop trims on if so
+        return True
+
+    def _unclaimed_cells(self) -> int:
+        return self.cache.free_cells - self.guess_cells - sum(slot.outstanding for slot in self.slots)
+
+    def _assign(self, slot: _Slot, request: Request, reused: int) -> None:
         prompt = request.prompt_ids
-        keep = min(slot.sequence.common_prefix(prompt), len(prompt) - 1)  # the last token runs for its logits
-        slot.sequence.keep(keep)
-        slot.request, slot.pending, slot.history = request, list(prompt[keep:]), list(prompt)
+        slot.request, slot.pending, slot.history = request, list(prompt[reused:]), list(prompt)
+        slot.reserved = len(prompt) + request.max_tokens
+        request.cached_tokens = reused
         slot.text = TextStream(self.tokenizer, request.stop)
         slot.speculation = self._speculation(slot, request.decoding)
         if slot.speculation is not None:
             slot.speculation.start()
         self.counters["prompt_tokens"] += len(prompt)
-        self.counters["evaluated_prompt_tokens"] += len(prompt) - keep
+        self.counters["evaluated_prompt_tokens"] += len(prompt) - reused
+        self.counters["cached_prompt_tokens"] += reused
 
     def _step(self) -> None:
         """One forward: every decoding slot's next token, plus up to PREFILL_CHUNK tokens of prompts."""
@@ -344,3 +428,10 @@ def _logprobs(logits: np.ndarray, token: int, n_top: int) -> dict:
     log_total = z.max() + np.log(np.exp(z - z.max()).sum())
     top = np.argsort(-z)[:n_top] if n_top else np.array([], np.int64)
     return {"logprob": float(z[token] - log_total), "top": [(int(t), float(z[t] - log_total)) for t in top]}
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes / 2**20:.1f} MiB"

@@ -17,9 +17,13 @@ def response_meta(kind: str, model: str) -> dict:
     return {"id": f"{kind}-{uuid.uuid4().hex[:16]}", "created": int(time.time()), "model": model}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """cached_tokens: prompt tokens whose keys and values were reused, not computed (OpenAI's details field)."""
+    counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+              "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        counts["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return counts
 
 
 def embeddings(model: str, vectors: list, prompt_tokens: int) -> dict:
