@@ -130,7 +130,8 @@ def main(model, depths, kv_types, n_tokens, threads, rounds, llama_cpp) -> None:
     theirs = " | llama.cpp | llamba / llama.cpp" if llama_cpp else ""
     own = f" | llamba vs depth {depths[0]}" + (f" | llama.cpp vs depth {depths[0]}" if llama_cpp else "")
     click.echo(f"| KV type | depth | llamba{theirs}{own} |")
-    click.echo("| --- | ---: | ---:" + (" | ---: | ---:" if llama_cpp else "") + " | ---:" * (2 if llama_cpp else 1) + " |")
+    n_columns = 6 if llama_cpp else 3
+    click.echo("| --- |" + " ---: |" * n_columns)
     for kv_type, speeds in rows:
         for depth in depths:
             ours = speeds["llamba", depth]

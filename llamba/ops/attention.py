@@ -81,16 +81,25 @@ def _attend_span(mixed, best, total, q, h0, k_rows, v_rows, cells, k_centre, k_s
             c += q[h0 + g, d] * k_centre[d]
         centred[g] = c
     scores = np.empty((group, n), np.float32)
+    best[:] = -np.inf
     rows = np.empty((4, head_dim), np.float32)  # decoded once, read for every head of the group
-    for j in range(n):
-        decode_row(rows, 0, k_rows, cells[j])
+    for j in range(0, n, 4):  # four key rows a pass: four independent sums per head, which overlap
+        for i in range(4):  # past the last row: the last again, its scores not kept
+            decode_row(rows, i, k_rows, cells[min(j + i, n - 1)])
         for g in range(group):
-            s = np.float32(0.0)
+            s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
             for d in range(head_dim):
-                s += spread_q[g, d] * rows[0, d]
-            scores[g, j] = _capped((centred[g] + s) * scale, softcap)
+                s0 += spread_q[g, d] * rows[0, d]
+                s1 += spread_q[g, d] * rows[1, d]
+                s2 += spread_q[g, d] * rows[2, d]
+                s3 += spread_q[g, d] * rows[3, d]
+            for i, s in enumerate((s0, s1, s2, s3)):
+                if j + i < n:
+                    scores[g, j + i] = _capped((centred[g] + s) * scale, softcap)
+                    # here, not in a loop of its own: a max over floats does not vectorize
+                    best[g] = max(best[g], scores[g, j + i])
     for g in range(group):
-        best[g], total[g] = _exponentials(scores[g])
+        total[g] = _exponentials(scores[g], best[g])
     mixed[:] = 0
     for j in range(0, n, 4):  # four value rows a pass: one load and store of the accumulator for four rows
         m = min(4, n - j)
@@ -106,16 +115,13 @@ def _attend_span(mixed, best, total, q, h0, k_rows, v_rows, cells, k_centre, k_s
 
 
 @kernel(inline=True)
-def _exponentials(scores):
-    """scores <- exp(scores - their largest); returns (the largest, the sum of the exponentials)."""
-    top = -np.inf
-    for j in range(scores.size):
-        top = max(top, scores[j])
+def _exponentials(scores, top):
+    """scores <- exp(scores - top), top their largest; returns the sum of the exponentials."""
     total = np.float32(0.0)
     for j in range(scores.size):
         scores[j] = softmax_exp(scores[j] - top)
         total += scores[j]
-    return np.float32(top), total
+    return total
 
 
 @kernel(inline=True)
