@@ -7,7 +7,7 @@ Each engine's cache is filled with a prompt (gpl-3.txt's tokens, repeated) up to
 steps are timed, the steps are taken back out of the cache, the prompt is extended to the next depth, and so on:
 every depth is measured over the same text, and the prompt is evaluated once in all. At each depth the two
 engines alternate for --rounds rounds (this machine's speed drifts by 10-30% over seconds); a round's speed is
-n over its time, the table shows the median round. llama.cpp runs through llama-cpp-python with flash attention
+one over its median step, the table shows the median round. llama.cpp runs through llama-cpp-python with flash attention
 on and type_k = type_v = the KV type. llamba runs at a fixed thread count (no governor). The last columns are
 each engine's speed against its own at the first depth: what a deep context costs it.
 """
@@ -48,12 +48,10 @@ class LlambaDepth:
             self.llm.model.forward_tokens(chunk, start, self.cache)
         self.depth = depth
 
-    def decode(self, tokens: list[int]) -> float:
-        """Seconds for one single-token forward per token after the prompt, then the cache as before."""
-        started = time.perf_counter()
-        for i, token in enumerate(tokens):
-            self.llm.model.forward_tokens([token], self.depth + i, self.cache)
-        seconds = time.perf_counter() - started
+    def decode(self, tokens: list[int]) -> list[float]:
+        """Seconds of each single-token forward after the prompt; then the cache holds the prompt alone again."""
+        seconds = [_timed(lambda: self.llm.model.forward_tokens([token], self.depth + i, self.cache))
+                   for i, token in enumerate(tokens)]
         self.cache.trim(self.depth)
         return seconds
 
@@ -75,17 +73,21 @@ class LlamaCppDepth:
         self.llm.eval(ids[self.depth : depth])
         self.depth = depth
 
-    def decode(self, tokens: list[int]) -> float:
-        started = time.perf_counter()
-        for token in tokens:
-            self.llm.eval([token])
-        seconds = time.perf_counter() - started
+    def decode(self, tokens: list[int]) -> list[float]:
+        seconds = [_timed(lambda: self.llm.eval([token])) for token in tokens]
         self.llm.n_tokens = self.depth  # the next eval removes the cells past it
         return seconds
 
 
+def _timed(step) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
+
+
 def measure(engines: list, ids: list[int], depths: list[int], n_tokens: int, rounds: int, progress) -> dict:
-    """{(engine, depth): median tokens per second} over alternating rounds at each depth."""
+    """{(engine, depth): tokens per second} at each depth: one over the median step of the median round (a
+    machine that others share stalls single steps; the median leaves them out)."""
     steps = [100 + i for i in range(n_tokens)]
     speeds = {}
     for depth in depths:
@@ -95,7 +97,7 @@ def measure(engines: list, ids: list[int], depths: list[int], n_tokens: int, rou
         per_round = {engine.name: [] for engine in engines}
         for _ in range(rounds):
             for engine in engines:
-                per_round[engine.name].append(n_tokens / engine.decode(steps))
+                per_round[engine.name].append(1 / statistics.median(engine.decode(steps)))
         for engine in engines:
             speeds[engine.name, depth] = statistics.median(per_round[engine.name])
             progress(f"depth {depth} {engine.name}: {speeds[engine.name, depth]:.1f} tok/s")
@@ -125,8 +127,8 @@ def main(model, depths, kv_types, n_tokens, threads, rounds, llama_cpp) -> None:
         speeds = measure(engines, ids, depths, n_tokens, rounds, progress)
         rows.append((kv_type, speeds))
         del engines
-    click.echo(f"\n{model}, {threads} threads, {n_tokens} decode steps, median of {rounds} alternating rounds: "
-               "tokens per second\n")
+    click.echo(f"\n{model}, {threads} threads, {n_tokens} decode steps a round, median of {rounds} alternating "
+               "rounds: tokens per second\n")
     theirs = " | llama.cpp | llamba / llama.cpp" if llama_cpp else ""
     own = f" | llamba vs depth {depths[0]}" + (f" | llama.cpp vs depth {depths[0]}" if llama_cpp else "")
     click.echo(f"| KV type | depth | llamba{theirs}{own} |")
