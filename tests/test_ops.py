@@ -261,7 +261,9 @@ def _listed(q, k, v, start, scale, window, softcap, order=None):
     q_pos = np.arange(start, start + n)
     visible = np.stack([np.concatenate([cells[: p + 1], np.zeros(start + n - p - 1, np.int64)]) for p in q_pos])
     out = np.empty_like(q)
-    attention_listed(out, q, kc, vc, visible, q_pos + 1, cell_pos, q_pos, np.float32(scale), window, np.float32(softcap))
+    plain = np.zeros((k.shape[0], k.shape[2]), np.float32)  # keys stored as they are: centre 0, spread 1
+    attention_listed(out, q, kc, vc, plain, plain + 1, visible, q_pos + 1, cell_pos, q_pos, np.float32(scale), window,
+                     np.float32(softcap))
     return out
 
 
@@ -355,9 +357,8 @@ def test_kv_blocks_are_ggml_blocks(kv_type):
 @pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0)])
 def test_block_attention_reads_the_codes(kv_type, window, softcap):
-    """attention_listed_blocks over centred, spread, quantized keys and quantized values equals float64
-    attention over what those codes decode to (decode_cells): the kernel reads the blocks in place, right."""
-    from llamba.ops.attention import attention_listed_blocks
+    """attention_listed over centred, spread, quantized keys and quantized values equals float64 attention over
+    what those codes decode to (decode_cells): the kernel reads the blocks in place, right."""
     from llamba.ops.kv_blocks import ROW_DTYPE, decode_cells, row_bytes, store_cells
 
     n, n_head, n_kv, hd, start = 6, 4, 2, 64, 30
@@ -381,7 +382,7 @@ def test_block_attention_reads_the_codes(kv_type, window, softcap):
     q_pos = np.arange(start, start + n)
     visible = np.stack([np.concatenate([cells[: p + 1], np.zeros(n_cells - p - 1, np.int64)]) for p in q_pos])
     out = np.empty_like(q)
-    attention_listed_blocks(out, q, k_rows, v_rows, centre, spread, visible, q_pos + 1, cells, q_pos,
-                            np.float32(0.1), window, np.float32(softcap))
+    attention_listed(out, q, k_rows, v_rows, centre, spread, visible, q_pos + 1, cells, q_pos, np.float32(0.1), window,
+                     np.float32(softcap))
     expected = _attention_reference(q.astype(np.float64), k_dec, v_dec, start, 0.1, window, softcap)
     np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-4)

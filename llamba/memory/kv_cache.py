@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BadRequestError, ContextOverflowError, LlambaError, UnsupportedError
-from ..ops.attention import attention_chain, attention_listed, attention_listed_blocks
+from ..ops.attention import attention_chain, attention_listed
 from ..ops.jit import kernel
 from ..ops.kv_blocks import BLOCK, ROW_DTYPE, decode_cells, row_bytes, store_cells
 from .batch import Batch
@@ -49,6 +49,9 @@ class LayerKV:
 
     def __init__(self, k: np.ndarray, v: np.ndarray, cell_pos: np.ndarray):
         self.k, self.v, self.cell_pos = k, v, cell_pos
+        # keys stored as they are: attention's centre 0 and spread 1 per channel (see BlockLayerKV)
+        self.centre = np.zeros((k.shape[0], k.shape[2]), np.float32)
+        self.spread = np.ones_like(self.centre)
 
     def write(self, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Store k, v [n_tokens, n_head_kv, head_dim] float32 in the given cells (v only if it is kept apart:
@@ -68,7 +71,8 @@ class LayerKV:
 
     def attend_listed(self, out, q, visible, counts, q_pos, scale, window, softcap) -> None:
         """out = attention of q where query t sees the cells visible[t, :counts[t]], in position order."""
-        attention_listed(out, q, self.k, self.v, visible, counts, self.cell_pos, q_pos, scale, window, softcap)
+        attention_listed(out, q, self.k, self.v, self.centre, self.spread, visible, counts, self.cell_pos, q_pos,
+                         scale, window, softcap)
 
 
 class BlockLayerKV(LayerKV):
@@ -100,10 +104,6 @@ class BlockLayerKV(LayerKV):
         decode_cells(keys_f, self.k, keys, self.centre, self.spread)
         decode_cells(values_f, self.v, keys, self.zero, self.one)
         attention_chain(out, q, keys_f, values_f, key_pos, q_pos, scale, window, softcap)
-
-    def attend_listed(self, out, q, visible, counts, q_pos, scale, window, softcap) -> None:
-        attention_listed_blocks(out, q, self.k, self.v, self.centre, self.spread, visible, counts, self.cell_pos,
-                                q_pos, scale, window, softcap)
 
 
 class SharedBlockLayerKV(BlockLayerKV):

@@ -14,7 +14,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from .jit import exact_kernel, f16_bits_to_f32, f32_to_f16_bits, kernel
+from .jit import as_f32, exact_kernel, f16_bits_to_f32, f32_to_f16_bits, kernel
 
 BLOCK = 32
 BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2}
@@ -27,24 +27,16 @@ def row_bytes(kv_type: str, head_dim: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- one block
-# Stubs whose implementation Numba picks by the row's dtype (int8: q8_0, uint8: q4_0).
-
-def block_dot(row, b, x, d0):
-    """x[d0 : d0 + 32] . (block b of row, decoded)"""
-
-
-def block_add(acc, row, b, w, d0):
-    """acc[d0 : d0 + 32] += w * (block b of row, decoded)"""
-
 
 def block_store(row, b, x, d0):
-    """block b of row = x[d0 : d0 + 32] quantized as ggml's reference quantizer does it."""
+    """block b of row = x[d0 : d0 + 32] quantized as ggml's reference quantizer does it (picked by the row's
+    dtype: int8 q8_0, uint8 q4_0)."""
 
 
 @exact_kernel(inline=True)
-def _scale(row, o):
-    """The f16 scale at byte o (two bytes, little-endian; `& 0xFF` reads an int8 byte as unsigned)."""
-    return f16_bits_to_f32(np.uint16((row[o] & 0xFF) | ((row[o + 1] & 0xFF) << 8)))
+def _scale(rows, r, o):
+    """Row r's f16 scale at byte o (two bytes, little-endian; `& 0xFF` reads an int8 byte as unsigned)."""
+    return f16_bits_to_f32(np.uint16((rows[r, o] & 0xFF) | ((rows[r, o + 1] & 0xFF) << 8)))
 
 
 @exact_kernel(inline=True)
@@ -56,47 +48,6 @@ def _put_scale(row, o, d):
 
 def _is_q8(row) -> bool:
     return isinstance(row, types.Array) and row.dtype == types.int8
-
-
-@overload(block_dot, inline="always")
-def _block_dot(row, b, x, d0):
-    if _is_q8(row):
-        def q8(row, b, x, d0):
-            o = b * 34 + 2
-            s = np.float32(0.0)
-            for i in range(32):
-                s += x[d0 + i] * np.float32(row[o + i])
-            return s * _scale(row, o - 2)
-        return q8
-
-    def q4(row, b, x, d0):
-        o = b * 18 + 2
-        s = np.float32(0.0)
-        for i in range(16):
-            byte = np.int32(row[o + i])
-            s += x[d0 + i] * np.float32((byte & 15) - 8) + x[d0 + 16 + i] * np.float32((byte >> 4) - 8)
-        return s * _scale(row, o - 2)
-    return q4
-
-
-@overload(block_add, inline="always")
-def _block_add(acc, row, b, w, d0):
-    if _is_q8(row):
-        def q8(acc, row, b, w, d0):
-            o = b * 34 + 2
-            ws = w * _scale(row, o - 2)
-            for i in range(32):
-                acc[d0 + i] += ws * np.float32(row[o + i])
-        return q8
-
-    def q4(acc, row, b, w, d0):
-        o = b * 18 + 2
-        ws = w * _scale(row, o - 2)
-        for i in range(16):
-            byte = np.int32(row[o + i])
-            acc[d0 + i] += ws * np.float32((byte & 15) - 8)
-            acc[d0 + 16 + i] += ws * np.float32((byte >> 4) - 8)
-    return q4
 
 
 @overload(block_store, inline="always")
@@ -131,6 +82,48 @@ def _block_store(row, b, x, d0):
     return q4
 
 
+# ---------------------------------------------------------------------------------------------- one row
+
+def decode_row(out, k, rows, r):
+    """out[k] = rows[r] as float32, whatever the cache's format: float32, float16 bits (uint16), or the blocks
+    above. Numba picks the implementation by the dtype. Attention decodes a row once and then reads floats
+    for every head that shares it: a dot product per block costs a horizontal sum per block per head, which
+    made a q8_0 score ten times the cost of a float one."""
+
+
+@overload(decode_row, inline="always")
+def _decode_row(out, k, rows, r):
+    if rows.dtype in (types.float32, types.uint16):
+        def floats(out, k, rows, r):
+            for d in range(out.shape[1]):
+                out[k, d] = as_f32(rows[r, d])
+        return floats
+    # The loops over a block run to a count LLVM cannot see (n, which is 32): a constant count has the loop
+    # unrolled before the vectorizer sees it, and the unrolled conversions stay scalar (four times slower).
+    if _is_q8(rows):
+        def q8(out, k, rows, r):
+            n_blocks = out.shape[1] // BLOCK
+            n = out.shape[1] // n_blocks
+            for b in range(n_blocks):
+                o, d0 = b * 34, b * n
+                scale = _scale(rows, r, o)
+                for i in range(n):
+                    out[k, d0 + i] = scale * np.float32(rows[r, o + 2 + i])
+        return q8
+
+    def q4(out, k, rows, r):
+        n_blocks = out.shape[1] // BLOCK
+        n = out.shape[1] // n_blocks // 2
+        for b in range(n_blocks):
+            o, d0 = b * 18, b * 2 * n
+            scale = _scale(rows, r, o)
+            for i in range(n):
+                byte = np.int32(rows[r, o + 2 + i])
+                out[k, d0 + i] = scale * np.float32((byte & 15) - 8)
+                out[k, d0 + n + i] = scale * np.float32((byte >> 4) - 8)
+    return q4
+
+
 # ---------------------------------------------------------------------------------------------- whole rows
 
 @exact_kernel
@@ -154,11 +147,9 @@ def decode_cells(out, rows, cells, centre, spread):
     """out[h, j] = rows[h, cells[j]] decoded * spread[h] + centre[h] ([n_head_kv, n_cells, head_dim] float32):
     the keys or values a long prompt's queries see, widened once for all of them."""
     head_dim = out.shape[2]
-    x = np.empty(head_dim, np.float32)
+    x = np.empty((1, head_dim), np.float32)
     for h in range(out.shape[0]):
         for j in range(cells.size):
-            x[:] = 0
-            for b in range(head_dim // BLOCK):
-                block_add(x, rows[h, cells[j]], b, np.float32(1.0), b * BLOCK)
+            decode_row(x, 0, rows[h], cells[j])
             for d in range(head_dim):
-                out[h, j, d] = x[d] * spread[h, d] + centre[h, d]
+                out[h, j, d] = x[0, d] * spread[h, d] + centre[h, d]
