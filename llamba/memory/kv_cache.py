@@ -121,8 +121,8 @@ class SharedBlockLayerKV(BlockLayerKV):
         attention_chain(out, q, vectors, vectors, key_pos, q_pos, scale, window, softcap)
 
     def attend_listed(self, out, q, visible, counts, q_pos, scale, window, softcap) -> None:
-        attention_listed_blocks(out, q, self.k, self.k, self.centre, self.spread, visible, counts, self.cell_pos,
-                                q_pos, scale, window, softcap)
+        attention_listed(out, q, self.k, self.k, self.centre, self.spread, visible, counts, self.cell_pos, q_pos,
+                         scale, window, softcap)  # the values come out as stored: centred and spread
         group = q.shape[1] // self.centre.shape[0]  # query heads per kv head
         out *= np.repeat(self.spread, group, axis=0)
         out += np.repeat(self.centre, group, axis=0)
