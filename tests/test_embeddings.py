@@ -104,7 +104,9 @@ def test_server_embeddings_through_the_openai_client(server, llm):
     answer = client.embeddings.create(model=MODEL, input=TEXTS)  # the client asks for base64 and decodes it
     assert [d.index for d in answer.data] == list(range(len(TEXTS)))
     vectors = np.array([d.embedding for d in answer.data], np.float32)
-    assert np.array_equal(vectors, np.array(llm.embed(TEXTS), np.float32))  # the same bits as the API
+    # the API's vectors: the same bits when both processes run the cached kernels, but a test process may have
+    # compiled its own, whose last bits can differ (see llamba/compiling.py)
+    assert np.allclose(vectors, np.array(llm.embed(TEXTS), np.float32), rtol=0, atol=1e-6)
     for text, vector in zip(TEXTS, vectors):
         assert np.allclose(vector, numpy_embedding(llm, text), atol=2e-6)
     assert answer.usage.prompt_tokens == sum(len(llm.tokenize(t)) for t in TEXTS)
@@ -145,7 +147,7 @@ def test_embeddings_agree_with_llama_cpp(llm, smollm2_path):
     assert others.max() < cosines.min() - 0.01  # each text nearest its own vector, not just all alike
 
 
-def test_server_embeddings_beside_a_stream(server, llm):
+def test_server_embeddings_beside_a_stream(server):
     """An embeddings request runs a forward at a time between the slots' steps: a stream decoded meanwhile
     gives its lone answer, and the vectors are the lone ones."""
     import concurrent.futures
@@ -154,12 +156,13 @@ def test_server_embeddings_beside_a_stream(server, llm):
     ask = dict(model=MODEL, prompt="Count from 1 to 100: 1, 2, 3,", max_tokens=48, temperature=0)
     alone = client.completions.create(**ask).choices[0].text
     many = TEXTS * 8  # several forwards' worth
+    lone = np.array([d.embedding for d in client.embeddings.create(model=MODEL, input=TEXTS).data], np.float32)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         stream = pool.submit(lambda: "".join(c.choices[0].text for c in client.completions.create(**ask, stream=True)))
         vectors = pool.submit(lambda: client.embeddings.create(model=MODEL, input=many))
         assert stream.result() == alone
         got = np.array([d.embedding for d in vectors.result().data], np.float32)
-    assert np.array_equal(got, np.array(llm.embed(many), np.float32))
+    assert np.array_equal(got, np.tile(lone, (8, 1)))
 
 
 def test_pooling_follows_the_file():
