@@ -228,7 +228,7 @@ class Llama:
             input = [input]
         if not isinstance(input, list) or not input:
             raise BadRequestError("input must be a non-empty string, list of strings or list of token ids")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in input):
+        if _is_token_list(input):
             input = [input]
         texts = []
         for i, item in enumerate(input):
@@ -236,7 +236,7 @@ class Llama:
                 if not item:
                     raise BadRequestError(f"input {i} is an empty string")
                 texts.append(self.tokenize(item))
-            elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            elif _is_token_list(item):
                 if any(not 0 <= t < self.model.hp.n_vocab for t in item):
                     raise BadRequestError(f"input {i}: token ids must be in 0..{self.model.hp.n_vocab - 1}")
                 texts.append(list(item))
@@ -327,8 +327,9 @@ class Llama:
         return openai.usage(self.last_stats.prompt_tokens, self.last_stats.generated_tokens)
 
 
-def _is_token_list(input) -> bool:
-    return isinstance(input, list) and bool(input) and all(isinstance(t, int) for t in input)
+def _is_token_list(value) -> bool:
+    """A list of token ids (ints, not bools; an empty list counts: its emptiness is refused by name later)."""
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def _no_none(name):

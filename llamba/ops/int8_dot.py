@@ -208,18 +208,16 @@ def _emit_super_chunk(builder, a: _Args, layout: _Layout, n_tokens: int, offsets
     b = builder.add(builder.mul(s, per_super), j)
     tokens = [_Token(builder, a, b, t) for t in range(n_tokens)]
     sums = _block_sums(builder, a, layout, b, tokens)
-    new_scaled, new_mins = [], []
     at = builder.mul(b, ir.Constant(_I64, CHUNK))
-    for v in range(ROW_VECTORS):
-        at_v = builder.add(at, ir.Constant(_I64, 16 * v))
-        sc = _load_small_lanes(builder, a.scale, at_v, a.scale_type == types.int8)
-        mn = _load_small_lanes(builder, a.offset, at_v, a.scale_type == types.int8) if offsets else None
-        for t, token in enumerate(tokens):
-            if v == 0:
-                new_scaled.append([]), new_mins.append([])
-            new_scaled[t].append(builder.add(scaled[t][v], builder.mul(sums[t][v], sc)))
-            if offsets:
-                new_mins[t].append(builder.add(mins[t][v], builder.mul(mn, token.code_sum)))
+    signed = a.scale_type == types.int8
+    lanes = lambda ptr, v: _load_small_lanes(builder, ptr, builder.add(at, ir.Constant(_I64, 16 * v)), signed)
+    sc = [lanes(a.scale, v) for v in range(ROW_VECTORS)]
+    new_scaled = [[builder.add(scaled[t][v], builder.mul(sums[t][v], sc[v])) for v in range(ROW_VECTORS)]
+                  for t in range(n_tokens)]
+    if offsets:
+        mn = [lanes(a.offset, v) for v in range(ROW_VECTORS)]
+        new_mins = [[builder.add(mins[t][v], builder.mul(mn[v], tokens[t].code_sum)) for v in range(ROW_VECTORS)]
+                    for t in range(n_tokens)]
     j_next = builder.add(j, ir.Constant(_I64, 1))
     j.add_incoming(j_next, builder.block)
     _add_incoming(scaled, new_scaled, builder.block)

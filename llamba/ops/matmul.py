@@ -2,9 +2,10 @@
 
 Quantized weights: each token's inputs are quantized to 8 bits with a scale per block (as llama.cpp's q8_0
 does), or per super-block for the K-quants (as its q8_K), and integer dot products with the weight codes
-(int8_dot, AVX-512 VNNI where the CPU has it) are scaled into float accumulators, one per row and token. The same kernel serves one token, a tree of guesses, several
-sequences and a long prompt (64 tokens per call), so a token's outputs never depend on what else is in the
-batch. Integer multiply-adds run at four times the float rate, which is what makes verifying guesses cheap.
+(int8_dot, AVX-512 VNNI where the CPU has it) are scaled into float accumulators, one per row and token. The
+same kernel serves one token, a tree of guesses, several sequences and a long prompt (64 tokens per call), so
+a token's outputs never depend on what else is in the batch. Integer multiply-adds run at four times the float
+rate, which is what makes verifying guesses cheap.
 
 Float weights (F32, F16, BF16): an fma chain per row and token up to 64 tokens; beyond, a register-blocked
 prefill loop (8 tokens x 2 rows per pass) over the chunk's float rows.
